@@ -1,0 +1,509 @@
+"""HTTP/1.x wire protocol, sans-IO: bytes in, handler callbacks out.
+
+:class:`RequestParser` (downstream side) and :class:`ResponseParser` (upstream side) wrap
+llhttp (through httptools) for tokenizing and add what a proxy needs on top: limits with
+precise errors (414, 431, 413), refusal of ambiguous framing, version checks, trailers,
+HEAD responses, close-delimited bodies and upgrades. Neither touches a socket: feed them
+bytes and they call methods on a handler object, so they are testable byte by byte.
+
+The serializers at the bottom build request/response heads and chunked framing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import httptools
+
+from ferryman.errors import ErrorKind, ErrorSource, ProxyError
+from ferryman.protocols.headers import HeaderPair, Headers, RequestHeader, ResponseHeader
+
+# Body framing of one message.
+BODY_NONE = 0  #: no body (GET without length, HEAD response, 204, 304, 1xx)
+BODY_LENGTH = 1  #: Content-Length delimited
+BODY_CHUNKED = 2  #: chunked transfer coding
+BODY_CLOSE = 3  #: delimited by the connection closing (responses only)
+
+_BODY_METHODS_NO_RESPONSE_BODY = (b"HEAD",)
+
+
+def _bad(detail: str, kind: ErrorKind = ErrorKind.BAD_REQUEST) -> ProxyError:
+    return ProxyError(kind, ErrorSource.DOWNSTREAM, detail)
+
+
+def _bad_upstream(detail: str) -> ProxyError:
+    return ProxyError(ErrorKind.INVALID_RESPONSE, ErrorSource.UPSTREAM, detail)
+
+
+class RequestHandler(Protocol):
+    """What a :class:`RequestParser` reports to."""
+
+    def on_request_head(self, head: RequestHeader, body_kind: int, content_length: int) -> None:
+        """A complete request head arrived; ``body_kind`` is one of the ``BODY_*`` values."""
+
+    def on_request_body(self, data: bytes) -> None:
+        """A piece of (de-chunked) request body."""
+
+    def on_request_end(self, trailers: Headers | None) -> None:
+        """The request message is complete (with trailers for chunked bodies, if any)."""
+
+    def on_request_upgrade(self, rest: bytes) -> None:
+        """The request asked for an upgrade (or was CONNECT); parsing stops here.
+
+        ``rest`` is whatever followed the head in the same read. Later bytes are held by
+        the parser until :meth:`RequestParser.resume` or :meth:`RequestParser.take_buffer`.
+        """
+
+
+class RequestLimits:
+    """Limits on a request head and body; exceeding one is a 414, 431 or 413."""
+
+    __slots__ = ("max_request_line", "max_header_bytes", "max_headers", "max_body")
+
+    def __init__(
+        self,
+        max_request_line: int = 8192,
+        max_header_bytes: int = 32768,
+        max_headers: int = 100,
+        max_body: int = 0,
+    ) -> None:
+        self.max_request_line = max_request_line
+        self.max_header_bytes = max_header_bytes
+        self.max_headers = max_headers
+        self.max_body = max_body  # 0 = unlimited
+
+
+class RequestParser:
+    """Parses a stream of HTTP/1.x requests from one client connection.
+
+    Pipelined requests are reported in order. Ambiguous framing (Content-Length with
+    Transfer-Encoding, repeated Content-Length, invalid chunk sizes, bare CR or LF,
+    obs-fold, NUL and other invalid bytes) raises a 400 :class:`ProxyError`; the caller
+    must then close the connection, since framing is in doubt.
+    """
+
+    __slots__ = (
+        "_handler",
+        "_limits",
+        "_parser",
+        "_url",
+        "_headers",
+        "_header_bytes",
+        "_head_bytes",
+        "_in_head",
+        "_in_body",
+        "_body_bytes",
+        "_trailers",
+        "_error",
+        "_upgraded",
+        "_held",
+        "_head_limit",
+    )
+
+    def __init__(self, handler: RequestHandler, limits: RequestLimits | None = None) -> None:
+        self._handler = handler
+        self._limits = limits = limits or RequestLimits()
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._headers: list[HeaderPair] = []
+        self._header_bytes = 0
+        self._head_bytes = 0
+        self._in_head = False
+        self._in_body = False
+        self._body_bytes = 0
+        self._trailers: list[HeaderPair] | None = None
+        self._error: ProxyError | None = None
+        self._upgraded = False
+        self._held: list[bytes] = []
+        self._head_limit = limits.max_request_line + limits.max_header_bytes + 64
+
+    @property
+    def in_message(self) -> bool:
+        """True while a request has started but not completed (head or body pending)."""
+        return self._in_head or self._in_body
+
+    @property
+    def head_started(self) -> bool:
+        """True while a request head is partially received."""
+        return self._in_head
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; report events to the handler; raise ``ProxyError`` on bad input."""
+        if self._upgraded:
+            self._held.append(data)
+            return
+        if not self._in_body:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0]
+            self._upgraded = True
+            self._handler.on_request_upgrade(data[offset:])
+            return
+        except httptools.HttpParserError as exc:
+            err = self._error
+            if err is not None:
+                raise err from None
+            raise _bad(f"malformed request: {exc}") from None
+        if self._in_head and self._head_bytes > self._head_limit:
+            if not self._headers and len(self._url) > self._limits.max_request_line:
+                raise _bad("request line too long", ErrorKind.REQUEST_LINE_TOO_LONG)
+            raise _bad("request header section too large", ErrorKind.HEADERS_TOO_LARGE)
+
+    def resume(self) -> None:
+        """Continue parsing after an upgrade the upstream refused (no tunnel was made)."""
+        self._upgraded = False
+        held, self._held = self._held, []
+        for chunk in held:
+            self.feed(chunk)
+
+    def take_buffer(self) -> bytes:
+        """Bytes received after an accepted upgrade, for the tunnel."""
+        held, self._held = self._held, []
+        return b"".join(held)
+
+    # httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._trailers = None
+        self._body_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        url = self._url + url if self._url else url
+        self._url = url
+        if len(url) > self._limits.max_request_line:
+            self._error = _bad("request line too long", ErrorKind.REQUEST_LINE_TOO_LONG)
+            raise self._error
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            headers = self._headers
+            self._header_bytes += len(name) + len(value) + 4
+            if (
+                self._header_bytes > self._limits.max_header_bytes
+                or len(headers) >= self._limits.max_headers
+            ):
+                self._error = _bad("too many or too large headers", ErrorKind.HEADERS_TOO_LARGE)
+                raise self._error
+            headers.append((name, value))
+        else:
+            trailers = self._trailers
+            if trailers is None:
+                trailers = self._trailers = []
+            self._header_bytes += len(name) + len(value) + 4
+            if self._header_bytes > self._limits.max_header_bytes:
+                self._error = _bad("trailer section too large", ErrorKind.HEADERS_TOO_LARGE)
+                raise self._error
+            trailers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        parser = self._parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            if version.startswith("0."):
+                self._error = _bad(f"unsupported HTTP version {version}")
+            else:
+                self._error = _bad(
+                    f"unsupported HTTP version {version}", ErrorKind.VERSION_NOT_SUPPORTED
+                )
+            raise self._error
+        headers = Headers._wrap(self._headers)
+        hosts = headers.get_all(b"host")
+        if len(hosts) > 1 or (not hosts and version == "1.1"):
+            self._error = _bad("exactly one Host header is required")
+            raise self._error
+        content_length = 0
+        te = headers.get(b"transfer-encoding")
+        if te is not None:
+            # llhttp already refused CL+TE and any coding list not ending in chunked.
+            body_kind = BODY_CHUNKED
+        else:
+            cl = headers.get(b"content-length")
+            if cl is not None:
+                content_length = int(cl)
+                body_kind = BODY_LENGTH if content_length else BODY_NONE
+            else:
+                body_kind = BODY_NONE
+        max_body = self._limits.max_body
+        if max_body and content_length > max_body:
+            self._error = _bad("request body too large", ErrorKind.BODY_TOO_LARGE)
+            raise self._error
+        self._in_body = body_kind != BODY_NONE
+        head = RequestHeader.__new__(RequestHeader)
+        head.raw_method = parser.get_method()
+        head.raw_path = self._url
+        head.version = version
+        head.headers = headers
+        self._handler.on_request_head(head, body_kind, content_length)
+
+    def on_body(self, data: bytes) -> None:
+        max_body = self._limits.max_body
+        if max_body:
+            self._body_bytes += len(data)
+            if self._body_bytes > max_body:
+                self._error = _bad("request body too large", ErrorKind.BODY_TOO_LARGE)
+                raise self._error
+        self._handler.on_request_body(data)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._in_head = False
+        trailers = self._trailers
+        self._handler.on_request_end(Headers._wrap(trailers) if trailers else None)
+
+
+class ResponseHandler(Protocol):
+    """What a :class:`ResponseParser` reports to."""
+
+    def on_response_head(self, head: ResponseHeader, body_kind: int) -> None:
+        """A final (non-1xx, or 101) response head arrived."""
+
+    def on_response_body(self, data: bytes) -> None:
+        """A piece of (de-chunked) response body."""
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        """The response is complete."""
+
+
+class ResponseParser:
+    """Parses the responses read from one upstream connection.
+
+    Call :meth:`expect` before each request is sent, naming its method, so that a HEAD
+    response (headers only, whatever its Content-Length) is framed right. Interim 1xx
+    responses other than 101 are skipped. At end of stream call :meth:`feed_eof`: it ends
+    a close-delimited body, and reports a truncated one as an error.
+    """
+
+    __slots__ = (
+        "_handler",
+        "_parser",
+        "_status",
+        "_headers",
+        "_trailers",
+        "_in_head",
+        "_in_body",
+        "_body_kind",
+        "_head_only",
+        "_head_buf",
+        "_max_head",
+        "_head_bytes",
+        "_error",
+        "upgraded_rest",
+        "complete",
+    )
+
+    def __init__(self, handler: ResponseHandler, max_head: int = 65536) -> None:
+        self._handler = handler
+        self._parser = httptools.HttpResponseParser(self)
+        self._status = b""
+        self._headers: list[HeaderPair] = []
+        self._trailers: list[HeaderPair] | None = None
+        self._in_head = False
+        self._in_body = False
+        self._body_kind = BODY_NONE
+        self._head_only = False
+        self._head_buf = b""
+        self._max_head = max_head
+        self._head_bytes = 0
+        self._error: ProxyError | None = None
+        #: bytes that followed a 101 response head (tunnel data), else ``None``
+        self.upgraded_rest: bytes | None = None
+        #: True once the expected response has completed
+        self.complete = False
+
+    def expect(self, method: bytes) -> None:
+        """Prepare for the response to a request with ``method``."""
+        self._head_only = method in _BODY_METHODS_NO_RESPONSE_BODY
+        self.complete = False
+        self._head_buf = b""
+
+    def feed(self, data: bytes) -> None:
+        """Parse ``data``; raise ``ProxyError`` (502) on an invalid response."""
+        if self._head_only:
+            self._feed_head_only(data)
+            return
+        if not self._in_body:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.upgraded_rest = data[exc.args[0] :]
+            return
+        except httptools.HttpParserError as exc:
+            if self._error is not None:
+                raise self._error from None
+            raise _bad_upstream(f"invalid response from upstream: {exc}") from None
+        if self._in_head and self._head_bytes > self._max_head:
+            raise _bad_upstream("upstream response head too large")
+
+    def _feed_head_only(self, data: bytes) -> None:
+        buf = self._head_buf + data if self._head_buf else data
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(buf) > self._max_head:
+                raise _bad_upstream("upstream response head too large")
+            self._head_buf = buf
+            return
+        head, rest = buf[: end + 4], buf[end + 4 :]
+        self._head_buf = b""
+        # A throwaway parser tokenizes the head; the body it announces is never read.
+        sub = _HeadCollector()
+        try:
+            sub.parser.feed_data(head)
+        except httptools.HttpParserError as exc:
+            raise _bad_upstream(f"invalid response from upstream: {exc}") from None
+        if sub.status_code is None:
+            raise _bad_upstream("invalid response head from upstream")
+        if 100 <= sub.status_code < 200:
+            # interim response to a HEAD: skip it and keep looking for the final one
+            if rest:
+                self._feed_head_only(rest)
+            return
+        self._head_only = False
+        head_obj = ResponseHeader(sub.status_code, Headers._wrap(sub.headers), sub.reason)
+        head_obj.version = sub.version
+        self._handler.on_response_head(head_obj, BODY_NONE)
+        self.complete = True
+        self._handler.on_response_end(None)
+        if rest:
+            raise _bad_upstream("upstream sent data after a HEAD response")
+
+    def feed_eof(self) -> None:
+        """The upstream closed its side: finish a close-delimited body or report truncation."""
+        if self._in_body and self._body_kind == BODY_CLOSE:
+            self._in_body = False
+            self.complete = True
+            self._handler.on_response_end(None)
+            return
+        if self._in_head or self._in_body or self._head_buf:
+            raise ProxyError(
+                ErrorKind.UPSTREAM_CLOSED,
+                ErrorSource.UPSTREAM,
+                "upstream closed the connection mid-response",
+            )
+
+    @property
+    def in_message(self) -> bool:
+        """True while a response is partially received."""
+        return self._in_head or self._in_body or bool(self._head_buf)
+
+    @property
+    def started(self) -> bool:
+        """True once any byte of the current response was parsed."""
+        return self._in_head or self._in_body or self.complete or bool(self._head_buf)
+
+    # httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._headers = []
+        self._trailers = None
+        self._status = b""
+
+    def on_status(self, status: bytes) -> None:
+        self._status += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._headers.append((name, value))
+        else:
+            if self._trailers is None:
+                self._trailers = []
+            self._trailers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200 and status != 101:
+            return  # interim response: llhttp frames it as bodiless; skip it
+        headers = Headers._wrap(self._headers)
+        if status == 101 or status == 204 or status == 304:
+            body_kind = BODY_NONE
+        elif b"transfer-encoding" in headers:
+            te = headers.get_all(b"transfer-encoding")
+            if not te[-1].rstrip().lower().endswith(b"chunked"):
+                body_kind = BODY_CLOSE
+            else:
+                body_kind = BODY_CHUNKED
+        else:
+            cl = headers.get_all(b"content-length")
+            if cl:
+                if len(cl) > 1 and len(set(cl)) > 1:
+                    self._error = _bad_upstream("upstream sent conflicting Content-Length")
+                    raise self._error
+                body_kind = BODY_LENGTH if int(cl[0]) else BODY_NONE
+            else:
+                body_kind = BODY_CLOSE
+        self._body_kind = body_kind
+        self._in_body = body_kind != BODY_NONE
+        head = ResponseHeader.__new__(ResponseHeader)
+        head.status = status
+        head.reason = self._status
+        head.version = parser.get_http_version()
+        head.headers = headers
+        self._handler.on_response_head(head, body_kind)
+
+    def on_body(self, data: bytes) -> None:
+        self._handler.on_response_body(data)
+
+    def on_message_complete(self) -> None:
+        if self._in_head:
+            return
+        if not self._in_body and self._parser.get_status_code() < 200:
+            if self._parser.get_status_code() != 101:
+                return  # end of an interim response
+        self._in_body = False
+        self.complete = True
+        trailers = self._trailers
+        self._handler.on_response_end(Headers._wrap(trailers) if trailers else None)
+
+
+class _HeadCollector:
+    """httptools callback target that records one response head."""
+
+    def __init__(self) -> None:
+        self.parser = httptools.HttpResponseParser(self)
+        self.status_code: int | None = None
+        self.reason = b""
+        self.headers: list[HeaderPair] = []
+        self.version = "1.1"
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status_code = self.parser.get_status_code()
+        self.version = self.parser.get_http_version()
+
+
+# Serializers --------------------------------------------------------------------------
+
+CHUNK_END = b"0\r\n\r\n"
+CRLF = b"\r\n"
+
+
+def chunk(data: bytes) -> list[bytes]:
+    """Frame ``data`` as one chunk of the chunked coding (as parts for ``writelines``)."""
+    return [b"%x\r\n" % len(data), data, CRLF]
+
+
+def last_chunk(trailers: Headers | None = None) -> bytes:
+    """The last chunk, with ``trailers`` if given."""
+    if not trailers:
+        return CHUNK_END
+    parts = [b"0\r\n"]
+    trailers.append_block(parts)
+    parts.append(CRLF)
+    return b"".join(parts)

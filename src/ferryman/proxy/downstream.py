@@ -1,0 +1,386 @@
+"""H1Downstream: the asyncio.Protocol serving one HTTP/1.x client connection.
+
+It feeds bytes to the sans-IO :class:`RequestParser`, creates a :class:`Session` per
+request and runs one task per request. Pipelined requests are answered in order: the
+next one starts when the previous response is complete, and reading pauses while one is
+queued. Deadlines (header read, keep-alive idle, body read, blocked write) are checked by
+the loop's shared sweep, not by per-read timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
+from ferryman.protocols.h1 import BODY_NONE, RequestParser
+from ferryman.protocols.headers import Headers, RequestHeader, reason_phrase
+from ferryman.proxy.engine import run_session
+from ferryman.proxy.session import Session, client_closed_error
+
+if TYPE_CHECKING:
+    from ferryman.proxy.service import HttpProxyService
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+@dataclass(slots=True)
+class TlsInfo:
+    """TLS details of a client connection.
+
+    ``peer_cert`` is the verified client certificate as returned by
+    :meth:`ssl.SSLSocket.getpeercert` (empty when none was sent or verification is off),
+    ``peer_cert_der`` its DER bytes.
+    """
+
+    version: str | None
+    cipher: str | None
+    sni: str | None
+    alpn: str | None
+    peer_cert: dict[str, Any]
+    peer_cert_der: bytes | None
+
+
+def _error_response(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\nContent-Length: 0\r\nConnection: close\r\n\r\n" % (
+        status,
+        reason_phrase(status),
+    )
+
+
+class H1Downstream(asyncio.Protocol):
+    """One client connection speaking HTTP/1.0 or HTTP/1.1."""
+
+    PAUSE_PIPELINE = 1
+    PAUSE_BODY = 2
+    PAUSE_UPSTREAM = 4
+    PAUSE_TUNNEL = 8
+
+    __slots__ = (
+        "service",
+        "loop",
+        "transport",
+        "parser",
+        "active",
+        "receiving",
+        "queue",
+        "deadline",
+        "closed",
+        "requests",
+        "draining",
+        "write_paused",
+        "_pause_mask",
+        "_client_addr",
+        "_server_addr",
+        "tls_info",
+        "_tunnel",
+        "_reject",
+        "_options",
+    )
+
+    def __init__(self, service: HttpProxyService) -> None:
+        self.service = service
+        self.loop = service.loop
+        self._options = service.options
+        self.transport: asyncio.Transport | None = None
+        self.parser = RequestParser(self, service.options.limits)
+        self.active: Session | None = None
+        self.receiving: Session | None = None
+        self.queue: deque[Session] = deque()
+        self.deadline = 0.0
+        self.closed = False
+        self.requests = 0
+        self.draining = False
+        self.write_paused = False
+        self._pause_mask = 0
+        self._client_addr: Any = None
+        self._server_addr: Any = None
+        self.tls_info: TlsInfo | None = None
+        self._tunnel: Session | None = None
+        self._reject: ProxyError | None = None
+
+    # asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            self.tls_info = _tls_info(ssl_object)
+        self.service.connections.add(self)
+        self.service.sweep.add(self)
+        self.deadline = self.loop.time() + self._options.header_read_timeout
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel._on_client_tunnel_data(data)
+            return
+        if self.active is None and not self.parser.in_message:
+            self.deadline = self.loop.time() + self._options.header_read_timeout
+        try:
+            self.parser.feed(data)
+        except ProxyError as exc:
+            self._bad_request(exc)
+
+    def eof_received(self) -> bool | None:
+        tunnel = self._tunnel
+        if tunnel is not None:
+            tunnel._on_client_tunnel_eof()
+            return True
+        if self.parser.in_message:
+            receiving = self.receiving or self.active
+            if receiving is not None:
+                receiving._on_client_error(client_closed_error())
+            return None
+        if self.active is not None:
+            return True  # half-closed after a full request: answer it, then close
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.service.connections.discard(self)
+        self.service.sweep.discard(self)
+        err = client_closed_error()
+        active = self.active
+        if active is not None:
+            active._on_client_error(err)
+        for queued in self.queue:
+            queued._on_client_error(err)
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.deadline = self.loop.time() + self._options.body_write_timeout
+        active = self.active
+        if active is not None:
+            active._down_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.deadline = 0.0
+        active = self.active
+        if active is not None:
+            active._down_resumed()
+
+    # RequestHandler (parser callbacks) ----------------------------------------------------
+
+    def on_request_head(self, head: RequestHeader, body_kind: int, content_length: int) -> None:
+        self.requests += 1
+        keep_alive = self.parser._parser.should_keep_alive()
+        session = Session(self, head, body_kind, content_length, keep_alive)
+        if body_kind != BODY_NONE:
+            self.receiving = session
+            self.deadline = self.loop.time() + self._options.body_read_timeout
+        else:
+            self.receiving = None
+            self.deadline = 0.0
+        if self.active is None:
+            self.active = session
+            self.loop.create_task(run_session(session))
+        else:
+            self.queue.append(session)
+            self.pause(self.PAUSE_PIPELINE)
+
+    def on_request_body(self, data: bytes) -> None:
+        receiving = self.receiving
+        if receiving is not None:
+            self.deadline = self.loop.time() + self._options.body_read_timeout
+            receiving._on_req_body(data)
+
+    def on_request_end(self, trailers: Headers | None) -> None:
+        receiving = self.receiving
+        if receiving is not None:
+            self.receiving = None
+            self.deadline = 0.0
+            receiving._on_req_end(trailers)
+
+    def on_request_upgrade(self, rest: bytes) -> None:
+        session = self.queue[-1] if self.queue else self.active
+        if session is None:
+            return
+        session._upgrade_rest = rest
+        session._upgrade = session.req_header.raw_method != b"CONNECT"
+        self.pause(self.PAUSE_TUNNEL)
+
+    # used by Session and the engine --------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the client (dropped once the connection is closed)."""
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, parts: list[bytes]) -> None:
+        """Send several byte strings at once (dropped once closed)."""
+        if not self.closed:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def write_eof(self) -> None:
+        """Half-close towards the client (tunnels)."""
+        transport = self.transport
+        if not self.closed and transport is not None and not transport.is_closing():
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def pause(self, reason: int) -> None:
+        """Stop reading from the client for ``reason`` (a ``PAUSE_*`` bit)."""
+        if not self._pause_mask and not self.closed:
+            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._pause_mask |= reason
+
+    def resume(self, reason: int) -> None:
+        """Clear ``reason``; read again once no reason is left."""
+        if self._pause_mask & reason:
+            self._pause_mask &= ~reason
+            if not self._pause_mask and not self.closed:
+                self.transport.resume_reading()  # type: ignore[union-attr]
+
+    def start_tunnel(self, session: Session) -> bytes:
+        """Switch to raw byte splicing for ``session``; returns bytes already read."""
+        self._tunnel = session
+        self.deadline = 0.0
+        early = self.parser.take_buffer()
+        self.resume(self.PAUSE_TUNNEL | self.PAUSE_PIPELINE | self.PAUSE_BODY)
+        return early
+
+    def request_done(self, session: Session) -> None:
+        """The response to ``session`` is complete: start the next request or close."""
+        if self.active is not session:
+            return
+        self.active = None
+        if self.closed:
+            return
+        if self._tunnel is not None:
+            self._tunnel = None
+            self.close()
+            return
+        if not session.keep_alive or not session._req_done or self.draining:
+            self.close()
+            return
+        if self._pause_mask & self.PAUSE_TUNNEL:  # the upgrade was refused: parse on
+            self.resume(self.PAUSE_TUNNEL)
+            try:
+                self.parser.resume()
+            except ProxyError as exc:
+                self._bad_request(exc)
+                return
+        if self.queue:
+            nxt = self.queue.popleft()
+            if not self.queue:
+                self.resume(self.PAUSE_PIPELINE)
+            self.active = nxt
+            self.loop.create_task(run_session(nxt))
+            return
+        if self._reject is not None:
+            self._send_reject(self._reject)
+            return
+        if not self.parser.in_message:
+            self.deadline = self.loop.time() + self._options.keepalive_timeout
+
+    def close(self) -> None:
+        """Close after flushing what was written."""
+        if not self.closed:
+            self.closed = True
+            self.service.sweep.discard(self)
+            self.transport.close()  # type: ignore[union-attr]
+
+    def start_draining(self) -> None:
+        """Graceful shutdown: close now if idle, else after the current response."""
+        self.draining = True
+        if self.active is None and not self.parser.in_message:
+            self.close()
+
+    @property
+    def client_addr(self) -> tuple[str, int] | None:
+        """The peer address of the client socket."""
+        if self._client_addr is None and self.transport is not None:
+            self._client_addr = self.transport.get_extra_info("peername")
+        return self._client_addr  # type: ignore[no-any-return]
+
+    @property
+    def server_addr(self) -> tuple[str, int] | None:
+        """The local address of the client socket."""
+        if self._server_addr is None and self.transport is not None:
+            self._server_addr = self.transport.get_extra_info("sockname")
+        return self._server_addr  # type: ignore[no-any-return]
+
+    # errors and deadlines ------------------------------------------------------------------
+
+    def _bad_request(self, error: ProxyError) -> None:
+        """Malformed input: answer with the precise 4xx and close; framing is in doubt."""
+        self.pause(self.PAUSE_PIPELINE)
+        receiving = self.receiving
+        if receiving is not None:
+            self.receiving = None
+            receiving._on_client_error(error)
+            return  # its task writes the error response (the session fails with `error`)
+        if self.active is not None:
+            self._reject = error  # answer it after the responses already in flight
+            return
+        self._send_reject(error)
+
+    def _send_reject(self, error: ProxyError) -> None:
+        self.write(_error_response(status_for(error)))
+        self.close()
+
+    def on_deadline(self) -> None:
+        if self.closed:
+            return
+        if self.write_paused:
+            self._abort()
+            return
+        receiving = self.receiving
+        if receiving is not None:
+            self.receiving = None
+            receiving._on_client_error(
+                ProxyError(
+                    ErrorKind.BODY_READ_TIMEOUT,
+                    ErrorSource.DOWNSTREAM,
+                    "timed out reading the request body",
+                )
+            )
+            return
+        if self.parser.head_started:
+            self._send_reject(
+                ProxyError(
+                    ErrorKind.HEADER_READ_TIMEOUT,
+                    ErrorSource.DOWNSTREAM,
+                    "timed out reading the request head",
+                )
+            )
+            return
+        if self.active is None:
+            self.close()  # keep-alive idle timeout (or a silent new connection)
+
+    def _abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+
+def _tls_info(ssl_object: ssl.SSLObject) -> TlsInfo:
+    try:
+        der = ssl_object.getpeercert(binary_form=True)
+        cert = ssl_object.getpeercert() or {}
+    except (ValueError, ssl.SSLError):
+        der, cert = None, {}
+    cipher = ssl_object.cipher()
+    return TlsInfo(
+        version=ssl_object.version(),
+        cipher=cipher[0] if cipher else None,
+        sni=getattr(ssl_object, "server_hostname", None) or _sni_of(ssl_object),
+        alpn=ssl_object.selected_alpn_protocol(),
+        peer_cert=cert,  # type: ignore[arg-type]
+        peer_cert_der=der,
+    )
+
+
+def _sni_of(ssl_object: ssl.SSLObject) -> str | None:
+    ctx = ssl_object.context
+    return getattr(ctx, "ferryman_sni", None)

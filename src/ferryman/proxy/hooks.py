@@ -1,0 +1,206 @@
+"""ProxyHttp: the hooks a proxy overrides, in the order they run.
+
+Subclass :class:`ProxyHttp`, implement :meth:`upstream_peer`, and override whatever else
+you need. The engine detects, once per class, which hooks a subclass overrides: a hook
+left at its default is never called (and so never awaited), so unused hooks cost nothing.
+
+Phase order per request (see docs for the chart)::
+
+    new_ctx → early_request_filter → request_filter ─(True: response sent)──────────┐
+      → [request_body_filter per chunk] → upstream_peer → connected_to_upstream      │
+      → upstream_request_filter → upstream_response_filter → response_filter         │
+      → [response_body_filter per chunk] → logging ◄─────────────────────────────────┘
+    on failure: fail_to_connect / error_while_proxy (retry → back to upstream_peer),
+                then fail_to_proxy, then logging.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ferryman.errors import ProxyError, status_for
+
+if TYPE_CHECKING:
+    from ferryman.protocols.headers import RequestHeader, ResponseHeader
+    from ferryman.proxy.session import Session
+    from ferryman.upstream.peer import HttpPeer
+
+#: The hook names, in pipeline order.
+HOOKS = (
+    "new_ctx",
+    "early_request_filter",
+    "request_filter",
+    "request_body_filter",
+    "upstream_peer",
+    "connected_to_upstream",
+    "upstream_request_filter",
+    "upstream_response_filter",
+    "response_filter",
+    "response_body_filter",
+    "fail_to_connect",
+    "error_while_proxy",
+    "fail_to_proxy",
+    "logging",
+)
+
+
+class ProxyHttp:
+    """Base class of every ferryman proxy. Override hooks to program it.
+
+    A single instance serves every request of a worker, so per-request state belongs in
+    the ``ctx`` object made by :meth:`new_ctx`, not on ``self``.
+    """
+
+    #: Names of the hooks this class overrides (computed at class creation).
+    overridden: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.overridden = frozenset(
+            name for name in HOOKS if getattr(cls, name) is not getattr(ProxyHttp, name)
+        )
+
+    @classmethod
+    def from_config(cls, config: Any) -> ProxyHttp:
+        """Build the proxy named by a config's ``app`` key. Default: ``cls()``."""
+        return cls()
+
+    # 1 -------------------------------------------------------------------------------
+    def new_ctx(self) -> Any:
+        """Create the per-request state object passed to every later hook.
+
+        Runs first, once per request, synchronously. Default: a new empty ``dict``.
+        """
+        return {}
+
+    # 2 -------------------------------------------------------------------------------
+    async def early_request_filter(self, session: Session, ctx: Any) -> None:
+        """Runs once the request head is parsed, before any module or other hook.
+
+        May change ``session.req_header``. Default: nothing.
+        """
+
+    # 3 -------------------------------------------------------------------------------
+    async def request_filter(self, session: Session, ctx: Any) -> bool:
+        """Authenticate, route, rate-limit or answer the request early.
+
+        May change ``session.req_header`` (the upstream request is built from it) or write
+        a whole response with ``await session.respond(...)``. Return ``True`` when a
+        response was sent, which ends the request (only ``logging`` still runs). A
+        CONNECT request is refused with 405 after this hook unless it sets
+        ``session.allow_connect = True``. Default: ``False``.
+        """
+        return False
+
+    # 4 -------------------------------------------------------------------------------
+    def request_body_filter(
+        self, session: Session, body: bytes, end_of_stream: bool, ctx: Any
+    ) -> bytes | None:
+        """Inspect or rewrite each request body chunk on its way upstream.
+
+        Plain function (it runs per chunk). Called with ``end_of_stream=True`` and
+        ``body=b""`` once at the end. Return the bytes to send (``None`` or ``b""`` sends
+        nothing). When overridden, the body is sent upstream chunked, since its length may
+        change. Default: the chunk unchanged.
+        """
+        return body
+
+    # 5 -------------------------------------------------------------------------------
+    async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+        """Choose the upstream server for this request (load balancing goes here).
+
+        Called again for each retry; ``session.retries`` tells how many failed before.
+        Must be provided: there is no default.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement upstream_peer")
+
+    # 6 -------------------------------------------------------------------------------
+    async def connected_to_upstream(
+        self, session: Session, reused: bool, peer: HttpPeer, ctx: Any
+    ) -> None:
+        """Runs when a connection to ``peer`` is ready; ``reused`` is True if pooled.
+
+        For observation (metrics, logs). Default: nothing.
+        """
+
+    # 7 -------------------------------------------------------------------------------
+    async def upstream_request_filter(
+        self, session: Session, upstream_request: RequestHeader, ctx: Any
+    ) -> None:
+        """Rewrite the request head about to be sent upstream.
+
+        ``upstream_request`` is a copy of the client's request with hop-by-hop headers
+        removed and forwarding headers added; change it in place. Default: nothing.
+        """
+
+    # 8 -------------------------------------------------------------------------------
+    async def upstream_response_filter(
+        self, session: Session, upstream_response: ResponseHeader, ctx: Any
+    ) -> None:
+        """Inspect or change the upstream's response head, before cache and modules.
+
+        Default: nothing.
+        """
+
+    # 9 -------------------------------------------------------------------------------
+    async def response_filter(self, session: Session, response: ResponseHeader, ctx: Any) -> None:
+        """Rewrite the response head about to be sent to the client. Default: nothing."""
+
+    # 10 ------------------------------------------------------------------------------
+    def response_body_filter(
+        self, session: Session, body: bytes, end_of_stream: bool, ctx: Any
+    ) -> bytes | None:
+        """Inspect or rewrite each response body chunk on its way to the client.
+
+        Plain function (runs per chunk); called once more with ``end_of_stream=True`` and
+        ``body=b""`` at the end. When overridden the response loses its Content-Length
+        and is sent chunked (or close-delimited to HTTP/1.0 clients). Default: unchanged.
+        """
+        return body
+
+    # 11 ------------------------------------------------------------------------------
+    async def fail_to_connect(
+        self, session: Session, peer: HttpPeer, ctx: Any, error: ProxyError
+    ) -> ProxyError:
+        """Connecting to ``peer`` failed (refused, timeout, TLS). Return the error to use.
+
+        Set ``error.retryable`` to decide whether ``upstream_peer`` is asked again (up to
+        ``session.max_retries``). Default: the error unchanged (connect failures are
+        retryable).
+        """
+        return error
+
+    # 12 ------------------------------------------------------------------------------
+    async def error_while_proxy(
+        self,
+        session: Session,
+        peer: HttpPeer,
+        ctx: Any,
+        error: ProxyError,
+        client_reused: bool,
+    ) -> ProxyError:
+        """An error after the connection was made (write failure, bad response, timeout).
+
+        ``client_reused`` tells whether the client connection served earlier requests.
+        Errors on a reused upstream connection before any response byte are retryable
+        for idempotent methods. A retry is only possible while the request body sent so
+        far fits the 64 KiB retry buffer. Default: the error unchanged.
+        """
+        return error
+
+    # 13 ------------------------------------------------------------------------------
+    async def fail_to_proxy(self, session: Session, error: ProxyError, ctx: Any) -> int:
+        """Write the error response for a failed request and return its status.
+
+        Runs once, after retries are exhausted or on a non-retryable error. If a
+        response was already started it cannot be replaced; the client connection is
+        closed instead. Default: an empty response with :func:`ferryman.errors.status_for`.
+        """
+        status = status_for(error)
+        if not session.response_started:
+            await session.respond_error(status)
+        return status
+
+    # 14 ------------------------------------------------------------------------------
+    async def logging(self, session: Session, error: ProxyError | None, ctx: Any) -> None:
+        """Runs last, exactly once per request, success or failure. Default: nothing."""

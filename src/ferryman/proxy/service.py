@@ -1,0 +1,89 @@
+"""HttpProxyService: binds a ProxyHttp to the server's listeners and worker loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ferryman.proxy.downstream import H1Downstream
+from ferryman.proxy.hooks import ProxyHttp
+from ferryman.proxy.options import ProxyOptions
+from ferryman.timeouts import DeadlineSweep, sweep_for
+from ferryman.upstream.connector import Connector
+
+if TYPE_CHECKING:
+    from ferryman.server.listener import Listener
+
+
+class HttpProxyService:
+    """Serves HTTP/1.x on ``listeners`` with ``proxy``'s hooks.
+
+    It implements the small interface :class:`ferryman.server.Server` knows services by:
+    ``listeners``, ``start(loop)`` (once per worker, after fork), ``protocol_factory()``
+    and ``drain(grace)``. Each worker gets its own :class:`Connector` (upstream pool).
+    """
+
+    def __init__(
+        self,
+        proxy: ProxyHttp,
+        listeners: list[Listener],
+        options: ProxyOptions | None = None,
+    ) -> None:
+        if not isinstance(proxy, ProxyHttp):
+            raise TypeError(f"{proxy!r} is not a ferryman.ProxyHttp")
+        self.proxy = proxy
+        self.listeners = listeners
+        self.options = options or ProxyOptions()
+        self.connections: set[H1Downstream] = set()
+        self.running = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connector: Connector | None = None
+        self._sweep: DeadlineSweep | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's event loop (set by :meth:`start`)."""
+        assert self._loop is not None, "service not started"
+        return self._loop
+
+    @property
+    def connector(self) -> Connector:
+        """The worker's upstream connector and pool."""
+        assert self._connector is not None, "service not started"
+        return self._connector
+
+    @property
+    def sweep(self) -> DeadlineSweep:
+        """The worker loop's deadline sweep."""
+        assert self._sweep is not None, "service not started"
+        return self._sweep
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Prepare per-worker state on ``loop``."""
+        self._loop = loop
+        self._sweep = sweep_for(loop)
+        self._connector = Connector(loop)
+        self.running = True
+
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        """A factory of client-connection protocols for ``loop.create_server``."""
+        return lambda: H1Downstream(self)
+
+    async def drain(self, grace: float) -> bool:
+        """Graceful stop: idle connections close now, busy ones after their response.
+
+        Returns True if every connection finished within ``grace`` seconds; the rest are
+        closed then.
+        """
+        self.running = False
+        for conn in list(self.connections):
+            conn.start_draining()
+        deadline = self.loop.time() + grace
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        clean = not self.connections
+        for conn in list(self.connections):
+            conn._abort()
+        self.connector.close_all()
+        return clean

@@ -1,0 +1,571 @@
+"""Session: one request as hooks see it, and the state that moves its bytes.
+
+A :class:`Session` is created per request by the downstream connection. Hooks read the
+request (``req_header``, ``client_addr``, ``tls``) and may answer it themselves
+(``respond``, ``write_response_header``, ``write_response_body``). Internally the session
+is also the sink of both byte streams: request body chunks from the client go upstream
+(or into the retry buffer), response events from the upstream connection go to the
+client, with backpressure passed across in both directions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any
+
+from ferryman.errors import ErrorKind, ErrorSource, ProxyError
+from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, chunk, last_chunk
+from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader, reason_phrase
+
+if TYPE_CHECKING:
+    from ferryman.proxy.downstream import H1Downstream, TlsInfo
+    from ferryman.upstream.connection import UpstreamConnection
+    from ferryman.upstream.peer import HttpPeer
+
+#: Request bodies up to this size stay replayable for a retry after they were sent.
+RETRY_BUFFER = 64 * 1024
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+# What the engine is waiting for.
+_WAIT_NONE = 0
+_WAIT_HEAD = 1
+_WAIT_END = 2
+_WAIT_DRAIN = 3
+
+
+class Session:
+    """One HTTP request/response exchange, as seen by the hooks.
+
+    Attributes most hooks use:
+        req_header: the client's request head (:class:`RequestHeader`); changes made before
+            ``upstream_peer`` shape the request sent upstream.
+        response_header: the response head sent to the client, once sent.
+        retries: how many attempts failed so far (for ``upstream_peer``).
+        max_retries: retry budget for this request (hooks may change it).
+        allow_connect: set to ``True`` in a request hook to tunnel a CONNECT request.
+        request_body_bytes / response_body_bytes: body bytes received / sent.
+        upstream_status: the status the upstream answered, if any.
+        peer: the last :class:`HttpPeer` chosen.
+        start_time: ``time.time()`` when the request head arrived.
+    """
+
+    __slots__ = (
+        "req_header",
+        "response_header",
+        "retries",
+        "max_retries",
+        "allow_connect",
+        "request_body_bytes",
+        "response_body_bytes",
+        "upstream_status",
+        "peer",
+        "start_time",
+        "ctx",
+        "_down",
+        "_proxy",
+        "_body_kind",
+        "_content_length",
+        "keep_alive",
+        "_upgrade",
+        "_upgrade_rest",
+        "_req_done",
+        "_req_trailers",
+        "_req_buf",
+        "_req_buffered",
+        "_retry_buf",
+        "_sent",
+        "_replayable",
+        "_up",
+        "_up_chunked",
+        "_up_streaming",
+        "_up_resp",
+        "_up_body_kind",
+        "_up_ended",
+        "_up_error",
+        "_resp_trailers",
+        "_pending",
+        "_streaming",
+        "_down_chunked",
+        "_down_close_delimited",
+        "_done",
+        "_waiter",
+        "_wait_for",
+        "_body_filter",
+        "_resp_body_filter",
+        "_tunnel",
+        "_tunnel_client_eof",
+        "_tunnel_up_eof",
+        "_continue_sent",
+        "_error",
+    )
+
+    def __init__(
+        self,
+        down: H1Downstream,
+        head: RequestHeader,
+        body_kind: int,
+        content_length: int,
+        keep_alive: bool,
+    ) -> None:
+        self._down = down
+        proxy = down.service.proxy
+        self._proxy = proxy
+        self.req_header = head
+        self.response_header: ResponseHeader | None = None
+        self.retries = 0
+        self.max_retries = down.service.options.max_retries
+        self.allow_connect = False
+        self.request_body_bytes = 0
+        self.response_body_bytes = 0
+        self.upstream_status: int | None = None
+        self.peer: HttpPeer | None = None
+        self.start_time = time.time()
+        self.ctx: Any = None
+        self._body_kind = body_kind
+        self._content_length = content_length
+        self.keep_alive = keep_alive
+        self._upgrade = False
+        self._upgrade_rest = b""
+        self._req_done = body_kind == BODY_NONE
+        self._req_trailers: Headers | None = None
+        self._req_buf: list[bytes] = []
+        self._req_buffered = 0
+        self._retry_buf: list[bytes] | None = []
+        self._sent = 0
+        self._replayable = True
+        self._up: UpstreamConnection | None = None
+        self._up_chunked = False
+        self._up_streaming = False
+        self._up_resp: ResponseHeader | None = None
+        self._up_body_kind = BODY_NONE
+        self._up_ended = False
+        self._up_error: ProxyError | None = None
+        self._resp_trailers: Headers | None = None
+        self._pending: list[bytes] = []
+        self._streaming = False
+        self._down_chunked = False
+        self._down_close_delimited = False
+        self._done = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._wait_for = _WAIT_NONE
+        overridden = proxy.overridden
+        self._body_filter = "request_body_filter" in overridden
+        self._resp_body_filter = "response_body_filter" in overridden
+        self._tunnel = False
+        self._tunnel_client_eof = False
+        self._tunnel_up_eof = False
+        self._continue_sent = False
+        self._error: ProxyError | None = None
+
+    # read-only views for hooks ----------------------------------------------------------
+
+    @property
+    def client_addr(self) -> tuple[str, int] | None:
+        """The client's ``(host, port)``."""
+        return self._down.client_addr
+
+    @property
+    def server_addr(self) -> tuple[str, int] | None:
+        """The local ``(host, port)`` the client connected to."""
+        return self._down.server_addr
+
+    @property
+    def tls(self) -> TlsInfo | None:
+        """TLS details of the client connection (SNI, ALPN, peer certificate), or ``None``."""
+        return self._down.tls_info
+
+    @property
+    def is_tls(self) -> bool:
+        """Whether the client connection is TLS."""
+        return self._down.tls_info is not None
+
+    @property
+    def downstream_reused(self) -> bool:
+        """Whether this client connection served an earlier request."""
+        return self._down.requests > 1
+
+    @property
+    def response_started(self) -> bool:
+        """Whether a response head was already sent to the client."""
+        return self.response_header is not None
+
+    @property
+    def status(self) -> int:
+        """Status of the response sent to the client (0 if none yet)."""
+        return self.response_header.status if self.response_header is not None else 0
+
+    @property
+    def request_body_complete(self) -> bool:
+        """Whether the whole request body has been received."""
+        return self._req_done
+
+    # writing a response from a hook -----------------------------------------------------
+
+    async def respond(
+        self,
+        status: int,
+        body: bytes | str = b"",
+        headers: Headers | list[tuple[bytes, bytes]] | dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Send a whole response (head and body) to the client.
+
+        Adds Content-Length; ``content_type`` sets Content-Type. For use from
+        ``request_filter`` (then return ``True``) or ``fail_to_proxy``.
+        """
+        if isinstance(body, str):
+            body = body.encode()
+        if isinstance(headers, dict):
+            headers = Headers([(k.encode(), v.encode()) for k, v in headers.items()])
+        resp = ResponseHeader(status, headers)
+        if content_type is not None:
+            resp.headers.set(b"Content-Type", content_type)
+        await self.write_response_header(resp, end_of_stream=False, length=len(body))
+        await self.write_response_body(body, end_of_stream=True)
+
+    async def respond_error(self, status: int) -> None:
+        """Send an empty error response with ``status``; the connection closes after a
+        4xx caused by bad framing or whenever the request body was not fully read."""
+        if status in (400, 408, 413, 414, 431, 505) or not self._req_done:
+            self.keep_alive = False
+        resp = ResponseHeader(status, [(b"Content-Length", b"0")])
+        self._write_head(resp, BODY_LENGTH)
+        self._finish_response()
+
+    async def write_response_header(
+        self, response: ResponseHeader, end_of_stream: bool = False, length: int | None = None
+    ) -> None:
+        """Send ``response`` as the response head.
+
+        The body framing follows its Content-Length if set (or ``length``), else chunked
+        (close-delimited for HTTP/1.0 clients).
+        """
+        if self.response_header is not None:
+            raise RuntimeError("response header already sent")
+        if length is not None:
+            response.headers.set(b"Content-Length", str(length))
+        if end_of_stream and length is None and b"content-length" not in response.headers:
+            response.headers.set(b"Content-Length", b"0")
+        kind = BODY_LENGTH if b"content-length" in response.headers else BODY_CHUNKED
+        self._write_head(response, kind)
+        if end_of_stream:
+            self._finish_response()
+        await self._drain()
+
+    async def write_response_body(self, data: bytes, end_of_stream: bool = False) -> None:
+        """Send a piece of the response body (after ``write_response_header``)."""
+        if self.response_header is None:
+            raise RuntimeError("write_response_header must come first")
+        if data:
+            self._write_body(data)
+        if end_of_stream:
+            self._finish_response()
+        await self._drain()
+
+    async def _drain(self) -> None:
+        if self._down.write_paused and not self._down.closed:
+            await self._wait(_WAIT_DRAIN)
+
+    # engine internals: waiting ----------------------------------------------------------
+
+    def _wake(self, what: int) -> None:
+        waiter = self._waiter
+        if waiter is not None and self._wait_for == what and not waiter.done():
+            self._waiter = None
+            waiter.set_result(None)
+
+    def _fail_waiter(self, error: ProxyError) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_exception(error)
+
+    async def _wait(self, what: int) -> None:
+        """Suspend the request task until ``what`` happened (or an error)."""
+        if self._error is not None:
+            raise self._error
+        waiter = self._down.loop.create_future()
+        self._waiter = waiter
+        self._wait_for = what
+        await waiter
+
+    # request body: client → upstream ----------------------------------------------------
+
+    def _on_req_body(self, data: bytes) -> None:
+        self.request_body_bytes += len(data)
+        if self._body_filter:
+            out = self._proxy.request_body_filter(self, data, False, self.ctx)
+            if not out:
+                return
+            data = out
+        if self._up_streaming:
+            self._send_body(data)
+        else:
+            self._req_buf.append(data)
+            self._req_buffered += len(data)
+            if self._req_buffered > RETRY_BUFFER:
+                self._down.pause(self._down.PAUSE_BODY)
+
+    def _on_req_end(self, trailers: Headers | None) -> None:
+        self._req_done = True
+        self._req_trailers = trailers
+        tail = b""
+        if self._body_filter:
+            tail = self._proxy.request_body_filter(self, b"", True, self.ctx) or b""
+        if self._up_streaming:
+            if tail:
+                self._send_body(tail)
+            if self._up_chunked and self._up is not None:
+                self._up.write(last_chunk(trailers))
+        elif tail:
+            self._req_buf.append(tail)
+
+    def _send_body(self, data: bytes) -> None:
+        if self._replayable:
+            if self._sent + len(data) <= RETRY_BUFFER:
+                self._retry_buf.append(data)  # type: ignore[union-attr]
+            else:
+                self._replayable = False
+                self._retry_buf = None
+        self._sent += len(data)
+        up = self._up
+        if up is not None:
+            if self._up_chunked:
+                up.writelines(chunk(data))
+            else:
+                up.write(data)
+
+    def _send_request(self, up: UpstreamConnection, head: bytes) -> None:
+        """Send the head, what was sent before (on a retry) and what is buffered."""
+        parts = [head]
+        chunked = self._up_chunked
+        if self._retry_buf:
+            for piece in self._retry_buf:
+                if chunked:
+                    parts += chunk(piece)
+                else:
+                    parts.append(piece)
+        pending, self._req_buf = self._req_buf, []
+        self._req_buffered = 0
+        self._up_streaming = True
+        for piece in pending:
+            if self._replayable:
+                if self._sent + len(piece) <= RETRY_BUFFER:
+                    self._retry_buf.append(piece)  # type: ignore[union-attr]
+                else:
+                    self._replayable = False
+                    self._retry_buf = None
+            self._sent += len(piece)
+            if chunked:
+                parts += chunk(piece)
+            else:
+                parts.append(piece)
+        if self._req_done and chunked:
+            parts.append(last_chunk(self._req_trailers))
+        up.writelines(parts)
+        self._down.resume(self._down.PAUSE_BODY)
+
+    def _send_continue(self) -> None:
+        if not self._continue_sent and not self._req_done and self.request_body_bytes == 0:
+            self._continue_sent = True
+            self._down.write(_CONTINUE)
+
+    def _can_retry(self) -> bool:
+        return self._replayable
+
+    def _reset_attempt(self) -> None:
+        """Forget the failed attempt's upstream state before a retry."""
+        self._up = None
+        self._up_streaming = False
+        self._up_resp = None
+        self._up_ended = False
+        self._up_error = None
+        self._pending = []
+        self._resp_trailers = None
+        self._error = None
+
+    # UpstreamSink: upstream → client ----------------------------------------------------
+
+    def on_response_head(self, head: ResponseHeader, body_kind: int) -> None:
+        self._up_resp = head
+        self._up_body_kind = body_kind
+        self.upstream_status = head.status
+        self._wake(_WAIT_HEAD)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self._streaming:
+            self._write_body(data)
+        else:
+            self._pending.append(data)
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        self._up_ended = True
+        self._resp_trailers = trailers
+        up = self._up
+        self._up = None
+        if up is not None:
+            if self._req_done and self._up_streaming and not self._upgrade:
+                up.release()
+            else:
+                up.close()  # answered before the request was fully sent: not clean
+        if self._streaming:
+            self._finish_response()
+            self._wake(_WAIT_END)
+
+    def on_upstream_error(self, error: ProxyError) -> None:
+        self._up = None
+        self._up_error = error
+        self._error = error
+        self._fail_waiter(error)
+
+    def pause_source(self) -> None:
+        self._down.pause(self._down.PAUSE_UPSTREAM)
+
+    def resume_source(self) -> None:
+        self._down.resume(self._down.PAUSE_UPSTREAM)
+
+    # downstream backpressure (called by H1Downstream) -------------------------------------
+
+    def _down_paused(self) -> None:
+        up = self._up
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.pause_reading()
+
+    def _down_resumed(self) -> None:
+        up = self._up
+        if up is not None and up.transport is not None and not up.closed:
+            up.transport.resume_reading()
+        self._wake(_WAIT_DRAIN)
+
+    # writing to the client --------------------------------------------------------------
+
+    def _write_head(self, resp: ResponseHeader, body_kind: int) -> None:
+        """Frame and send a response head; decides chunking and keep-alive."""
+        down = self._down
+        req = self.req_header
+        self.response_header = resp
+        status = resp.status
+        headers = resp.headers
+        head_only = req.raw_method == b"HEAD" or status < 200 or status == 204 or status == 304
+        if head_only:
+            self._down_chunked = False
+        elif body_kind == BODY_LENGTH and b"content-length" in headers:
+            self._down_chunked = False
+        else:
+            headers.remove(b"content-length")
+            if req.version == "1.1":
+                self._down_chunked = True
+                headers.add(b"Transfer-Encoding", b"chunked")
+            else:
+                self._down_close_delimited = True
+                self.keep_alive = False
+        if down.draining or not down.service.running:
+            self.keep_alive = False
+        if status == 101:
+            headers.set(b"Connection", b"upgrade")
+        elif not self.keep_alive:
+            headers.set(b"Connection", b"close")
+        elif req.version == "1.0":
+            headers.set(b"Connection", b"keep-alive")
+        down.write(resp.to_bytes())
+
+    def _write_body(self, data: bytes) -> None:
+        if self._resp_body_filter:
+            out = self._proxy.response_body_filter(self, data, False, self.ctx)
+            if not out:
+                return
+            data = out
+        self.response_body_bytes += len(data)
+        if self._down_chunked:
+            self._down.writelines(chunk(data))
+        else:
+            self._down.write(data)
+
+    def _finish_response(self) -> None:
+        """The response to the client is complete (body end written)."""
+        if self._done:
+            return
+        self._done = True
+        if self._resp_body_filter:
+            tail = self._proxy.response_body_filter(self, b"", True, self.ctx)
+            if tail:
+                self.response_body_bytes += len(tail)
+                if self._down_chunked:
+                    self._down.writelines(chunk(tail))
+                else:
+                    self._down.write(tail)
+        if self._down_chunked:
+            self._down.write(last_chunk(self._resp_trailers))
+
+    def _flush_pending(self) -> None:
+        """Send the head of the upstream response plus any body that already arrived."""
+        pending, self._pending = self._pending, []
+        self._streaming = True
+        for piece in pending:
+            self._write_body(piece)
+        if self._up_ended:
+            self._finish_response()
+
+    # tunnels (101 Switching Protocols, CONNECT) -------------------------------------------
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.response_body_bytes += len(data)
+        self._down.write(data)
+
+    def on_tunnel_eof(self) -> None:
+        self._tunnel_up_eof = True
+        self._down.write_eof()
+        self._check_tunnel_done()
+
+    def _on_client_tunnel_data(self, data: bytes) -> None:
+        self.request_body_bytes += len(data)
+        up = self._up
+        if up is not None:
+            up.write(data)
+
+    def _on_client_tunnel_eof(self) -> None:
+        self._tunnel_client_eof = True
+        up = self._up
+        if up is not None and up.transport is not None and not up.closed:
+            if up.transport.can_write_eof():
+                up.transport.write_eof()
+            else:
+                up.close()
+        self._check_tunnel_done()
+
+    def _check_tunnel_done(self) -> None:
+        if self._tunnel_up_eof and self._tunnel_client_eof or self._down.closed:
+            up = self._up
+            self._up = None
+            if up is not None:
+                up.close()
+            self._done = True
+            self._wake(_WAIT_END)
+
+    # the client went away or misbehaved ------------------------------------------------------
+
+    def _on_client_error(self, error: ProxyError) -> None:
+        """The client closed, timed out or sent a bad body: abandon the exchange."""
+        if self._tunnel:
+            self._tunnel_client_eof = True
+            self._check_tunnel_done()
+            return
+        up = self._up
+        self._up = None
+        if up is not None:
+            up.abort()  # never reuse a connection mid-exchange
+        if not self._done:
+            self._error = error
+            self._fail_waiter(error)
+
+
+def client_closed_error() -> ProxyError:
+    """The error used when the client disconnects mid-request."""
+    return ProxyError(
+        ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "client closed the connection"
+    )
+
+
+__all__ = ["Session", "RETRY_BUFFER", "client_closed_error", "reason_phrase"]

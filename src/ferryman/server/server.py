@@ -1,0 +1,245 @@
+"""Server: listening sockets, worker processes, signals and graceful shutdown.
+
+The main process creates every listening socket once, then forks ``workers`` processes
+that inherit them; each worker runs one uvloop event loop serving every service. The
+main process only supervises: it restarts a worker that dies and relays signals.
+
+Signals (to the main process):
+
+* ``SIGTERM`` – graceful: stop accepting, let in-flight requests finish, close idle
+  keep-alive connections, exit 0 within ``grace_period`` (stragglers are closed then).
+* ``SIGINT`` – fast: close everything and exit now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import uvloop
+
+from ferryman.server.listener import Listener
+from ferryman.server.tls import server_ssl_context
+
+log = logging.getLogger("ferryman.server")
+
+
+class Service(Protocol):
+    """What the server needs from a service (e.g. :class:`HttpProxyService`)."""
+
+    listeners: list[Listener]
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Per-worker initialisation on ``loop``."""
+
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        """Factory of connection protocols."""
+
+    async def drain(self, grace: float) -> bool:
+        """Finish in-flight work within ``grace`` seconds."""
+
+
+class Server:
+    """Runs services in worker processes.
+
+    Args:
+        workers: number of worker processes (default: the number of CPUs).
+        grace_period: seconds a graceful shutdown waits for in-flight requests.
+    """
+
+    def __init__(self, workers: int | None = None, grace_period: float = 10.0) -> None:
+        self.workers = workers if workers is not None else (os.cpu_count() or 1)
+        self.grace_period = grace_period
+        self.services: list[Service] = []
+        self._sockets: list[tuple[Service, Listener, socket.socket]] = []
+        self._children: dict[int, int] = {}
+        self._stop: str | None = None
+        self.extra_processes: list[Callable[[], None]] = []
+
+    def add_service(self, service: Service) -> None:
+        """Serve ``service`` on its listeners."""
+        self.services.append(service)
+
+    def bind(self) -> None:
+        """Create every listening socket (done before forking)."""
+        if self._sockets:
+            return
+        for service in self.services:
+            for listener in service.listeners:
+                self._sockets.append((service, listener, listener.make_socket()))
+
+    # supervisor -------------------------------------------------------------------------
+
+    def run_forever(self) -> int:
+        """Bind, fork the workers and supervise them until a signal; return the exit code."""
+        self.bind()
+        for service, listener, sock in self._sockets:
+            # check TLS material now, so a bad certificate fails before any fork
+            if listener.tls is not None:
+                server_ssl_context(listener.tls)
+            host, port = sock.getsockname()[:2]
+            scheme = "https" if listener.tls else "http"
+            log.info("listening on %s://%s:%s", scheme, host, port)
+            del service
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        helpers = [self._spawn_helper(fn) for fn in self.extra_processes]
+        for index in range(self.workers):
+            self._spawn(index)
+        code = self._supervise()
+        for pid in helpers:
+            _kill_wait(pid, signal.SIGTERM, 2.0)
+        for _, _, sock in self._sockets:
+            sock.close()
+        return code
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self._stop is None or signum == signal.SIGINT:
+            self._stop = "fast" if signum == signal.SIGINT else "graceful"
+
+    def _spawn(self, index: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = self._worker_main()
+            except BaseException:  # noqa: BLE001 - report and exit the child, never return
+                log.exception("worker crashed")
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        self._children[pid] = index
+        log.info("worker %d started (pid %d)", index, pid)
+
+    def _spawn_helper(self, fn: Callable[[], None]) -> int:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            for _, _, sock in self._sockets:
+                sock.close()
+            try:
+                fn()
+            finally:
+                os._exit(0)
+        return pid
+
+    def _supervise(self) -> int:
+        sent: str | None = None
+        deadline = 0.0
+        failures = 0
+        while True:
+            if self._stop is not None and sent != self._stop:
+                sent = self._stop
+                sig = signal.SIGTERM if sent == "graceful" else signal.SIGINT
+                for pid in self._children:
+                    _signal(pid, sig)
+                deadline = time.monotonic() + (self.grace_period + 2.0 if sent == "graceful" else 2.0)
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = 0, 0
+            if pid:
+                index = self._children.pop(pid, None)
+                code = os.waitstatus_to_exitcode(status)
+                if code != 0:
+                    failures += 1
+                if index is not None and self._stop is None:
+                    log.warning("worker %d (pid %d) exited with %s; restarting", index, pid, code)
+                    time.sleep(min(0.1 * failures, 2.0))
+                    self._spawn(index)
+                continue
+            if self._stop is not None and not self._children:
+                return 0
+            if self._stop is not None and time.monotonic() > deadline:
+                for pid in list(self._children):
+                    _signal(pid, signal.SIGKILL)
+                return 1
+            time.sleep(0.05)
+
+    # worker -----------------------------------------------------------------------------
+
+    def _worker_main(self) -> int:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(self._serve(loop))
+        finally:
+            loop.close()
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
+        stop = asyncio.Event()
+        mode: list[str] = []
+
+        def on_signal(kind: str) -> None:
+            mode.append(kind)
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, on_signal, "graceful")
+        loop.add_signal_handler(signal.SIGINT, on_signal, "fast")
+        servers = await self.start_services(loop)
+        await stop.wait()
+        for srv in servers:
+            srv.close()
+        grace = self.grace_period if mode[0] == "graceful" else 0.0
+        results = await asyncio.gather(*(svc.drain(grace) for svc in self.services))
+        del results
+        return 0
+
+    async def start_services(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Server]:
+        """Start every service on ``loop`` using the bound sockets (also used in tests)."""
+        self.bind()
+        servers = []
+        started: set[int] = set()
+        for service, listener, sock in self._sockets:
+            if id(service) not in started:
+                service.start(loop)
+                started.add(id(service))
+            ctx: ssl.SSLContext | None = None
+            if listener.tls is not None:
+                ctx = server_ssl_context(listener.tls)
+            srv = await loop.create_server(
+                service.protocol_factory(), sock=sock, ssl=ctx, backlog=listener.backlog
+            )
+            servers.append(srv)
+        return servers
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound ``(host, port)`` of every listener (after :meth:`bind`)."""
+        return [sock.getsockname()[:2] for _, _, sock in self._sockets]
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_wait(pid: int, sig: int, timeout: float) -> None:
+    _signal(pid, sig)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if done:
+            return
+        time.sleep(0.05)
+    _signal(pid, signal.SIGKILL)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,246 @@
+"""UpstreamConnection: one pooled HTTP/1.1 connection to an upstream server."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Protocol
+
+from ferryman.errors import ErrorKind, ErrorSource, ProxyError
+from ferryman.protocols.h1 import ResponseParser
+from ferryman.protocols.headers import Headers, ResponseHeader
+
+if TYPE_CHECKING:
+    from ferryman.upstream.connector import Connector
+    from ferryman.upstream.peer import HttpPeer
+
+WRITE_HIGH_WATER = 256 * 1024
+WRITE_LOW_WATER = 64 * 1024
+
+
+class UpstreamSink(Protocol):
+    """The request currently using an upstream connection receives its events."""
+
+    def on_response_head(self, head: ResponseHeader, body_kind: int) -> None:
+        """A final response head arrived."""
+
+    def on_response_body(self, data: bytes) -> None:
+        """A piece of response body."""
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        """The response is complete."""
+
+    def on_upstream_error(self, error: ProxyError) -> None:
+        """The exchange failed (the connection is already closed)."""
+
+    def on_tunnel_data(self, data: bytes) -> None:
+        """Bytes read after a 101/CONNECT, for the client."""
+
+    def on_tunnel_eof(self) -> None:
+        """The upstream half-closed or closed the tunnel."""
+
+    def pause_source(self) -> None:
+        """The upstream write buffer is full: stop reading from the client."""
+
+    def resume_source(self) -> None:
+        """The upstream write buffer drained: read from the client again."""
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """An HTTP/1.1 client connection, reused across requests through the pool.
+
+    While it sits idle in the pool it still reads: any byte, EOF or error while idle means
+    the upstream gave up on it, and it is closed and dropped from the pool at once, so a
+    dead pooled connection is never handed out.
+    """
+
+    __slots__ = (
+        "peer",
+        "connector",
+        "transport",
+        "parser",
+        "sink",
+        "deadline",
+        "closed",
+        "requests",
+        "tunnel",
+        "read_timeout",
+        "write_blocked",
+        "_loop",
+        "received",
+        "reused",
+    )
+
+    def __init__(self, peer: HttpPeer, connector: Connector) -> None:
+        self.peer = peer
+        self.connector = connector
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser(self)
+        self.sink: UpstreamSink | None = None
+        self.deadline = 0.0
+        self.closed = False
+        self.requests = 0
+        self.tunnel = False
+        self.read_timeout = peer.read_timeout
+        self.write_blocked = False
+        self._loop = connector.loop
+        #: True once any byte of the current response was read
+        self.received = False
+        self.reused = False
+
+    # asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.connector.sweep.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        sink = self.sink
+        if sink is None:
+            self.close()  # unsolicited bytes on an idle connection: it is not clean
+            return
+        if self.tunnel:
+            self.deadline = self._loop.time() + self.read_timeout
+            sink.on_tunnel_data(data)
+            return
+        self.received = True
+        self.deadline = self._loop.time() + self.read_timeout
+        try:
+            self.parser.feed(data)
+        except ProxyError as exc:
+            self.fail(exc)
+            return
+        rest = self.parser.upgraded_rest
+        if rest is not None:
+            self.parser.upgraded_rest = None
+            self.tunnel = True
+            if rest:
+                sink.on_tunnel_data(rest)
+
+    def eof_received(self) -> bool | None:
+        sink = self.sink
+        if sink is not None and self.tunnel:
+            sink.on_tunnel_eof()
+            return True  # keep our write side open until the client closes too
+        if sink is not None:
+            try:
+                self.parser.feed_eof()
+            except ProxyError as exc:
+                exc.retryable = self.reused and not self.received
+                self.fail(exc)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.connector.forget(self)
+        sink = self.sink
+        if sink is not None:
+            if self.tunnel:
+                self.sink = None
+                sink.on_tunnel_eof()
+            elif not self.parser.complete:
+                self.sink = None
+                err = ProxyError(
+                    ErrorKind.UPSTREAM_CLOSED,
+                    ErrorSource.UPSTREAM,
+                    "upstream closed the connection",
+                    retryable=self.reused and not self.received,
+                    cause=exc,
+                )
+                sink.on_upstream_error(err)
+
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+        self.deadline = self._loop.time() + self.peer.write_timeout
+        if self.sink is not None:
+            self.sink.pause_source()
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        self.deadline = self._loop.time() + self.read_timeout if self.sink else 0.0
+        if self.sink is not None:
+            self.sink.resume_source()
+
+    # ResponseHandler ----------------------------------------------------------------------
+
+    def on_response_head(self, head: ResponseHeader, body_kind: int) -> None:
+        if self.sink is not None:
+            self.sink.on_response_head(head, body_kind)
+
+    def on_response_body(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.on_response_body(data)
+
+    def on_response_end(self, trailers: Headers | None) -> None:
+        sink = self.sink
+        if sink is not None:
+            sink.on_response_end(trailers)
+
+    # used by the proxy ----------------------------------------------------------------------
+
+    def start(self, sink: UpstreamSink, method: bytes, read_timeout: float) -> None:
+        """Begin an exchange: responses now go to ``sink``; the read deadline is armed."""
+        self.sink = sink
+        self.received = False
+        self.read_timeout = read_timeout
+        self.parser.expect(method)
+        self.requests += 1
+        self.deadline = self._loop.time() + read_timeout
+
+    def write(self, data: bytes) -> None:
+        """Send bytes to the upstream (no-op once closed)."""
+        if not self.closed:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def writelines(self, parts: list[bytes]) -> None:
+        """Send several byte strings at once (no-op once closed)."""
+        if not self.closed:
+            self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def fail(self, error: ProxyError) -> None:
+        """Close the connection and report ``error`` to the current exchange."""
+        sink = self.sink
+        self.sink = None
+        self.close()
+        if sink is not None:
+            sink.on_upstream_error(error)
+
+    def on_deadline(self) -> None:
+        sink = self.sink
+        if sink is None:
+            self.close()  # idle timeout in the pool
+            return
+        if self.write_blocked:
+            kind, detail = ErrorKind.UPSTREAM_WRITE_TIMEOUT, "timed out writing to upstream"
+        else:
+            kind, detail = ErrorKind.READ_TIMEOUT, "timed out reading from upstream"
+        if self.tunnel:
+            self.sink = None
+            self.close()
+            sink.on_tunnel_eof()
+            return
+        self.fail(ProxyError(kind, ErrorSource.UPSTREAM, detail))
+
+    def release(self) -> None:
+        """The exchange ended cleanly: return the connection to the pool (or close it)."""
+        self.sink = None
+        if self.closed or self.tunnel or not self.parser.complete or self.write_blocked:
+            self.close()
+            return
+        self.connector.release(self)
+
+    def close(self) -> None:
+        """Close now; the connection is never reused."""
+        if not self.closed:
+            self.closed = True
+            self.connector.forget(self)
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection (RST) and detach the exchange."""
+        self.sink = None
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.connector.forget(self)
+            self.transport.abort()

@@ -1,0 +1,103 @@
+"""HttpPeer: where and how to connect to one upstream server."""
+
+from __future__ import annotations
+
+
+def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` → ``(host, port)``."""
+    if isinstance(address, tuple):
+        return address[0], int(address[1])
+    if address.startswith("["):
+        host, _, port = address[1:].partition("]:")
+    else:
+        host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host, int(port)
+
+
+class HttpPeer:
+    """One upstream server and the options for connecting to it.
+
+    Attributes:
+        host, port: where to connect.
+        tls: whether to speak TLS. Verification is on by default.
+        sni: server name sent in TLS; defaults to ``host``.
+        verify_cert: check the certificate chain (against ``ca`` or the system store).
+        verify_hostname: check that the certificate matches ``sni`` (or ``host``).
+        ca: CA bundle file to trust instead of the system store.
+        client_cert, client_key: client certificate for mutual TLS.
+        connect_timeout: seconds to establish TCP (+TLS); 504 when exceeded.
+        read_timeout: longest gap between two reads of the response; 504 when exceeded.
+        write_timeout: longest a write to the upstream may stay blocked.
+        idle_timeout: how long an idle pooled connection is kept.
+        max_idle: how many idle connections to this peer the pool keeps at most.
+
+    Everything that makes a connection distinct (address and TLS settings) goes into
+    :attr:`key`, the pool key: two peers with equal keys share pooled connections.
+    """
+
+    __slots__ = (
+        "host",
+        "port",
+        "tls",
+        "sni",
+        "verify_cert",
+        "verify_hostname",
+        "ca",
+        "client_cert",
+        "client_key",
+        "connect_timeout",
+        "read_timeout",
+        "write_timeout",
+        "idle_timeout",
+        "max_idle",
+        "key",
+        "name",
+    )
+
+    def __init__(
+        self,
+        address: str | tuple[str, int],
+        tls: bool = False,
+        sni: str | None = None,
+        *,
+        verify_cert: bool = True,
+        verify_hostname: bool = True,
+        ca: str | None = None,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        write_timeout: float = 60.0,
+        idle_timeout: float = 60.0,
+        max_idle: int = 128,
+    ) -> None:
+        self.host, self.port = parse_address(address)
+        self.tls = tls
+        self.sni = sni if sni is not None else self.host
+        self.verify_cert = verify_cert
+        self.verify_hostname = verify_hostname
+        self.ca = ca
+        self.client_cert = client_cert
+        self.client_key = client_key
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.idle_timeout = idle_timeout
+        self.max_idle = max_idle
+        self.key = (
+            self.host,
+            self.port,
+            tls,
+            self.sni if tls else None,
+            verify_cert,
+            verify_hostname,
+            ca,
+            client_cert,
+            client_key,
+        )
+        self.name = f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"HttpPeer({self.name}, tls={self.tls})"
