@@ -23,6 +23,7 @@ from ferryman.proxy.session import Session, client_closed_error
 
 if TYPE_CHECKING:
     from ferryman.proxy.service import HttpProxyService
+    from ferryman.server.listener import Listener
 
 WRITE_HIGH_WATER = 256 * 1024
 WRITE_LOW_WATER = 64 * 1024
@@ -80,10 +81,12 @@ class H1Downstream(asyncio.Protocol):
         "_tunnel",
         "_reject",
         "_options",
+        "listener",
     )
 
-    def __init__(self, service: HttpProxyService) -> None:
+    def __init__(self, service: HttpProxyService, listener: Listener | None = None) -> None:
         self.service = service
+        self.listener = listener
         self.loop = service.loop
         self._options = service.options
         self.transport: asyncio.Transport | None = None

@@ -66,9 +66,9 @@ class HttpProxyService:
         self._connector = Connector(loop)
         self.running = True
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+    def protocol_factory(self, listener: Listener | None = None) -> Callable[[], asyncio.Protocol]:
         """A factory of client-connection protocols for ``loop.create_server``."""
-        return lambda: H1Downstream(self)
+        return lambda: H1Downstream(self, listener)
 
     async def drain(self, grace: float) -> bool:
         """Graceful stop: idle connections close now, busy ones after their response.

@@ -20,6 +20,7 @@ from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader, r
 
 if TYPE_CHECKING:
     from ferryman.proxy.downstream import H1Downstream, TlsInfo
+    from ferryman.server.listener import Listener
     from ferryman.upstream.connection import UpstreamConnection
     from ferryman.upstream.peer import HttpPeer
 
@@ -175,6 +176,11 @@ class Session:
     def tls(self) -> TlsInfo | None:
         """TLS details of the client connection (SNI, ALPN, peer certificate), or ``None``."""
         return self._down.tls_info
+
+    @property
+    def listener(self) -> Listener | None:
+        """The :class:`~ferryman.server.Listener` the request arrived on."""
+        return self._down.listener
 
     @property
     def is_tls(self) -> bool:

@@ -40,8 +40,8 @@ class Service(Protocol):
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Per-worker initialisation on ``loop``."""
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
-        """Factory of connection protocols."""
+    def protocol_factory(self, listener: Listener) -> Callable[[], asyncio.Protocol]:
+        """Factory of connection protocols for ``listener``."""
 
     async def drain(self, grace: float) -> bool:
         """Finish in-flight work within ``grace`` seconds."""
@@ -210,7 +210,7 @@ class Server:
             if listener.tls is not None:
                 ctx = server_ssl_context(listener.tls)
             srv = await loop.create_server(
-                service.protocol_factory(), sock=sock, ssl=ctx, backlog=listener.backlog
+                service.protocol_factory(listener), sock=sock, ssl=ctx, backlog=listener.backlog
             )
             servers.append(srv)
         return servers

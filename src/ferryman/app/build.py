@@ -1,0 +1,94 @@
+"""Turn a validated Config into a ready Server."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ferryman.app.config_proxy import ConfigProxy
+from ferryman.config import Config, ListenerConfig
+from ferryman.protocols.h1 import RequestLimits
+from ferryman.proxy.hooks import ProxyHttp
+from ferryman.proxy.options import ProxyOptions
+from ferryman.proxy.service import HttpProxyService
+from ferryman.server.listener import Listener, ListenerTls, SniCertificate
+from ferryman.server.server import Server
+
+
+class AppLoadError(Exception):
+    """The ``app`` named in the config cannot be imported or is not a ProxyHttp."""
+
+
+def load_app_class(spec: str) -> type[ProxyHttp]:
+    """Import ``"module:Class"`` and check that it is a ProxyHttp subclass."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise AppLoadError(f"app {spec!r}: cannot import module {module_name!r}: {exc}") from exc
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise AppLoadError(f"app {spec!r}: {module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, type) or not issubclass(obj, ProxyHttp):
+        raise AppLoadError(f"app {spec!r}: expected a ferryman.ProxyHttp subclass, got {obj!r}")
+    return obj
+
+
+def proxy_options(config: Config) -> ProxyOptions:
+    """Map the ``server`` section to the engine's ProxyOptions."""
+    s = config.server
+    return ProxyOptions(
+        header_read_timeout=s.timeouts.header_read,
+        keepalive_timeout=s.timeouts.keepalive,
+        body_read_timeout=s.timeouts.body_read,
+        body_write_timeout=s.timeouts.body_write,
+        limits=RequestLimits(
+            max_request_line=s.limits.max_request_line,
+            max_header_bytes=s.limits.max_header_bytes,
+            max_headers=s.limits.max_headers,
+            max_body=s.limits.max_body,
+        ),
+        x_forwarded_for=s.forwarded.x_forwarded_for,
+        x_forwarded_proto=s.forwarded.x_forwarded_proto,
+        x_forwarded_host=s.forwarded.x_forwarded_host,
+        via=s.forwarded.via,
+        via_name=s.forwarded.via_name,
+        grace_period=s.grace_period,
+    )
+
+
+def make_listener(listener: ListenerConfig) -> Listener:
+    """A server Listener for one ``listeners`` entry."""
+    tls = None
+    if listener.tls is not None:
+        t = listener.tls
+        tls = ListenerTls(
+            cert=t.cert,
+            key=t.key,
+            sni=tuple(SniCertificate(tuple(e.server_names), e.cert, e.key) for e in t.sni),
+            client_ca=t.client_ca,
+            client_verify=t.client_verify,
+            alpn=tuple(t.alpn),
+        )
+    return Listener((listener.bind[0], listener.bind[1]), tls=tls)
+
+
+def build_proxy(config: Config) -> ProxyHttp:
+    """The proxy instance: the config's ``app`` class, or the built-in ConfigProxy."""
+    cls: type[ProxyHttp] = load_app_class(config.app) if config.app else ConfigProxy
+    return cls.from_config(config)
+
+
+def build_server(config: Config, workers: int | None = None) -> Server:
+    """A Server with one HTTP proxy service for all listeners of ``config``."""
+    proxy = build_proxy(config)
+    listeners = [make_listener(lc) for lc in config.listeners]
+    server = Server(
+        workers=workers if workers is not None else config.server.workers,
+        grace_period=config.server.grace_period,
+    )
+    server.add_service(HttpProxyService(proxy, listeners, proxy_options(config)))
+    return server

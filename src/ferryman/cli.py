@@ -1,0 +1,78 @@
+"""The ``ferryman`` command: ``run`` a config-driven proxy, or ``check`` a config file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from ferryman import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferryman", description="A fast, programmable HTTP proxy."
+    )
+    parser.add_argument("--version", action="version", version=f"ferryman {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="run the proxy described by a config file")
+    run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    run.add_argument("--workers", type=int, default=None, help="override server.workers")
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    check = sub.add_parser("check", help="validate a config file and exit")
+    check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ferryman`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    from ferryman.app import AppLoadError, build_proxy, build_server
+    from ferryman.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"ferryman: invalid config:\n{exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ferryman: cannot read config {args.config}: {exc.strerror}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        try:
+            build_proxy(config)
+        except (AppLoadError, Exception) as exc:  # noqa: BLE001 - report any app failure
+            print(f"ferryman: {args.config}: app: {exc}", file=sys.stderr)
+            return 2
+        print(f"{args.config}: ok ({len(config.listeners)} listener(s), "
+              f"{len(config.upstreams)} upstream group(s))")
+        return 0
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format=f"ferryman[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.workers is not None and args.workers < 1:
+        print("ferryman: --workers: expected an integer >= 1", file=sys.stderr)
+        return 2
+    try:
+        server = build_server(config, workers=args.workers)
+        demo = getattr(config, "demo_origin", None)
+        if demo is not None:
+            from ferryman.app.demo_origin import serve_demo_origin
+
+            host, port = demo
+            server.extra_processes.append(lambda: serve_demo_origin(host, port))
+        server.bind()
+    except AppLoadError as exc:
+        print(f"ferryman: {args.config}: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"ferryman: cannot listen: {exc}", file=sys.stderr)
+        return 1
+    return server.run_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
