@@ -82,8 +82,9 @@ Durations are a number of seconds (``30``, ``1.5``) or a string of ``h``/``m``/`
 parts, largest first: ``"500ms"``, ``"10s"``, ``"2m"``, ``"1m30s"``, ``"1.5s"``. Sizes are
 a number of bytes or a string with a binary unit in any case: ``"8k"``, ``"8KiB"`` and
 ``"8kb"`` all mean 8192; ``"1m"``/``"1MiB"``, ``"1g"``. Unknown keys are errors (with the
-list of allowed keys), booleans are not numbers, and YAML anchors and merge keys (``<<:``)
-may be used to share settings.
+list of allowed keys), booleans are not numbers, and YAML anchors (set where a value first
+appears, as there is no free-form section to park them in) and merge keys (``<<: *name``)
+may be used to share settings between upstream groups.
 '''
 
 from .errors import ConfigError, ConfigProblem
