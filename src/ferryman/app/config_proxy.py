@@ -87,7 +87,7 @@ class ConfigProxy(ProxyHttp):
             raise LookupError("no upstream group for this listener")
         return self.by_listener[listener.address]
 
-    async def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:
+    def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:  # type: ignore[override]
         """Round robin within the listener's group; retries move to the next server."""
         group = self.group_for(session)
         session.max_retries = group.max_retries

@@ -315,8 +315,8 @@ class ResponseParser:
         self._error: ProxyError | None = None
         #: bytes that followed a 101 response head (tunnel data), else ``None``
         self.upgraded_rest: bytes | None = None
-        #: True once the expected response has completed
-        self.complete = False
+        #: True when no response is in progress (none expected yet, or the last one ended)
+        self.complete = True
 
     def expect(self, method: bytes) -> None:
         """Prepare for the response to a request with ``method``."""

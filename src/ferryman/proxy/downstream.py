@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
 from ferryman.protocols.h1 import BODY_NONE, RequestParser
 from ferryman.protocols.headers import Headers, RequestHeader, reason_phrase
-from ferryman.proxy.engine import run_session
+from ferryman.proxy.engine import start_session
 from ferryman.proxy.session import Session, client_closed_error
 
 if TYPE_CHECKING:
@@ -82,6 +82,10 @@ class H1Downstream(asyncio.Protocol):
         "_reject",
         "_options",
         "listener",
+        "_out",
+        "_cork",
+        "_to_start",
+        "_client_ip",
     )
 
     def __init__(self, service: HttpProxyService, listener: Listener | None = None) -> None:
@@ -105,6 +109,10 @@ class H1Downstream(asyncio.Protocol):
         self.tls_info: TlsInfo | None = None
         self._tunnel: Session | None = None
         self._reject: ProxyError | None = None
+        self._out: list[bytes] | None = None
+        self._cork = 0
+        self._to_start: Session | None = None
+        self._client_ip: bytes | None = None
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -128,7 +136,15 @@ class H1Downstream(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except ProxyError as exc:
+            self._to_start = None
             self._bad_request(exc)
+            return
+        session = self._to_start
+        if session is not None:
+            # started after the parser returned: the body bytes of this read are buffered
+            # by then (sent with the head), and no hook runs inside the parser
+            self._to_start = None
+            start_session(session)
 
     def eof_received(self) -> bool | None:
         tunnel = self._tunnel
@@ -184,7 +200,7 @@ class H1Downstream(asyncio.Protocol):
             self.deadline = 0.0
         if self.active is None:
             self.active = session
-            self.loop.create_task(run_session(session))
+            self._to_start = session
         else:
             self.queue.append(session)
             self.pause(self.PAUSE_PIPELINE)
@@ -214,16 +230,55 @@ class H1Downstream(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         """Send bytes to the client (dropped once the connection is closed)."""
-        if not self.closed:
+        out = self._out
+        if out is not None:
+            out.append(data)
+        elif not self.closed:
             self.transport.write(data)  # type: ignore[union-attr]
 
     def writelines(self, parts: list[bytes]) -> None:
         """Send several byte strings at once (dropped once closed)."""
-        if not self.closed:
+        out = self._out
+        if out is not None:
+            out += parts
+        elif not self.closed:
             self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def cork(self) -> None:
+        """Gather writes until the matching :meth:`uncork`, then send them in one go."""
+        self._cork += 1
+        if self._out is None:
+            self._out = []
+
+    def uncork(self) -> None:
+        """End a :meth:`cork`; the outermost one flushes the gathered writes."""
+        self._cork -= 1
+        if self._cork <= 0:
+            self._cork = 0
+            self._flush()
+
+    def _flush(self) -> None:
+        out = self._out
+        self._out = None
+        if not out or self.closed:
+            return
+        if len(out) == 1:
+            self.transport.write(out[0])  # type: ignore[union-attr]
+        else:
+            self.transport.write(b"".join(out))  # type: ignore[union-attr]
+
+    @property
+    def client_ip(self) -> bytes:
+        """The client's IP address as bytes (for X-Forwarded-For)."""
+        ip = self._client_ip
+        if ip is None:
+            addr = self.client_addr
+            ip = self._client_ip = addr[0].encode() if addr else b""
+        return ip
 
     def write_eof(self) -> None:
         """Half-close towards the client (tunnels)."""
+        self._flush()
         transport = self.transport
         if not self.closed and transport is not None and not transport.is_closing():
             if transport.can_write_eof():
@@ -278,7 +333,7 @@ class H1Downstream(asyncio.Protocol):
             if not self.queue:
                 self.resume(self.PAUSE_PIPELINE)
             self.active = nxt
-            self.loop.create_task(run_session(nxt))
+            start_session(nxt)
             return
         if self._reject is not None:
             self._send_reject(self._reject)
@@ -289,6 +344,7 @@ class H1Downstream(asyncio.Protocol):
     def close(self) -> None:
         """Close after flushing what was written."""
         if not self.closed:
+            self._flush()
             self.closed = True
             self.service.sweep.discard(self)
             self.transport.close()  # type: ignore[union-attr]

@@ -16,6 +16,7 @@ Phase order per request (see docs for the chart)::
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ferryman.errors import ProxyError, status_for
@@ -44,21 +45,40 @@ HOOKS = (
 )
 
 
+_SYNC_ONLY = frozenset(("new_ctx", "request_body_filter", "response_body_filter"))
+
+
 class ProxyHttp:
     """Base class of every ferryman proxy. Override hooks to program it.
 
     A single instance serves every request of a worker, so per-request state belongs in
     the ``ctx`` object made by :meth:`new_ctx`, not on ``self``.
+
+    Hooks shown as ``async def`` may be overridden either with ``async def`` (awaited, so
+    they may do I/O) or with a plain ``def`` (called directly). When every overridden hook
+    is a plain function, the engine runs a request without creating any task: use plain
+    functions for hooks that never wait. ``new_ctx`` and the body filters must be plain.
+    Hooks that want to answer the client from a plain function use the non-waiting
+    ``session.send_response(...)`` family.
     """
 
     #: Names of the hooks this class overrides (computed at class creation).
     overridden: ClassVar[frozenset[str]] = frozenset()
+    #: The overridden hooks defined with ``async def`` (awaited); the others are called.
+    async_hooks: ClassVar[frozenset[str]] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        cls.overridden = frozenset(
+        overridden = frozenset(
             name for name in HOOKS if getattr(cls, name) is not getattr(ProxyHttp, name)
         )
+        async_hooks = frozenset(
+            name for name in overridden if inspect.iscoroutinefunction(getattr(cls, name))
+        )
+        for name in _SYNC_ONLY & async_hooks:
+            raise TypeError(f"{cls.__name__}.{name} must be a plain function, not async def")
+        cls.overridden = overridden
+        cls.async_hooks = async_hooks
 
     @classmethod
     def from_config(cls, config: Any) -> ProxyHttp:

@@ -100,6 +100,11 @@ class Session:
         "_tunnel_up_eof",
         "_continue_sent",
         "_error",
+        "_inline",
+        "_coro",
+        "_parked",
+        "_batch",
+        "_resume_pending",
     )
 
     def __init__(
@@ -159,6 +164,11 @@ class Session:
         self._tunnel_up_eof = False
         self._continue_sent = False
         self._error: ProxyError | None = None
+        self._inline = False
+        self._coro: Any = None
+        self._parked = False
+        self._batch = False
+        self._resume_pending = False
 
     # read-only views for hooks ----------------------------------------------------------
 
@@ -209,17 +219,18 @@ class Session:
 
     # writing a response from a hook -----------------------------------------------------
 
-    async def respond(
+    def send_response(
         self,
         status: int,
         body: bytes | str = b"",
         headers: Headers | list[tuple[bytes, bytes]] | dict[str, str] | None = None,
         content_type: str | None = None,
     ) -> None:
-        """Send a whole response (head and body) to the client.
+        """Send a whole response (head and body) to the client, without waiting.
 
-        Adds Content-Length; ``content_type`` sets Content-Type. For use from
-        ``request_filter`` (then return ``True``) or ``fail_to_proxy``.
+        Adds Content-Length; ``content_type`` sets Content-Type. Usable from plain (sync)
+        hooks; async hooks may prefer :meth:`respond`, which also waits for the write
+        buffer to drain.
         """
         if isinstance(body, str):
             body = body.encode()
@@ -228,22 +239,46 @@ class Session:
         resp = ResponseHeader(status, headers)
         if content_type is not None:
             resp.headers.set(b"Content-Type", content_type)
-        await self.write_response_header(resp, end_of_stream=False, length=len(body))
-        await self.write_response_body(body, end_of_stream=True)
+        down = self._down
+        down.cork()
+        self.send_response_header(resp, length=len(body))
+        self.send_response_body(body, end_of_stream=True)
+        down.uncork()
 
-    async def respond_error(self, status: int) -> None:
-        """Send an empty error response with ``status``; the connection closes after a
-        4xx caused by bad framing or whenever the request body was not fully read."""
+    async def respond(
+        self,
+        status: int,
+        body: bytes | str = b"",
+        headers: Headers | list[tuple[bytes, bytes]] | dict[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> None:
+        """Send a whole response (see :meth:`send_response`) and wait for it to drain.
+
+        For use from ``request_filter`` (then return ``True``) or ``fail_to_proxy``.
+        """
+        self.send_response(status, body, headers, content_type)
+        await self._drain()
+
+    def send_error(self, status: int) -> None:
+        """Send an empty error response with ``status``.
+
+        The client connection closes afterwards for statuses that mean framing is in doubt
+        (400, 408, 413, 414, 431, 505) and whenever the request body was not fully read.
+        """
         if status in (400, 408, 413, 414, 431, 505) or not self._req_done:
             self.keep_alive = False
         resp = ResponseHeader(status, [(b"Content-Length", b"0")])
         self._write_head(resp, BODY_LENGTH)
         self._finish_response()
 
-    async def write_response_header(
+    async def respond_error(self, status: int) -> None:
+        """Async form of :meth:`send_error`."""
+        self.send_error(status)
+
+    def send_response_header(
         self, response: ResponseHeader, end_of_stream: bool = False, length: int | None = None
     ) -> None:
-        """Send ``response`` as the response head.
+        """Send ``response`` as the response head, without waiting.
 
         The body framing follows its Content-Length if set (or ``length``), else chunked
         (close-delimited for HTTP/1.0 clients).
@@ -258,44 +293,105 @@ class Session:
         self._write_head(response, kind)
         if end_of_stream:
             self._finish_response()
+
+    async def write_response_header(
+        self, response: ResponseHeader, end_of_stream: bool = False, length: int | None = None
+    ) -> None:
+        """Send the response head (see :meth:`send_response_header`), then drain."""
+        self.send_response_header(response, end_of_stream, length)
         await self._drain()
 
-    async def write_response_body(self, data: bytes, end_of_stream: bool = False) -> None:
-        """Send a piece of the response body (after ``write_response_header``)."""
+    def send_response_body(self, data: bytes, end_of_stream: bool = False) -> None:
+        """Send a piece of the response body (after the header), without waiting."""
         if self.response_header is None:
-            raise RuntimeError("write_response_header must come first")
+            raise RuntimeError("the response header must be sent first")
         if data:
             self._write_body(data)
         if end_of_stream:
             self._finish_response()
+
+    async def write_response_body(self, data: bytes, end_of_stream: bool = False) -> None:
+        """Send a piece of the response body, then wait while the client is slow."""
+        self.send_response_body(data, end_of_stream)
         await self._drain()
 
     async def _drain(self) -> None:
-        if self._down.write_paused and not self._down.closed:
+        if self._down.write_paused and not self._down.closed and not self._inline:
             await self._wait(_WAIT_DRAIN)
 
     # engine internals: waiting ----------------------------------------------------------
+    #
+    # The engine coroutine (engine.run_session) is either driven inline by callbacks (when
+    # every overridden hook is a plain function) or runs as an asyncio Task. Inline, a
+    # wait parks the coroutine and the event that ends the wait resumes it right away,
+    # inside the callback that observed the event: no task, no loop hop. Events seen while
+    # the upstream parser runs are batched and resumed once it returns.
 
     def _wake(self, what: int) -> None:
+        if self._wait_for != what:
+            return
+        if self._inline:
+            if self._parked:
+                if self._batch:
+                    self._resume_pending = True
+                else:
+                    self._resume()
+            return
         waiter = self._waiter
-        if waiter is not None and self._wait_for == what and not waiter.done():
+        if waiter is not None and not waiter.done():
             self._waiter = None
             waiter.set_result(None)
 
     def _fail_waiter(self, error: ProxyError) -> None:
+        self._error = error
+        if self._inline:
+            if self._parked:
+                if self._batch:
+                    self._resume_pending = True
+                else:
+                    self._resume()
+            return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._waiter = None
             waiter.set_exception(error)
 
+    def _resume(self) -> None:
+        from ferryman.proxy.engine import drive
+
+        self._parked = False
+        self._wait_for = _WAIT_NONE
+        drive(self)
+
     async def _wait(self, what: int) -> None:
-        """Suspend the request task until ``what`` happened (or an error)."""
+        """Suspend the engine until ``what`` happened; raise the session's error if any."""
         if self._error is not None:
             raise self._error
+        self._wait_for = what
+        if self._inline:
+            from ferryman.proxy.engine import park
+
+            await park()
+            if self._error is not None:
+                raise self._error
+            return
         waiter = self._down.loop.create_future()
         self._waiter = waiter
-        self._wait_for = what
         await waiter
+
+    def begin_batch(self) -> None:
+        """The upstream parser is about to run: defer resumes, gather writes."""
+        self._batch = True
+        self._down.cork()
+
+    def end_batch(self) -> None:
+        """The upstream parser returned: resume the engine if an event woke it; flush."""
+        self._batch = False
+        if self._resume_pending:
+            self._resume_pending = False
+            if self._parked:
+                self._resume()
+        self._down.uncork()
 
     # request body: client → upstream ----------------------------------------------------
 

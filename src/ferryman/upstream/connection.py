@@ -38,6 +38,12 @@ class UpstreamSink(Protocol):
     def on_tunnel_eof(self) -> None:
         """The upstream half-closed or closed the tunnel."""
 
+    def begin_batch(self) -> None:
+        """The response parser is about to run on newly read bytes."""
+
+    def end_batch(self) -> None:
+        """The response parser returned."""
+
     def pause_source(self) -> None:
         """The upstream write buffer is full: stop reading from the client."""
 
@@ -105,17 +111,19 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.received = True
         self.deadline = self._loop.time() + self.read_timeout
+        sink.begin_batch()
         try:
             self.parser.feed(data)
+            rest = self.parser.upgraded_rest
+            if rest is not None:
+                self.parser.upgraded_rest = None
+                self.tunnel = True
+                if rest:
+                    sink.on_tunnel_data(rest)
         except ProxyError as exc:
             self.fail(exc)
-            return
-        rest = self.parser.upgraded_rest
-        if rest is not None:
-            self.parser.upgraded_rest = None
-            self.tunnel = True
-            if rest:
-                sink.on_tunnel_data(rest)
+        finally:
+            sink.end_batch()
 
     def eof_received(self) -> bool | None:
         sink = self.sink
