@@ -182,15 +182,9 @@ class RequestParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._in_head:
-            headers = self._headers
-            self._header_bytes += len(name) + len(value) + 4
-            if (
-                self._header_bytes > self._limits.max_header_bytes
-                or len(headers) >= self._limits.max_headers
-            ):
-                self._error = _bad("too many or too large headers", ErrorKind.HEADERS_TOO_LARGE)
-                raise self._error
-            headers.append((name, value))
+            # sizes and counts are checked once the head is complete (or, for a head
+            # still incomplete, by the bytes fed so far), not per header
+            self._headers.append((name, value))
         else:
             trailers = self._trailers
             if trailers is None:
@@ -214,23 +208,39 @@ class RequestParser:
                     f"unsupported HTTP version {version}", ErrorKind.VERSION_NOT_SUPPORTED
                 )
             raise self._error
-        headers = Headers._wrap(self._headers)
-        hosts = headers.get_all(b"host")
-        if len(hosts) > 1 or (not hosts and version == "1.1"):
+        items = self._headers
+        hosts = 0
+        te: bytes | None = None
+        cl: bytes | None = None
+        size = 4 * len(items)
+        for name, value in items:
+            n = len(name)
+            size += n + len(value)
+            if n == 4 or n == 14 or n == 17:
+                lname = name.lower()
+                if lname == b"host":
+                    hosts += 1
+                elif lname == b"content-length":
+                    cl = value
+                elif lname == b"transfer-encoding":
+                    te = value
+        limits = self._limits
+        if size > limits.max_header_bytes or len(items) > limits.max_headers:
+            self._error = _bad("too many or too large headers", ErrorKind.HEADERS_TOO_LARGE)
+            raise self._error
+        if hosts > 1 or (not hosts and version == "1.1"):
             self._error = _bad("exactly one Host header is required")
             raise self._error
+        headers = Headers._wrap(items)
         content_length = 0
-        te = headers.get(b"transfer-encoding")
         if te is not None:
             # llhttp already refused CL+TE and any coding list not ending in chunked.
             body_kind = BODY_CHUNKED
+        elif cl is not None:
+            content_length = int(cl)
+            body_kind = BODY_LENGTH if content_length else BODY_NONE
         else:
-            cl = headers.get(b"content-length")
-            if cl is not None:
-                content_length = int(cl)
-                body_kind = BODY_LENGTH if content_length else BODY_NONE
-            else:
-                body_kind = BODY_NONE
+            body_kind = BODY_NONE
         max_body = self._limits.max_body
         if max_body and content_length > max_body:
             self._error = _bad("request body too large", ErrorKind.BODY_TOO_LARGE)
@@ -297,6 +307,7 @@ class ResponseParser:
         "_error",
         "upgraded_rest",
         "complete",
+        "keep_alive",
     )
 
     def __init__(self, handler: ResponseHandler, max_head: int = 65536) -> None:
@@ -317,6 +328,8 @@ class ResponseParser:
         self.upgraded_rest: bytes | None = None
         #: True when no response is in progress (none expected yet, or the last one ended)
         self.complete = True
+        #: whether the upstream allows another request on this connection
+        self.keep_alive = True
 
     def expect(self, method: bytes) -> None:
         """Prepare for the response to a request with ``method``."""
@@ -369,6 +382,7 @@ class ResponseParser:
         self._head_only = False
         head_obj = ResponseHeader(sub.status_code, Headers._wrap(sub.headers), sub.reason)
         head_obj.version = sub.version
+        self.keep_alive = sub.parser.should_keep_alive()
         self._handler.on_response_head(head_obj, BODY_NONE)
         self.complete = True
         self._handler.on_response_end(None)
@@ -425,26 +439,36 @@ class ResponseParser:
         status = parser.get_status_code()
         if status < 200 and status != 101:
             return  # interim response: llhttp frames it as bodiless; skip it
-        headers = Headers._wrap(self._headers)
+        items = self._headers
+        te: bytes | None = None
+        cl: bytes | None = None
+        for name, value in items:
+            n = len(name)
+            if n == 14 or n == 17:
+                lname = name.lower()
+                if lname == b"content-length":
+                    if cl is not None and cl != value:
+                        self._error = _bad_upstream("upstream sent conflicting Content-Length")
+                        raise self._error
+                    cl = value
+                elif lname == b"transfer-encoding":
+                    te = value
+        headers = Headers._wrap(items)
         if status == 101 or status == 204 or status == 304:
             body_kind = BODY_NONE
-        elif b"transfer-encoding" in headers:
-            te = headers.get_all(b"transfer-encoding")
-            if not te[-1].rstrip().lower().endswith(b"chunked"):
-                body_kind = BODY_CLOSE
-            else:
+        elif te is not None:
+            # RFC 9112 §6.3: chunked must be the final coding, else read until close
+            if te.rstrip().lower().endswith(b"chunked"):
                 body_kind = BODY_CHUNKED
-        else:
-            cl = headers.get_all(b"content-length")
-            if cl:
-                if len(cl) > 1 and len(set(cl)) > 1:
-                    self._error = _bad_upstream("upstream sent conflicting Content-Length")
-                    raise self._error
-                body_kind = BODY_LENGTH if int(cl[0]) else BODY_NONE
             else:
                 body_kind = BODY_CLOSE
+        elif cl is not None:
+            body_kind = BODY_LENGTH if int(cl) else BODY_NONE
+        else:
+            body_kind = BODY_CLOSE
         self._body_kind = body_kind
         self._in_body = body_kind != BODY_NONE
+        self.keep_alive = body_kind != BODY_CLOSE and parser.should_keep_alive()
         head = ResponseHeader.__new__(ResponseHeader)
         head.status = status
         head.reason = self._status

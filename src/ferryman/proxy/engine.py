@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, internal_error, status_for
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_NONE
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
+from ferryman.proxy import session as _session_module
 from ferryman.proxy.session import _WAIT_END, _WAIT_HEAD, Session
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ _REQ_SPECIAL = HOP_BY_HOP | {
     b"via",
 }
 _REQ_LENS = frozenset(len(n) for n in _REQ_SPECIAL)
+_RESPONSE_HOOKS = frozenset(("upstream_response_filter", "response_filter"))
 
 # --------------------------------------------------------------------------------------
 # driving the coroutine
@@ -133,6 +135,10 @@ def drive(session: Session) -> None:
     session._down.loop.create_task(_adopt(coro, step))
 
 
+_session_module._engine.drive = drive
+_session_module._engine.park = park
+
+
 def start_session(session: Session) -> None:
     """Begin processing ``session`` (inline when its proxy allows it)."""
     coro = run_session(session)
@@ -148,8 +154,20 @@ def start_session(session: Session) -> None:
 # headers
 
 
-def _connection_tokens(value: bytes) -> set[bytes]:
-    return {t.strip().lower() for t in value.split(b",") if t.strip()}
+_NOT_HEADER_TOKENS = HOP_BY_HOP | {b"close"}
+
+
+_NO_TOKENS: frozenset[bytes] = frozenset()
+
+
+def _connection_tokens(value: bytes) -> set[bytes] | frozenset[bytes]:
+    """Header names listed in a Connection value, minus those dropped anyway."""
+    if value.lower() in _NOT_HEADER_TOKENS:
+        return _NO_TOKENS  # "keep-alive" / "close" / "upgrade": the common cases
+    tokens = {t.strip().lower() for t in value.split(b",")}
+    tokens -= _NOT_HEADER_TOKENS
+    tokens.discard(b"")
+    return tokens
 
 
 def build_upstream_request(session: Session) -> RequestHeader:
@@ -158,7 +176,7 @@ def build_upstream_request(session: Session) -> RequestHeader:
     down = session._down
     options = down.service.options
     out: list[tuple[bytes, bytes]] = []
-    named: set[bytes] | None = None
+    named: set[bytes] | frozenset[bytes] | None = None
     xff: bytes | None = None
     via: bytes | None = None
     host: bytes | None = None
@@ -225,7 +243,7 @@ def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
     """Strip hop-by-hop headers from an upstream response; add Via if configured."""
     headers = resp.headers
     items = headers._items
-    named: set[bytes] | None = None
+    named: set[bytes] | frozenset[bytes] | None = None
     upgrade: bytes | None = None
     for pair in items:
         if len(pair[0]) in _HOP_LENS:
@@ -419,6 +437,9 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
         return
     down = session._down
     down.cork()
+    # the parser framed the body by Content-Length: trust it unless a hook could have
+    # removed that header
+    session._trust_length = not (_RESPONSE_HOOKS & overridden)
     session._write_head(resp, session._up_body_kind)
     session._flush_pending()
     down.uncork()

@@ -24,6 +24,15 @@ if TYPE_CHECKING:
     from ferryman.upstream.connection import UpstreamConnection
     from ferryman.upstream.peer import HttpPeer
 
+class _EngineHooks:
+    """Late-bound engine entry points (engine.py imports this module, not vice versa)."""
+
+    drive: Any = None
+    park: Any = None
+
+
+_engine = _EngineHooks()
+
 #: Request bodies up to this size stay replayable for a retry after they were sent.
 RETRY_BUFFER = 64 * 1024
 
@@ -105,6 +114,7 @@ class Session:
         "_parked",
         "_batch",
         "_resume_pending",
+        "_trust_length",
     )
 
     def __init__(
@@ -169,6 +179,7 @@ class Session:
         self._parked = False
         self._batch = False
         self._resume_pending = False
+        self._trust_length = False
 
     # read-only views for hooks ----------------------------------------------------------
 
@@ -357,11 +368,9 @@ class Session:
             waiter.set_exception(error)
 
     def _resume(self) -> None:
-        from ferryman.proxy.engine import drive
-
         self._parked = False
         self._wait_for = _WAIT_NONE
-        drive(self)
+        _engine.drive(self)
 
     async def _wait(self, what: int) -> None:
         """Suspend the engine until ``what`` happened; raise the session's error if any."""
@@ -369,9 +378,7 @@ class Session:
             raise self._error
         self._wait_for = what
         if self._inline:
-            from ferryman.proxy.engine import park
-
-            await park()
+            await _engine.park()
             if self._error is not None:
                 raise self._error
             return
@@ -553,7 +560,9 @@ class Session:
         head_only = req.raw_method == b"HEAD" or status < 200 or status == 204 or status == 304
         if head_only:
             self._down_chunked = False
-        elif body_kind == BODY_LENGTH and b"content-length" in headers:
+        elif body_kind == BODY_LENGTH and not self._resp_body_filter and (
+            self._trust_length or b"content-length" in headers
+        ):
             self._down_chunked = False
         else:
             headers.remove(b"content-length")
@@ -571,6 +580,7 @@ class Session:
             headers.set(b"Connection", b"close")
         elif req.version == "1.0":
             headers.set(b"Connection", b"keep-alive")
+        self._trust_length = False
         down.write(resp.to_bytes())
 
     def _write_body(self, data: bytes) -> None:

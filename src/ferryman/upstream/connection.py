@@ -232,7 +232,11 @@ class UpstreamConnection(asyncio.Protocol):
     def release(self) -> None:
         """The exchange ended cleanly: return the connection to the pool (or close it)."""
         self.sink = None
-        if self.closed or self.tunnel or not self.parser.complete or self.write_blocked:
+        parser = self.parser
+        if self.closed or self.tunnel or not parser.complete or not parser.keep_alive:
+            self.close()
+            return
+        if self.write_blocked:
             self.close()
             return
         self.connector.release(self)

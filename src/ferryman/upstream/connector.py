@@ -27,7 +27,7 @@ class Connector:
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.loop = loop or asyncio.get_event_loop()
         self.sweep = sweep_for(self.loop)
-        self._idle: dict[tuple[Any, ...], list[UpstreamConnection]] = {}
+        self._idle: dict[int, list[UpstreamConnection]] = {}
         self._ssl: dict[tuple[Any, ...], ssl.SSLContext] = {}
         self.connects = 0
         self.reuses = 0

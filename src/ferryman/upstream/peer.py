@@ -16,6 +16,17 @@ def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     return host, int(port)
 
 
+_KEYS: dict[tuple[object, ...], int] = {}
+
+
+def _intern_key(*fields: object) -> int:
+    """A small int standing for a tuple of peer fields (cheap to hash on the hot path)."""
+    key = _KEYS.get(fields)
+    if key is None:
+        key = _KEYS[fields] = len(_KEYS) + 1
+    return key
+
+
 class HttpPeer:
     """One upstream server and the options for connecting to it.
 
@@ -86,7 +97,7 @@ class HttpPeer:
         self.write_timeout = write_timeout
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
-        self.key = (
+        self.key = _intern_key(
             self.host,
             self.port,
             tls,
