@@ -1,14 +1,18 @@
 """The per-request engine: the hook pipeline and the retry loop for one Session.
 
-:func:`run_session` is written once, as a coroutine, and run in one of two ways:
+The pipeline (hook order, retries, error handling) exists in two forms that share every
+helper below:
 
-* **inline** – when every hook the proxy class overrides is a plain function, the
-  coroutine is driven by hand (:func:`drive`) from the protocol callbacks: it runs until
-  it must wait for the upstream, parks, and the callback that sees the upstream's answer
-  resumes it on the spot. No task, no event-loop hop. If it meets real asynchronous work
-  (opening a new upstream connection) it is adopted by an asyncio Task from then on.
-* **as a Task** – when any overridden hook is ``async def``, so hooks always run with a
-  current task (``asyncio.timeout`` and friends work).
+* **sync mode** – when every hook the proxy class overrides is a plain function (the
+  built-in config proxy, and any proxy whose hooks never wait), a request is a small state
+  machine advanced by the protocol callbacks: :func:`begin` runs the request hooks and
+  sends the request upstream, and :func:`step` acts on each upstream event right inside
+  the callback that saw it. No task, no coroutine, no event-loop hop. Opening a new
+  upstream connection is the one wait; it runs in a short task that then continues the
+  state machine.
+* **task mode** – when any overridden hook is ``async def``, :func:`run_session` runs the
+  same pipeline as one asyncio task, so hooks have a current task (``asyncio.timeout``
+  and friends work).
 
 Hooks the proxy class did not override are never called.
 """
@@ -17,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import types
-from collections.abc import Generator
 from typing import TYPE_CHECKING, Any
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, internal_error, status_for
@@ -59,95 +61,26 @@ _REQ_SPECIAL = HOP_BY_HOP | {
 _REQ_LENS = frozenset(len(n) for n in _REQ_SPECIAL)
 _RESPONSE_HOOKS = frozenset(("upstream_response_filter", "response_filter"))
 
-# --------------------------------------------------------------------------------------
-# driving the coroutine
+# sync-mode phases
+_PH_BUSY = 0  #: pipeline code is running; events are examined when it returns
+_PH_CONNECTING = 1  #: a task is opening the upstream connection
+_PH_WAIT_HEAD = 2  #: request sent, waiting for the response head
+_PH_STREAMING = 3  #: response head sent, body flowing
+_PH_TUNNEL = 4  #: bytes spliced both ways
+_PH_DONE = 5
 
 
-class _Signal:
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def __repr__(self) -> str:
-        return f"<{self.name}>"
-
-
-_PARK = _Signal("park")
-_ADOPT = _Signal("adopt")
-
-
-@types.coroutine
-def park() -> Generator[Any, None, None]:
-    """Inline mode: suspend until a callback resumes the session."""
-    yield _PARK
-
-
-@types.coroutine
-def to_task() -> Generator[Any, None, None]:
-    """Inline mode: continue inside an asyncio Task from here on (no-op in a Task)."""
-    yield _ADOPT
-
-
-@types.coroutine
-def _adopt(coro: Any, first: Any) -> Generator[Any, Any, Any]:
-    """Run a coroutine that was started inline as (the body of) an asyncio Task."""
-    value: Any = None
-    exc: BaseException | None = None
-    if first is not _ADOPT:
-        try:
-            value = yield first  # the future the coroutine is blocked on
-        except BaseException as e:  # noqa: BLE001 - forwarded into the coroutine
-            exc = e
-    while True:
-        try:
-            step = coro.throw(exc) if exc is not None else coro.send(value)
-        except StopIteration as stop:
-            return stop.value
-        value, exc = None, None
-        if step is _ADOPT:
-            continue
-        try:
-            value = yield step
-        except BaseException as e:  # noqa: BLE001 - forwarded into the coroutine
-            exc = e
-
-
-def drive(session: Session) -> None:
-    """Advance an inline session's coroutine until it parks, finishes or needs a Task."""
-    coro = session._coro
-    if coro is None:
-        return
-    try:
-        step = coro.send(None)
-    except StopIteration:
-        session._coro = None
-        return
-    except BaseException:  # noqa: BLE001 - run_session handles everything; be safe anyway
-        session._coro = None
-        log.exception("request engine crashed")
-        return
-    if step is _PARK:
-        session._parked = True
-        return
-    session._inline = False
-    session._coro = None
-    session._down.loop.create_task(_adopt(coro, step))
-
-
-_session_module._engine.drive = drive
-_session_module._engine.park = park
+def _method_not_allowed() -> ProxyError:
+    return ProxyError(ErrorKind.METHOD_NOT_ALLOWED, ErrorSource.DOWNSTREAM, "CONNECT not allowed")
 
 
 def start_session(session: Session) -> None:
-    """Begin processing ``session`` (inline when its proxy allows it)."""
-    coro = run_session(session)
+    """Begin processing ``session``: sync mode when its proxy allows it, else a task."""
     if session._proxy.async_hooks:
-        session._down.loop.create_task(coro)
+        session._down.loop.create_task(run_session(session))
     else:
-        session._inline = True
-        session._coro = coro
-        drive(session)
+        session._sync = True
+        begin(session)
 
 
 # --------------------------------------------------------------------------------------
@@ -278,17 +211,296 @@ def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# the pipeline
+# sync mode
+
+
+def begin(session: Session) -> None:
+    """Sync mode: request hooks, then choose the peer and send the request."""
+    proxy = session._proxy
+    overridden = proxy.overridden
+    session._phase = _PH_BUSY
+    try:
+        ctx = session.ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
+        if overridden:
+            if "early_request_filter" in overridden:
+                proxy.early_request_filter(session, ctx)
+            if "request_filter" in overridden and proxy.request_filter(session, ctx):
+                if not session._done:
+                    if session.response_header is None:
+                        raise internal_error("request_filter returned True without a response")
+                    session._finish_response()
+                _complete(session, None)
+                return
+        if session.req_header.raw_method == b"CONNECT":
+            if not session.allow_connect:
+                raise _method_not_allowed()
+        else:
+            session._send_continue()
+        _choose_peer(session)
+    except ProxyError as exc:
+        _fail_sync(session, exc)
+    except Exception as exc:  # a hook raised
+        _fail_sync(session, _hook_error(exc))
+
+
+def _choose_peer(session: Session) -> None:
+    """Sync mode: ask ``upstream_peer``; use a pooled connection or go connect one."""
+    proxy = session._proxy
+    peer: HttpPeer = proxy.upstream_peer(session, session.ctx)  # type: ignore[assignment]
+    session.peer = peer
+    up = session._down.service.connector.get_idle(peer)
+    if up is None:
+        session._phase = _PH_CONNECTING
+        session._down.loop.create_task(_connect_then_send(session, peer))
+        return
+    _send_upstream(session, up, True)
+
+
+async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
+    """Sync mode's one wait: open a connection (with fail_to_connect and retries)."""
+    proxy = session._proxy
+    connector = session._down.service.connector
+    try:
+        while True:
+            try:
+                up = await connector.connect(peer)
+                break
+            except ProxyError as exc:
+                err = exc
+                if "fail_to_connect" in proxy.overridden:
+                    err = proxy.fail_to_connect(session, peer, session.ctx, err)  # type: ignore[assignment]
+                if not (err.retryable and session.retries < session.max_retries):
+                    raise err from None
+                session.retries += 1
+                peer = proxy.upstream_peer(session, session.ctx)  # type: ignore[assignment]
+                session.peer = peer
+                pooled = connector.get_idle(peer)
+                if pooled is not None:
+                    up = pooled
+                    break
+        if session._error is not None:  # the client left while we connected
+            up.release()
+            raise session._error
+        session._phase = _PH_BUSY
+        _send_upstream(session, up, up.reused)
+    except ProxyError as exc:
+        _fail_sync(session, exc)
+    except Exception as exc:  # noqa: BLE001 - a hook raised
+        _fail_sync(session, _hook_error(exc))
+
+
+def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> None:
+    """Sync mode: hooks around the connection, then send head and buffered body."""
+    proxy = session._proxy
+    overridden = proxy.overridden
+    ctx = session.ctx
+    session._up = up
+    session._phase = _PH_BUSY
+    try:
+        if "connected_to_upstream" in overridden:
+            proxy.connected_to_upstream(session, reused, up.peer, ctx)
+        if session.req_header.raw_method == b"CONNECT":
+            _start_connect_tunnel(session, up)
+            session._phase = _PH_TUNNEL
+            return
+        up_req = build_upstream_request(session)
+        if "upstream_request_filter" in overridden:
+            proxy.upstream_request_filter(session, up_req, ctx)
+        up.start(session, up_req.raw_method, up.peer.read_timeout)
+        session._send_request(up, up_req.to_bytes())
+    except ProxyError as exc:
+        _fail_sync(session, exc)
+        return
+    except Exception as exc:  # a hook raised
+        _fail_sync(session, _hook_error(exc))
+        return
+    session._phase = _PH_WAIT_HEAD
+    step(session)  # the answer (or an error) may already be there
+
+
+def step(session: Session) -> None:
+    """Sync mode: act on whatever happened since the last step."""
+    phase = session._phase
+    if phase == _PH_WAIT_HEAD:
+        if session._error is not None:
+            _upstream_failed(session, session._error)
+        elif session._up_resp is not None:
+            _on_head(session)
+    elif phase == _PH_STREAMING:
+        if session._error is not None:
+            err = session._error
+            _fail_sync(session, _after_error_hook(session, err))
+        elif session._done:
+            _complete(session, None)
+    elif phase == _PH_TUNNEL:
+        if session._done:
+            _complete(session, None)
+
+
+def _upstream_failed(session: Session, error: ProxyError) -> None:
+    """Sync mode: an error before the response head; retry or give up."""
+    session._phase = _PH_BUSY
+    try:
+        if error.source is ErrorSource.DOWNSTREAM:
+            _fail_sync(session, error)
+            return
+        err = _after_error_hook(session, error)
+        if err.retryable and session.retries < session.max_retries and session._can_retry():
+            session.retries += 1
+            session._reset_attempt()
+            _choose_peer(session)
+            return
+        _fail_sync(session, err)
+    except ProxyError as exc:
+        _fail_sync(session, exc)
+    except Exception as exc:  # a hook raised
+        _fail_sync(session, _hook_error(exc))
+
+
+def _after_error_hook(session: Session, error: ProxyError) -> ProxyError:
+    proxy = session._proxy
+    if "error_while_proxy" in proxy.overridden and error.source is not ErrorSource.DOWNSTREAM:
+        peer = session.peer
+        return proxy.error_while_proxy(  # type: ignore[return-value]
+            session, peer, session.ctx, error, session.downstream_reused  # type: ignore[arg-type]
+        )
+    return error
+
+
+def _on_head(session: Session) -> None:
+    """Sync mode: the response head arrived: response hooks, then send it downstream."""
+    proxy = session._proxy
+    overridden = proxy.overridden
+    resp = session._up_resp
+    assert resp is not None
+    session._phase = _PH_BUSY
+    try:
+        prepare_downstream_response(session, resp)
+        if overridden:
+            if "upstream_response_filter" in overridden:
+                proxy.upstream_response_filter(session, resp, session.ctx)
+            if "response_filter" in overridden:
+                proxy.response_filter(session, resp, session.ctx)
+        if resp.status == 101 and session._upgrade:
+            _start_upgrade_tunnel(session, resp)
+            session._phase = _PH_TUNNEL
+            step(session)
+            return
+        _send_response_start(session, resp)
+    except ProxyError as exc:
+        _fail_sync(session, exc)
+        return
+    except Exception as exc:  # a hook raised
+        _fail_sync(session, _hook_error(exc))
+        return
+    session._phase = _PH_STREAMING
+    step(session)
+
+
+def _fail_sync(session: Session, error: ProxyError) -> None:
+    """Sync mode: give up on the request (error response unless one started)."""
+    session._phase = _PH_BUSY
+    proxy = session._proxy
+    _abandon_upstream(session, error)
+    if not session._down.closed:
+        if session.response_header is None:
+            try:
+                if "fail_to_proxy" in proxy.overridden:
+                    proxy.fail_to_proxy(session, error, session.ctx)
+                else:
+                    session.send_error(status_for(error))
+            except Exception:  # noqa: BLE001 - a failing fail_to_proxy must not kill the worker
+                log.exception("fail_to_proxy failed")
+                session.keep_alive = False
+        else:
+            session.keep_alive = False  # a truncated response: the client must see EOF
+    _complete(session, error)
+
+
+def _complete(session: Session, error: ProxyError | None) -> None:
+    """Sync mode: the request is over; next request, then the logging hook."""
+    if session._phase == _PH_DONE:
+        return
+    session._phase = _PH_DONE
+    if not session._done:
+        session.keep_alive = False
+        session._done = True
+    session._down.request_done(session)
+    proxy = session._proxy
+    if "logging" in proxy.overridden:
+        try:
+            proxy.logging(session, error, session.ctx)
+        except Exception:  # noqa: BLE001 - a logging hook must never break the connection
+            log.exception("logging hook failed")
+
+
+# --------------------------------------------------------------------------------------
+# shared by both modes
+
+
+def _hook_error(exc: Exception) -> ProxyError:
+    return ProxyError(ErrorKind.HOOK_ERROR, ErrorSource.INTERNAL, repr(exc), cause=exc)
+
+
+def _abandon_upstream(session: Session, error: ProxyError) -> None:
+    up = session._up
+    session._up = None
+    if up is not None:
+        up.abort()
+    session._error = error
+
+
+def _send_response_start(session: Session, resp: ResponseHeader) -> None:
+    """Send the response head and whatever body already arrived, in one write."""
+    down = session._down
+    down.cork()
+    # the parser framed the body by Content-Length: trust it unless a hook could have
+    # removed that header
+    session._trust_length = not (_RESPONSE_HOOKS & session._proxy.overridden)
+    session._write_head(resp, session._up_body_kind)
+    session._flush_pending()
+    down.uncork()
+
+
+def _start_upgrade_tunnel(session: Session, resp: ResponseHeader) -> None:
+    """Forward a 101 and start splicing the two connections."""
+    session._tunnel = True
+    session.keep_alive = False
+    up = session._up
+    session._write_head(resp, BODY_NONE)
+    down = session._down
+    early = session._upgrade_rest + down.start_tunnel(session)
+    if up is not None and early:
+        up.write(early)
+    pending, session._pending = session._pending, []
+    for piece in pending:
+        session.on_tunnel_data(piece)
+
+
+def _start_connect_tunnel(session: Session, up: UpstreamConnection) -> None:
+    """Answer a permitted CONNECT with 200 and start splicing client and upstream."""
+    session._tunnel = True
+    session.keep_alive = False
+    up.start(session, b"CONNECT", up.peer.read_timeout)
+    up.tunnel = True
+    down = session._down
+    session.response_header = ResponseHeader(200, reason=b"Connection Established")
+    down.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+    early = session._upgrade_rest + down.start_tunnel(session)
+    if early:
+        up.write(early)
+
+
+# --------------------------------------------------------------------------------------
+# task mode
 
 
 async def run_session(session: Session) -> None:
-    """One request: hooks, upstream exchange with retries, errors, logging."""
+    """Task mode: one request as one task (some hook is ``async def``)."""
     proxy = session._proxy
     overridden = proxy.overridden
     async_hooks = proxy.async_hooks
-    down = session._down
-    ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
-    session.ctx = ctx
+    ctx = session.ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
     error: ProxyError | None = None
     try:
         if "early_request_filter" in overridden:
@@ -301,9 +513,7 @@ async def run_session(session: Session) -> None:
             handled = (await r) if "request_filter" in async_hooks else r
         if not handled:
             if session.req_header.raw_method == b"CONNECT" and not session.allow_connect:
-                raise ProxyError(
-                    ErrorKind.METHOD_NOT_ALLOWED, ErrorSource.DOWNSTREAM, "CONNECT not allowed"
-                )
+                raise _method_not_allowed()
             await _proxy_upstream(session, ctx)
         elif not session._done:
             if session.response_header is None:
@@ -314,10 +524,13 @@ async def run_session(session: Session) -> None:
     except asyncio.CancelledError:
         error = ProxyError(ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "cancelled")
     except Exception as exc:  # a hook raised
-        error = ProxyError(ErrorKind.HOOK_ERROR, ErrorSource.INTERNAL, repr(exc), cause=exc)
+        error = _hook_error(exc)
     if error is not None:
-        await _fail(session, error, ctx)
-    down.request_done(session)
+        await _fail_task(session, error, ctx)
+    if not session._done:
+        session.keep_alive = False
+        session._done = True
+    session._down.request_done(session)
     if "logging" in overridden:
         try:
             r = proxy.logging(session, error, ctx)
@@ -327,17 +540,12 @@ async def run_session(session: Session) -> None:
             log.exception("logging hook failed")
 
 
-async def _fail(session: Session, error: ProxyError, ctx: Any) -> None:
-    """Give up on the request: answer with an error status unless a response started."""
+async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
+    """Task mode: answer with an error status unless a response started."""
     proxy = session._proxy
-    up = session._up
-    session._up = None
-    if up is not None:
-        up.abort()
-    session._error = error
-    down = session._down
+    _abandon_upstream(session, error)
     try:
-        if down.closed:
+        if session._down.closed:
             pass
         elif session.response_header is None:
             if "fail_to_proxy" in proxy.overridden:
@@ -351,9 +559,6 @@ async def _fail(session: Session, error: ProxyError, ctx: Any) -> None:
     except Exception:  # noqa: BLE001 - a failing fail_to_proxy must not kill the worker
         log.exception("fail_to_proxy failed")
         session.keep_alive = False
-    if not session._done:
-        session.keep_alive = False
-        session._done = True
 
 
 async def _proxy_upstream(session: Session, ctx: Any) -> None:
@@ -361,8 +566,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
     overridden = proxy.overridden
     async_hooks = proxy.async_hooks
     connector = session._down.service.connector
-    req = session.req_header
-    is_connect = req.raw_method == b"CONNECT"
+    is_connect = session.req_header.raw_method == b"CONNECT"
     if not is_connect:
         session._send_continue()
     while True:
@@ -372,8 +576,6 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
         up = connector.get_idle(peer)
         reused = up is not None
         if up is None:
-            if session._inline:
-                await to_task()  # connecting waits on the network: continue in a Task
             try:
                 up = await connector.connect(peer)
             except ProxyError as exc:
@@ -394,7 +596,9 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             if "connected_to_upstream" in async_hooks:
                 await r
         if is_connect:
-            await _tunnel_connect(session, up)
+            _start_connect_tunnel(session, up)
+            if not session._done:
+                await session._wait(_WAIT_END)
             return
         up_req = build_upstream_request(session)
         if "upstream_request_filter" in overridden:
@@ -404,10 +608,10 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
         up.start(session, up_req.raw_method, peer.read_timeout)
         session._send_request(up, up_req.to_bytes())
         try:
+            if session._error is not None:
+                raise session._error
             if session._up_resp is None:
                 await session._wait(_WAIT_HEAD)
-            elif session._error is not None:
-                raise session._error
         except ProxyError as exc:
             err = exc
             if err.source is ErrorSource.DOWNSTREAM:
@@ -433,16 +637,11 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
         if "response_filter" in async_hooks:
             await r
     if resp.status == 101 and session._upgrade:
-        await _tunnel_upgrade(session, resp)
+        _start_upgrade_tunnel(session, resp)
+        if not session._done:
+            await session._wait(_WAIT_END)
         return
-    down = session._down
-    down.cork()
-    # the parser framed the body by Content-Length: trust it unless a hook could have
-    # removed that header
-    session._trust_length = not (_RESPONSE_HOOKS & overridden)
-    session._write_head(resp, session._up_body_kind)
-    session._flush_pending()
-    down.uncork()
+    _send_response_start(session, resp)
     if not session._done:
         try:
             await session._wait(_WAIT_END)
@@ -454,34 +653,4 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             raise err from None
 
 
-async def _tunnel_upgrade(session: Session, resp: ResponseHeader) -> None:
-    """Forward a 101 and splice the two connections until both sides are done."""
-    session._tunnel = True
-    session.keep_alive = False
-    up = session._up
-    session._write_head(resp, BODY_NONE)
-    down = session._down
-    early = session._upgrade_rest + down.start_tunnel(session)
-    if up is not None and early:
-        up.write(early)
-    pending, session._pending = session._pending, []
-    for piece in pending:
-        session.on_tunnel_data(piece)
-    if not session._done:
-        await session._wait(_WAIT_END)
-
-
-async def _tunnel_connect(session: Session, up: UpstreamConnection) -> None:
-    """Answer a permitted CONNECT with 200 and splice the client to the upstream."""
-    session._tunnel = True
-    session.keep_alive = False
-    up.start(session, b"CONNECT", up.peer.read_timeout)
-    up.tunnel = True
-    down = session._down
-    session.response_header = ResponseHeader(200, reason=b"Connection Established")
-    down.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-    early = session._upgrade_rest + down.start_tunnel(session)
-    if early:
-        up.write(early)
-    if not session._done:
-        await session._wait(_WAIT_END)
+_session_module._engine.step = step

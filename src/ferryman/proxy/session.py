@@ -27,8 +27,7 @@ if TYPE_CHECKING:
 class _EngineHooks:
     """Late-bound engine entry points (engine.py imports this module, not vice versa)."""
 
-    drive: Any = None
-    park: Any = None
+    step: Any = None
 
 
 _engine = _EngineHooks()
@@ -109,11 +108,10 @@ class Session:
         "_tunnel_up_eof",
         "_continue_sent",
         "_error",
-        "_inline",
-        "_coro",
-        "_parked",
+        "_sync",
+        "_phase",
         "_batch",
-        "_resume_pending",
+        "_event_pending",
         "_trust_length",
     )
 
@@ -174,11 +172,10 @@ class Session:
         self._tunnel_up_eof = False
         self._continue_sent = False
         self._error: ProxyError | None = None
-        self._inline = False
-        self._coro: Any = None
-        self._parked = False
+        self._sync = False
+        self._phase = 0
         self._batch = False
-        self._resume_pending = False
+        self._event_pending = False
         self._trust_length = False
 
     # read-only views for hooks ----------------------------------------------------------
@@ -327,26 +324,25 @@ class Session:
         await self._drain()
 
     async def _drain(self) -> None:
-        if self._down.write_paused and not self._down.closed and not self._inline:
+        if self._down.write_paused and not self._down.closed and not self._sync:
             await self._wait(_WAIT_DRAIN)
 
     # engine internals: waiting ----------------------------------------------------------
     #
-    # The engine coroutine (engine.run_session) is either driven inline by callbacks (when
-    # every overridden hook is a plain function) or runs as an asyncio Task. Inline, a
-    # wait parks the coroutine and the event that ends the wait resumes it right away,
-    # inside the callback that observed the event: no task, no loop hop. Events seen while
-    # the upstream parser runs are batched and resumed once it returns.
+    # A session runs in one of two modes (see engine.py). In sync mode (every overridden
+    # hook is a plain function) there is no coroutine: an event calls engine.step(), which
+    # advances the request on the spot, inside the callback that saw the event; events seen
+    # while the upstream parser runs are gathered and stepped once it returns. In task mode
+    # the request's task waits on a future that the event resolves.
 
     def _wake(self, what: int) -> None:
-        if self._wait_for != what:
+        if self._sync:
+            if self._batch:
+                self._event_pending = True
+            else:
+                _engine.step(self)
             return
-        if self._inline:
-            if self._parked:
-                if self._batch:
-                    self._resume_pending = True
-                else:
-                    self._resume()
+        if self._wait_for != what:
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -355,49 +351,37 @@ class Session:
 
     def _fail_waiter(self, error: ProxyError) -> None:
         self._error = error
-        if self._inline:
-            if self._parked:
-                if self._batch:
-                    self._resume_pending = True
-                else:
-                    self._resume()
+        if self._sync:
+            if self._batch:
+                self._event_pending = True
+            else:
+                _engine.step(self)
             return
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             self._waiter = None
             waiter.set_exception(error)
 
-    def _resume(self) -> None:
-        self._parked = False
-        self._wait_for = _WAIT_NONE
-        _engine.drive(self)
-
     async def _wait(self, what: int) -> None:
-        """Suspend the engine until ``what`` happened; raise the session's error if any."""
+        """Task mode: suspend until ``what`` happened; raise the session's error if any."""
         if self._error is not None:
             raise self._error
         self._wait_for = what
-        if self._inline:
-            await _engine.park()
-            if self._error is not None:
-                raise self._error
-            return
         waiter = self._down.loop.create_future()
         self._waiter = waiter
         await waiter
 
     def begin_batch(self) -> None:
-        """The upstream parser is about to run: defer resumes, gather writes."""
+        """The upstream parser is about to run: gather events and writes."""
         self._batch = True
         self._down.cork()
 
     def end_batch(self) -> None:
-        """The upstream parser returned: resume the engine if an event woke it; flush."""
+        """The upstream parser returned: act on what happened, then flush the writes."""
         self._batch = False
-        if self._resume_pending:
-            self._resume_pending = False
-            if self._parked:
-                self._resume()
+        if self._event_pending:
+            self._event_pending = False
+            _engine.step(self)
         self._down.uncork()
 
     # request body: client → upstream ----------------------------------------------------
