@@ -25,18 +25,22 @@ class Expirable(Protocol):
 class DeadlineSweep:
     """Checks the deadlines of registered objects every ``tick`` seconds."""
 
-    __slots__ = ("_loop", "_items", "_tick", "_handle")
+    __slots__ = ("_loop", "_items", "_tick", "_handle", "now")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.1) -> None:
         self._loop = loop
         self._items: set[Expirable] = set()
         self._tick = tick
         self._handle: asyncio.TimerHandle | None = None
+        #: ``loop.time()`` as of the last sweep (at most one tick old): the hot path sets
+        #: deadlines from it instead of asking the loop for the time
+        self.now = loop.time()
 
     def add(self, item: Expirable) -> None:
         """Start watching ``item``."""
         self._items.add(item)
         if self._handle is None:
+            self.now = self._loop.time()
             self._handle = self._loop.call_later(self._tick, self._sweep)
 
     def discard(self, item: Expirable) -> None:
@@ -47,7 +51,7 @@ class DeadlineSweep:
         return len(self._items)
 
     def _sweep(self) -> None:
-        now = self._loop.time()
+        now = self.now = self._loop.time()
         expired = [i for i in self._items if 0.0 < i.deadline <= now]
         for item in expired:
             item.deadline = 0.0

@@ -86,6 +86,7 @@ class H1Downstream(asyncio.Protocol):
         "_cork",
         "_to_start",
         "_client_ip",
+        "_sweep",
     )
 
     def __init__(self, service: HttpProxyService, listener: Listener | None = None) -> None:
@@ -113,6 +114,7 @@ class H1Downstream(asyncio.Protocol):
         self._cork = 0
         self._to_start: Session | None = None
         self._client_ip: bytes | None = None
+        self._sweep = service.sweep
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -123,16 +125,16 @@ class H1Downstream(asyncio.Protocol):
         if ssl_object is not None:
             self.tls_info = _tls_info(ssl_object)
         self.service.connections.add(self)
-        self.service.sweep.add(self)
-        self.deadline = self.loop.time() + self._options.header_read_timeout
+        self._sweep.add(self)
+        self.deadline = self._sweep.now + self._options.header_read_timeout
 
     def data_received(self, data: bytes) -> None:
         tunnel = self._tunnel
         if tunnel is not None:
             tunnel._on_client_tunnel_data(data)
             return
-        if self.active is None and not self.parser.in_message:
-            self.deadline = self.loop.time() + self._options.header_read_timeout
+        if self.active is None and not (self.parser._in_head or self.parser._in_body):
+            self.deadline = self._sweep.now + self._options.header_read_timeout
         try:
             self.parser.feed(data)
         except ProxyError as exc:
@@ -151,7 +153,7 @@ class H1Downstream(asyncio.Protocol):
         if tunnel is not None:
             tunnel._on_client_tunnel_eof()
             return True
-        if self.parser.in_message:
+        if self.parser._in_message:
             receiving = self.receiving or self.active
             if receiving is not None:
                 receiving._on_client_error(client_closed_error())
@@ -163,7 +165,7 @@ class H1Downstream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.service.connections.discard(self)
-        self.service.sweep.discard(self)
+        self._sweep.discard(self)
         err = client_closed_error()
         active = self.active
         if active is not None:
@@ -174,7 +176,7 @@ class H1Downstream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.deadline = self.loop.time() + self._options.body_write_timeout
+        self.deadline = self._sweep.now + self._options.body_write_timeout
         active = self.active
         if active is not None:
             active._down_paused()
@@ -194,7 +196,7 @@ class H1Downstream(asyncio.Protocol):
         session = Session(self, head, body_kind, content_length, keep_alive)
         if body_kind != BODY_NONE:
             self.receiving = session
-            self.deadline = self.loop.time() + self._options.body_read_timeout
+            self.deadline = self._sweep.now + self._options.body_read_timeout
         else:
             self.receiving = None
             self.deadline = 0.0
@@ -208,7 +210,7 @@ class H1Downstream(asyncio.Protocol):
     def on_request_body(self, data: bytes) -> None:
         receiving = self.receiving
         if receiving is not None:
-            self.deadline = self.loop.time() + self._options.body_read_timeout
+            self.deadline = self._sweep.now + self._options.body_read_timeout
             receiving._on_req_body(data)
 
     def on_request_end(self, trailers: Headers | None) -> None:
@@ -338,21 +340,21 @@ class H1Downstream(asyncio.Protocol):
         if self._reject is not None:
             self._send_reject(self._reject)
             return
-        if not self.parser.in_message:
-            self.deadline = self.loop.time() + self._options.keepalive_timeout
+        if not self.parser._in_message:
+            self.deadline = self._sweep.now + self._options.keepalive_timeout
 
     def close(self) -> None:
         """Close after flushing what was written."""
         if not self.closed:
             self._flush()
             self.closed = True
-            self.service.sweep.discard(self)
+            self._sweep.discard(self)
             self.transport.close()  # type: ignore[union-attr]
 
     def start_draining(self) -> None:
         """Graceful shutdown: close now if idle, else after the current response."""
         self.draining = True
-        if self.active is None and not self.parser.in_message:
+        if self.active is None and not (self.parser._in_head or self.parser._in_body):
             self.close()
 
     @property
@@ -405,7 +407,7 @@ class H1Downstream(asyncio.Protocol):
                 )
             )
             return
-        if self.parser.head_started:
+        if self.parser._in_head:
             self._send_reject(
                 ProxyError(
                     ErrorKind.HEADER_READ_TIMEOUT,

@@ -71,7 +71,7 @@ class UpstreamConnection(asyncio.Protocol):
         "tunnel",
         "read_timeout",
         "write_blocked",
-        "_loop",
+        "_sweep",
         "received",
         "reused",
     )
@@ -88,7 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.tunnel = False
         self.read_timeout = peer.read_timeout
         self.write_blocked = False
-        self._loop = connector.loop
+        self._sweep = connector.sweep
         #: True once any byte of the current response was read
         self.received = False
         self.reused = False
@@ -106,11 +106,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # unsolicited bytes on an idle connection: it is not clean
             return
         if self.tunnel:
-            self.deadline = self._loop.time() + self.read_timeout
+            self.deadline = self._sweep.now + self.read_timeout
             sink.on_tunnel_data(data)
             return
         self.received = True
-        self.deadline = self._loop.time() + self.read_timeout
+        self.deadline = self._sweep.now + self.read_timeout
         sink.begin_batch()
         try:
             self.parser.feed(data)
@@ -159,13 +159,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_blocked = True
-        self.deadline = self._loop.time() + self.peer.write_timeout
+        self.deadline = self._sweep.now + self.peer.write_timeout
         if self.sink is not None:
             self.sink.pause_source()
 
     def resume_writing(self) -> None:
         self.write_blocked = False
-        self.deadline = self._loop.time() + self.read_timeout if self.sink else 0.0
+        self.deadline = self._sweep.now + self.read_timeout if self.sink else 0.0
         if self.sink is not None:
             self.sink.resume_source()
 
@@ -193,7 +193,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.read_timeout = read_timeout
         self.parser.expect(method)
         self.requests += 1
-        self.deadline = self._loop.time() + read_timeout
+        self.deadline = self._sweep.now + read_timeout
 
     def write(self, data: bytes) -> None:
         """Send bytes to the upstream (no-op once closed)."""

@@ -103,7 +103,7 @@ class Connector:
         if len(idle) >= peer.max_idle:
             conn.close()
             return
-        conn.deadline = self.loop.time() + peer.idle_timeout
+        conn.deadline = self.sweep.now + peer.idle_timeout
         idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
