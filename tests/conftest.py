@@ -10,9 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from origin import OriginServer  # noqa: E402
-
 from ferryman import HttpPeer, ProxyHttp  # noqa: E402
+from origin import OriginServer  # noqa: E402
 
 
 @pytest.fixture

@@ -110,7 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
             for _ in range(n):
                 self.wfile.write(b"%x\r\n" % size + b"x" * size + b"\r\n")
             trailer = q.get("trailer")
-            self.wfile.write(b"0\r\n" + (f"X-Trailer: {trailer}\r\n".encode() if trailer else b"") + b"\r\n")
+            tail = f"X-Trailer: {trailer}\r\n".encode() if trailer else b""
+            self.wfile.write(b"0\r\n" + tail + b"\r\n")
         elif path == "/close":
             self.send_response(200)
             self.send_header("Connection", "close")

@@ -101,7 +101,11 @@ def downstream_error(kind: ErrorKind, detail: str = "", **kw: object) -> ProxyEr
 
 
 def upstream_error(
-    kind: ErrorKind, detail: str = "", *, retryable: bool = False, cause: BaseException | None = None
+    kind: ErrorKind,
+    detail: str = "",
+    *,
+    retryable: bool = False,
+    cause: BaseException | None = None,
 ) -> ProxyError:
     """Build an error caused by the upstream server or the path to it."""
     return ProxyError(kind, ErrorSource.UPSTREAM, detail, retryable=retryable, cause=cause)

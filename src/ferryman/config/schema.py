@@ -36,7 +36,7 @@ from .reader import Reader, Section, child_path
 
 __all__ = ["build_config"]
 
-TOP_KEYS = ("app", "server", "listeners", "upstreams")
+TOP_KEYS = ("app", "server", "listeners", "upstreams", "demo_origin")
 SERVER_KEYS = ("workers", "grace_period", "timeouts", "limits", "forwarded")
 DOWNSTREAM_TIMEOUT_KEYS = ("header_read", "keepalive", "body_read", "body_write")
 LIMIT_KEYS = ("max_request_line", "max_header_bytes", "max_headers", "max_body")
@@ -93,6 +93,11 @@ def build_config(root: Node | None, reader: Reader) -> Config | None:
     if app_node is not None:
         app = reader.string(app_node, "app", APP_EXPECTED, check=lambda s: bool(_APP.fullmatch(s)))
 
+    demo_origin = None
+    demo_node = top.get("demo_origin")
+    if demo_node is not None:
+        demo_origin = reader.address(demo_node, "demo_origin", require_host=True)
+
     server = _server(top, reader)
     upstreams, upstream_names = _upstreams(top, reader)
     listeners = _listeners(top, reader, has_app="app" in top, upstream_names=upstream_names)
@@ -102,6 +107,7 @@ def build_config(root: Node | None, reader: Reader) -> Config | None:
         server=server,
         listeners=listeners,
         upstreams=upstreams,
+        demo_origin=demo_origin,
     )
 
 

@@ -120,7 +120,7 @@ class H1Downstream(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
+        self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[union-attr]
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             self.tls_info = _tls_info(ssl_object)
@@ -362,14 +362,14 @@ class H1Downstream(asyncio.Protocol):
         """The peer address of the client socket."""
         if self._client_addr is None and self.transport is not None:
             self._client_addr = self.transport.get_extra_info("peername")
-        return self._client_addr  # type: ignore[no-any-return]
+        return self._client_addr
 
     @property
     def server_addr(self) -> tuple[str, int] | None:
         """The local address of the client socket."""
         if self._server_addr is None and self.transport is not None:
             self._server_addr = self.transport.get_extra_info("sockname")
-        return self._server_addr  # type: ignore[no-any-return]
+        return self._server_addr
 
     # errors and deadlines ------------------------------------------------------------------
 
@@ -437,7 +437,7 @@ def _tls_info(ssl_object: ssl.SSLObject) -> TlsInfo:
         cipher=cipher[0] if cipher else None,
         sni=getattr(ssl_object, "server_hostname", None) or _sni_of(ssl_object),
         alpn=ssl_object.selected_alpn_protocol(),
-        peer_cert=cert,  # type: ignore[arg-type]
+        peer_cert=cert,
         peer_cert_der=der,
     )
 

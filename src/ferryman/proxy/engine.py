@@ -216,7 +216,7 @@ def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
 
 def begin(session: Session) -> None:
     """Sync mode: request hooks, then choose the peer and send the request."""
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     overridden = proxy.overridden
     session._phase = _PH_BUSY
     try:
@@ -245,8 +245,8 @@ def begin(session: Session) -> None:
 
 def _choose_peer(session: Session) -> None:
     """Sync mode: ask ``upstream_peer``; use a pooled connection or go connect one."""
-    proxy = session._proxy
-    peer: HttpPeer = proxy.upstream_peer(session, session.ctx)  # type: ignore[assignment]
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
+    peer: HttpPeer = proxy.upstream_peer(session, session.ctx)
     session.peer = peer
     up = session._down.service.connector.get_idle(peer)
     if up is None:
@@ -258,7 +258,7 @@ def _choose_peer(session: Session) -> None:
 
 async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
     """Sync mode's one wait: open a connection (with fail_to_connect and retries)."""
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     connector = session._down.service.connector
     try:
         while True:
@@ -268,11 +268,11 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
             except ProxyError as exc:
                 err = exc
                 if "fail_to_connect" in proxy.overridden:
-                    err = proxy.fail_to_connect(session, peer, session.ctx, err)  # type: ignore[assignment]
+                    err = proxy.fail_to_connect(session, peer, session.ctx, err)
                 if not (err.retryable and session.retries < session.max_retries):
                     raise err from None
                 session.retries += 1
-                peer = proxy.upstream_peer(session, session.ctx)  # type: ignore[assignment]
+                peer = proxy.upstream_peer(session, session.ctx)
                 session.peer = peer
                 pooled = connector.get_idle(peer)
                 if pooled is not None:
@@ -291,7 +291,7 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
 
 def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> None:
     """Sync mode: hooks around the connection, then send head and buffered body."""
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     overridden = proxy.overridden
     ctx = session.ctx
     session._up = up
@@ -358,18 +358,18 @@ def _upstream_failed(session: Session, error: ProxyError) -> None:
 
 
 def _after_error_hook(session: Session, error: ProxyError) -> ProxyError:
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     if "error_while_proxy" in proxy.overridden and error.source is not ErrorSource.DOWNSTREAM:
         peer = session.peer
-        return proxy.error_while_proxy(  # type: ignore[return-value]
-            session, peer, session.ctx, error, session.downstream_reused  # type: ignore[arg-type]
+        return proxy.error_while_proxy(
+            session, peer, session.ctx, error, session.downstream_reused
         )
     return error
 
 
 def _on_head(session: Session) -> None:
     """Sync mode: the response head arrived: response hooks, then send it downstream."""
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     overridden = proxy.overridden
     resp = session._up_resp
     assert resp is not None
@@ -400,7 +400,7 @@ def _on_head(session: Session) -> None:
 def _fail_sync(session: Session, error: ProxyError) -> None:
     """Sync mode: give up on the request (error response unless one started)."""
     session._phase = _PH_BUSY
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     _abandon_upstream(session, error)
     if not session._down.closed:
         if session.response_header is None:
@@ -426,7 +426,7 @@ def _complete(session: Session, error: ProxyError | None) -> None:
         session.keep_alive = False
         session._done = True
     session._down.request_done(session)
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     if "logging" in proxy.overridden:
         try:
             proxy.logging(session, error, session.ctx)
@@ -497,7 +497,7 @@ def _start_connect_tunnel(session: Session, up: UpstreamConnection) -> None:
 
 async def run_session(session: Session) -> None:
     """Task mode: one request as one task (some hook is ``async def``)."""
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     overridden = proxy.overridden
     async_hooks = proxy.async_hooks
     ctx = session.ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
@@ -542,7 +542,7 @@ async def run_session(session: Session) -> None:
 
 async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
     """Task mode: answer with an error status unless a response started."""
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     _abandon_upstream(session, error)
     try:
         if session._down.closed:
@@ -562,7 +562,7 @@ async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
 
 
 async def _proxy_upstream(session: Session, ctx: Any) -> None:
-    proxy = session._proxy
+    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     overridden = proxy.overridden
     async_hooks = proxy.async_hooks
     connector = session._down.service.connector

@@ -143,7 +143,8 @@ class Server:
                 sig = signal.SIGTERM if sent == "graceful" else signal.SIGINT
                 for pid in self._children:
                     _signal(pid, sig)
-                deadline = time.monotonic() + (self.grace_period + 2.0 if sent == "graceful" else 2.0)
+                wait = self.grace_period + 2.0 if sent == "graceful" else 2.0
+                deadline = time.monotonic() + wait
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:

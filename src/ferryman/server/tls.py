@@ -47,5 +47,5 @@ def server_ssl_context(settings: ListenerTls) -> ssl.SSLContext:
                 ssl_obj.context = ctx
                 return
 
-    default.sni_callback = pick  # type: ignore[assignment]
+    default.sni_callback = pick
     return default

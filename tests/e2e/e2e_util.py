@@ -1,0 +1,315 @@
+"""Helpers for the end-to-end tests: the ferryman CLI as a subprocess, and a raw HTTP client.
+
+Everything here uses real sockets on 127.0.0.1 and the real ``ferryman`` command line
+(``python -m ferryman``), never mocks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+
+
+def config_yaml(
+    port: int,
+    upstream: str,
+    *,
+    read: str = "1s",
+    connect: str = "2s",
+    grace: str = "10s",
+    server_extra: str = "",
+) -> str:
+    """The YAML of a one-listener, one-upstream config."""
+    return (
+        f"server: {{workers: 1, grace_period: {grace}{server_extra}}}\n"
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
+        f'upstreams: {{app: {{servers: ["{upstream}"], '
+        f"timeouts: {{connect: {connect}, read: {read}}}}}}}\n"
+    )
+
+
+def ferryman_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ferryman", *args]
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Wait until 127.0.0.1:``port`` accepts connections (or fail after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"ferryman exited early with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.05)
+
+
+@dataclass
+class ProxyProcess:
+    """A running ``ferryman run`` process."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    config: Path
+    log: Path
+    _log_file: object = field(repr=False, default=None)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = STOP_TIMEOUT) -> int:
+        """Send ``sig``, wait up to ``timeout`` s, kill after that; return the exit code."""
+        if self.proc.poll() is None:
+            self.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self._log_file is not None:
+            self._log_file.close()  # type: ignore[attr-defined]
+            self._log_file = None
+        return self.proc.returncode
+
+
+def start_ferryman(workdir: Path, yaml_text: str, port: int) -> ProxyProcess:
+    """Write the config to ``workdir`` and start ``ferryman run -c`` on it."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "ferryman.yaml"
+    config.write_text(yaml_text)
+    log = workdir / "ferryman.log"
+    log_file = open(log, "wb")  # noqa: SIM115 - closed by ProxyProcess.stop
+    proc = subprocess.Popen(
+        ferryman_cmd("run", "-c", str(config), "--log-level", "warning"),
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # a Ctrl-C on the test run does not hit it twice
+    )
+    pp = ProxyProcess(proc, port, config, log, log_file)
+    try:
+        wait_for_port(port, START_TIMEOUT, proc)
+    except BaseException:
+        pp.stop(signal.SIGKILL)
+        raise RuntimeError(f"ferryman did not start:\n{pp.log_text()}") from None
+    return pp
+
+
+# --- a raw HTTP/1.1 client ------------------------------------------------------------------
+
+
+@dataclass
+class RawResponse:
+    status: int
+    reason: bytes
+    version: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    trailers: list[tuple[bytes, bytes]]
+    head: bytes
+
+    def header(self, name: str) -> bytes | None:
+        lname = name.lower().encode()
+        for k, v in self.headers:
+            if k.lower() == lname:
+                return v
+        return None
+
+    def header_all(self, name: str) -> list[bytes]:
+        lname = name.lower().encode()
+        return [v for k, v in self.headers if k.lower() == lname]
+
+
+class RawConn:
+    """A blocking socket with a read buffer; reads and frames responses itself."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def __enter__(self) -> RawConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            if not self._fill():
+                raise EOFError(f"EOF before {marker!r}; got {self.buf[:200]!r}")
+        i = self.buf.index(marker) + len(marker)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise EOFError(f"EOF after {len(self.buf)} of {n} bytes")
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def read_to_eof(self) -> bytes:
+        while self._fill():
+            pass
+        out, self.buf = self.buf, b""
+        return out
+
+    def at_eof(self) -> bool:
+        """True if the peer closed (after whatever is buffered); waits up to the timeout."""
+        if self.buf:
+            return False
+        try:
+            return not self._fill()
+        except ConnectionResetError:
+            return True
+
+    def read_head(self) -> tuple[bytes, int, bytes, bytes, list[tuple[bytes, bytes]]]:
+        head = self.read_until(b"\r\n\r\n")
+        lines = head[:-4].split(b"\r\n")
+        version, status, *reason = lines[0].split(b" ", 2)
+        headers = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers.append((name, value.strip()))
+        return head, int(status), version, reason[0] if reason else b"", headers
+
+    def read_response(self, method: bytes = b"GET", skip_interim: bool = True) -> RawResponse:
+        while True:
+            head, status, version, reason, headers = self.read_head()
+            if not (skip_interim and 100 <= status < 200 and status != 101):
+                break
+        resp = RawResponse(status, reason, version, headers, b"", [], head)
+        if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
+            return resp
+        te = resp.header("transfer-encoding")
+        cl = resp.header("content-length")
+        if te is not None and te.lower().endswith(b"chunked"):
+            body = []
+            while True:
+                size_line = self.read_until(b"\r\n")
+                size = int(size_line.split(b";")[0].strip(), 16)
+                if size == 0:
+                    break
+                body.append(self.read_exact(size))
+                assert self.read_exact(2) == b"\r\n"
+            while True:
+                line = self.read_until(b"\r\n")
+                if line == b"\r\n":
+                    break
+                name, _, value = line[:-2].partition(b":")
+                resp.trailers.append((name, value.strip()))
+            resp.body = b"".join(body)
+        elif cl is not None:
+            resp.body = self.read_exact(int(cl))
+        else:
+            resp.body = self.read_to_eof()
+        return resp
+
+
+def raw_exchange(port: int, data: bytes, method: bytes = b"GET") -> tuple[RawResponse, bool]:
+    """Send ``data`` on a new connection, read one response; also report whether the proxy
+    then closed the connection (waiting at most 5 s)."""
+    with RawConn(port, timeout=5.0) as conn:
+        conn.send(data)
+        resp = conn.read_response(method)
+        try:
+            closed = conn.at_eof()
+        except TimeoutError:
+            closed = False
+        return resp, closed
+
+
+class ScriptedOrigin:
+    """A raw TCP origin on 127.0.0.1 whose behaviour is a function of the accepted socket.
+
+    For misbehaving upstreams the stdlib origin cannot play: closing without a response,
+    truncating a body, switching protocols.
+    """
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.handler = handler
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            self.handler(conn)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.sock.close()
+
+
+def read_request_head(conn: socket.socket) -> bytes:
+    """Read from ``conn`` up to the end of one request head."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = conn.recv(65536)
+        if not piece:
+            break
+        data += piece
+    return data
