@@ -27,6 +27,9 @@ BODY_CLOSE = 3  #: delimited by the connection closing (responses only)
 _BODY_METHODS_NO_RESPONSE_BODY = (b"HEAD",)
 
 
+_NO_HEADERS: list[HeaderPair] = []  # shared placeholder, never appended to
+
+
 def _bad(detail: str, kind: ErrorKind = ErrorKind.BAD_REQUEST) -> ProxyError:
     return ProxyError(kind, ErrorSource.DOWNSTREAM, detail)
 
@@ -105,7 +108,7 @@ class RequestParser:
         self._limits = limits = limits or RequestLimits()
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
-        self._headers: list[HeaderPair] = []
+        self._headers: list[HeaderPair] = _NO_HEADERS  # replaced at each message begin
         self._header_bytes = 0
         self._head_bytes = 0
         self._in_head = False
@@ -114,7 +117,7 @@ class RequestParser:
         self._trailers: list[HeaderPair] | None = None
         self._error: ProxyError | None = None
         self._upgraded = False
-        self._held: list[bytes] = []
+        self._held: list[bytes] | None = None
         self._head_limit = limits.max_request_line + limits.max_header_bytes + 64
 
     @property
@@ -134,6 +137,8 @@ class RequestParser:
     def feed(self, data: bytes) -> None:
         """Parse ``data``; report events to the handler; raise ``ProxyError`` on bad input."""
         if self._upgraded:
+            if self._held is None:
+                self._held = []
             self._held.append(data)
             return
         if not self._in_body:
@@ -158,14 +163,14 @@ class RequestParser:
     def resume(self) -> None:
         """Continue parsing after an upgrade the upstream refused (no tunnel was made)."""
         self._upgraded = False
-        held, self._held = self._held, []
-        for chunk in held:
+        held, self._held = self._held, None
+        for chunk in held or ():
             self.feed(chunk)
 
     def take_buffer(self) -> bytes:
         """Bytes received after an accepted upgrade, for the tunnel."""
-        held, self._held = self._held, []
-        return b"".join(held)
+        held, self._held = self._held, None
+        return b"".join(held) if held else b""
 
     # httptools callbacks ----------------------------------------------------------------
 
