@@ -160,7 +160,8 @@ class H1Downstream(asyncio.Protocol):
                 receiving._on_client_error(client_closed_error())
             return None
         if self.active is not None:
-            return True  # half-closed after a full request: answer it, then close
+            self.draining = True  # half-closed after a full request: answer, then close
+            return True
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -461,7 +461,12 @@ class Session:
         self._down.resume(self._down.PAUSE_BODY)
 
     def _send_continue(self) -> None:
-        if not self._continue_sent and not self._req_done and self.request_body_bytes == 0:
+        """Answer ``Expect: 100-continue`` once the request is going to be proxied."""
+        if self._continue_sent or self._req_done or self.request_body_bytes:
+            return
+        req = self.req_header
+        expect = req.headers.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue" and req.version == "1.1":
             self._continue_sent = True
             self._down.write(_CONTINUE)
 
