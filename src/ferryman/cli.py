@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         server = build_server(config, workers=args.workers)
+        server.install_signal_handlers()
         demo = getattr(config, "demo_origin", None)
         if demo is not None:
             from ferryman.app.demo_origin import serve_demo_origin

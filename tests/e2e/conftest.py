@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_util import ProxyProcess, config_yaml, start_ferryman
+from e2e_util import Pair, ProxyProcess, StartFerryman, config_yaml, start_ferryman
+
 from origin import OriginServer, free_port
 
 
@@ -44,9 +44,6 @@ def shared_proxy(
     _check_clean(proxy, proxy.stop(signal.SIGINT))
 
 
-StartFerryman = Callable[..., ProxyProcess]
-
-
 @pytest.fixture
 def ferryman(tmp_path: Path) -> Iterator[StartFerryman]:
     """``ferryman(upstream_address, **config_yaml_kwargs)`` starts a private instance."""
@@ -65,12 +62,6 @@ def ferryman(tmp_path: Path) -> Iterator[StartFerryman]:
         code = proxy.stop(signal.SIGINT)
         if not stopped_by_test:
             _check_clean(proxy, code)
-
-
-@dataclass
-class Pair:
-    origin: OriginServer
-    proxy: ProxyProcess
 
 
 @pytest.fixture

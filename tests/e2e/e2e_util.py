@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from origin import OriginServer
+
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 
@@ -82,6 +84,25 @@ class ProxyProcess:
         except OSError:
             return ""
 
+    def worker_pids(self) -> list[int]:
+        """Process ids of the worker processes (children of the main process)."""
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == self.proc.pid:
+                pids.append(int(entry.name))
+        return pids
+
+    def open_fds(self, pid: int) -> int:
+        """How many file descriptors process ``pid`` has open."""
+        return len(os.listdir(f"/proc/{pid}/fd"))
+
     def send_signal(self, sig: int) -> None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
@@ -122,6 +143,18 @@ def start_ferryman(workdir: Path, yaml_text: str, port: int) -> ProxyProcess:
         pp.stop(signal.SIGKILL)
         raise RuntimeError(f"ferryman did not start:\n{pp.log_text()}") from None
     return pp
+
+
+StartFerryman = Callable[..., ProxyProcess]
+"""The ``ferryman`` fixture: ``start(upstream_address, **config_yaml_kwargs)``."""
+
+
+@dataclass
+class Pair:
+    """A private origin and the ferryman process in front of it."""
+
+    origin: OriginServer
+    proxy: ProxyProcess
 
 
 # --- a raw HTTP/1.1 client ------------------------------------------------------------------
@@ -248,12 +281,21 @@ class RawConn:
         return resp
 
 
-def raw_exchange(port: int, data: bytes, method: bytes = b"GET") -> tuple[RawResponse, bool]:
-    """Send ``data`` on a new connection, read one response; also report whether the proxy
-    then closed the connection (waiting at most 5 s)."""
-    with RawConn(port, timeout=5.0) as conn:
+def raw_exchange(
+    port: int,
+    data: bytes,
+    method: bytes = b"GET",
+    *,
+    wait_close: bool = True,
+    timeout: float = 5.0,
+) -> tuple[RawResponse, bool]:
+    """Send ``data`` on a new connection and read one response; with ``wait_close``, also
+    report whether the proxy then closed the connection (waiting at most ``timeout``)."""
+    with RawConn(port, timeout=timeout) as conn:
         conn.send(data)
         resp = conn.read_response(method)
+        if not wait_close:
+            return resp, False
         try:
             closed = conn.at_eof()
         except TimeoutError:

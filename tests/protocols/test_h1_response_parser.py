@@ -125,13 +125,6 @@ def test_truncated_response_at_eof_is_upstream_closed(data: bytes) -> None:
     assert status_for(err) == 502
 
 
-@pytest.mark.xfail(
-    reason="BUG: EOF after only an interim 100 Continue (no final response) is not "
-    "reported by feed_eof: in_message is False between the interim and the final head "
-    "(h1.py ResponseParser.on_headers_complete returns early without marking the "
-    "message as still pending)",
-    strict=True,
-)
 def test_eof_after_only_an_interim_response_is_upstream_closed() -> None:
     with pytest.raises(ProxyError) as info:
         feed_response([b"HTTP/1.1 100 Continue\r\n\r\n"], eof=True)
@@ -339,13 +332,6 @@ def test_response_head_too_large_when_split_is_502() -> None:
     assert info.value.kind is ErrorKind.INVALID_RESPONSE
 
 
-@pytest.mark.xfail(
-    reason="BUG: ResponseParser's max_head is only checked while a head is still "
-    "incomplete after a feed (h1.py ResponseParser.feed checks _in_head after "
-    "feed_data; on_headers_complete has reset _head_bytes), so a head larger than "
-    "max_head that arrives in one read is accepted",
-    strict=True,
-)
 @pytest.mark.parametrize("method", [b"GET", b"HEAD"])
 def test_response_head_too_large_in_one_read_is_502(method: bytes) -> None:
     data = b"HTTP/1.1 200 OK\r\nX: " + b"a" * 2000 + b"\r\nContent-Length: 0\r\n\r\n"

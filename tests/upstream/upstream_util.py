@@ -13,9 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from origin import OriginServer
+import trustme
 
 from ferryman import HttpPeer, ProxyHttp
+from origin import OriginServer
 
 # --- proxies ------------------------------------------------------------------------------
 
@@ -52,6 +53,11 @@ class ByHeaderProxy(ProxyHttp):
 
 
 PROXY_MODES = {"sync": SyncProxy, "task": AsyncProxy}
+
+
+StartHarness = Callable[..., Any]  # start_proxy(proxy, options=None) -> ProxyHarness
+StartRawOrigin = Callable[..., "RawOrigin"]  # raw_origin(handler) -> RawOrigin
+StartTlsOrigin = Callable[..., "TlsOriginServer"]  # tls_origin(require_client_cert=False)
 
 
 # --- waiting ------------------------------------------------------------------------------
@@ -132,8 +138,29 @@ class RawClient:
         elif resp.header("transfer-encoding") is None:
             resp.body = self.read_to_eof()
         else:
-            raise AssertionError("chunked responses are not expected here")
+            resp.body, resp.complete = self._read_chunked()
         return resp
+
+    def _read_chunked(self) -> tuple[bytes, bool]:
+        out = []
+        while True:
+            while b"\r\n" not in self.buf:
+                if not self._fill():
+                    return b"".join(out), False
+            line, _, self.buf = self.buf.partition(b"\r\n")
+            size = int(line.split(b";")[0], 16)
+            if size == 0:
+                while b"\r\n\r\n" not in b"\r\n" + self.buf:
+                    if not self._fill():
+                        return b"".join(out), False
+                _, _, self.buf = (b"\r\n" + self.buf).partition(b"\r\n\r\n")
+                return b"".join(out), True
+            while len(self.buf) < size + 2:
+                if not self._fill():
+                    out.append(self.buf[:size])
+                    return b"".join(out), False
+            out.append(self.buf[:size])
+            self.buf = self.buf[size + 2 :]
 
     def read_to_eof(self) -> bytes:
         while self._fill():
@@ -157,9 +184,11 @@ def get(port: int, path: str = "/", headers: dict[str, str] | None = None) -> Re
         return c.read_response()
 
 
-def request_bytes(path: str = "/", headers: dict[str, str] | None = None) -> bytes:
+def request_bytes(
+    path: str = "/", headers: dict[str, str] | None = None, method: str = "GET"
+) -> bytes:
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-    return f"GET {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
+    return f"{method} {path} HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode()
 
 
 # --- a scriptable raw origin --------------------------------------------------------------
@@ -247,6 +276,19 @@ def read_request_head(conn: socket.socket) -> bytes | None:
     return buf
 
 
+@dataclass
+class Pki:
+    """A trustme CA, a server certificate for ``localhost`` and a client certificate."""
+
+    ca: trustme.CA
+    ca_file: str
+    server: trustme.LeafCert
+    client_cert: str
+    client_key: str
+    other_ca_file: str
+
+
+
 # --- a TLS origin ---------------------------------------------------------------------------
 
 
@@ -262,6 +304,16 @@ class TlsOriginServer(OriginServer):
         self.context = context
         self.handshake_failures = 0
         self.client_cns: list[str] = []
+
+    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
+        pass
+
+    def start(self) -> TlsOriginServer:
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
 
     def finish_request(self, request, client_address):  # type: ignore[no-untyped-def]
         request.settimeout(10)

@@ -28,6 +28,7 @@ _BODY_METHODS_NO_RESPONSE_BODY = (b"HEAD",)
 
 
 _NO_HEADERS: list[HeaderPair] = []  # shared placeholder, never appended to
+_OWS = (0x20, 0x09)
 
 
 def _bad(detail: str, kind: ErrorKind = ErrorKind.BAD_REQUEST) -> ProxyError:
@@ -101,6 +102,7 @@ class RequestParser:
         "_upgraded",
         "_held",
         "_head_limit",
+        "_manual_body",
     )
 
     def __init__(self, handler: RequestHandler, limits: RequestLimits | None = None) -> None:
@@ -119,6 +121,10 @@ class RequestParser:
         self._upgraded = False
         self._held: list[bytes] | None = None
         self._head_limit = limits.max_request_line + limits.max_header_bytes + 64
+        # Content-Length bytes still to pass on by hand: llhttp skips the body of a
+        # request that asks for an Upgrade, so for one that has a body (h2c upgrades from
+        # curl do) the upgrade is ignored and its body counted out here
+        self._manual_body = 0
 
     @property
     def in_message(self) -> bool:
@@ -141,31 +147,56 @@ class RequestParser:
                 self._held = []
             self._held.append(data)
             return
+        if self._manual_body:
+            data = self._feed_manual_body(data)
+            if not data:
+                return
         if not self._in_body:
             self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            offset = exc.args[0]
+            rest = data[exc.args[0] :]
+            if self._manual_body:  # not an upgrade after all: the rest is its body
+                if rest:
+                    self.feed(rest)
+                return
             self._upgraded = True
-            self._handler.on_request_upgrade(data[offset:])
+            self._handler.on_request_upgrade(rest)
             return
         except httptools.HttpParserError as exc:
             err = self._error
             if err is not None:
                 raise err from None
+            if "HTTP version" in str(exc):
+                raise _bad(f"unsupported HTTP version: {exc}", ErrorKind.VERSION_NOT_SUPPORTED)
             raise _bad(f"malformed request: {exc}") from None
         if self._in_head and self._head_bytes > self._head_limit:
             if not self._headers and len(self._url) > self._limits.max_request_line:
                 raise _bad("request line too long", ErrorKind.REQUEST_LINE_TOO_LONG)
             raise _bad("request header section too large", ErrorKind.HEADERS_TOO_LARGE)
 
-    def resume(self) -> None:
-        """Continue parsing after an upgrade the upstream refused (no tunnel was made)."""
+    def _feed_manual_body(self, data: bytes) -> bytes:
+        """Pass on body bytes of an ignored upgrade; return what follows the body."""
+        remaining = self._manual_body
+        piece = data[:remaining]
+        self._manual_body = remaining - len(piece)
+        self.on_body(piece)
+        if not self._manual_body:
+            self._end_message()
+        return data[len(piece) :]
+
+    def resume(self, rest: bytes = b"") -> None:
+        """Continue parsing after an upgrade the upstream refused (no tunnel was made).
+
+        ``rest`` is what :meth:`RequestHandler.on_request_upgrade` was given; it is parsed
+        first, then whatever arrived since.
+        """
         self._upgraded = False
         held, self._held = self._held, None
-        for chunk in held or ():
-            self.feed(chunk)
+        for data in (rest, *(held or ())):
+            if data:
+                self.feed(data)
 
     def take_buffer(self) -> bytes:
         """Bytes received after an accepted upgrade, for the tunnel."""
@@ -190,6 +221,8 @@ class RequestParser:
             raise self._error
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if value and value[-1] in _OWS:
+            value = value.rstrip(b" \t")  # RFC 9112 §5: trailing whitespace is not value
         if self._in_head:
             # sizes and counts are checked once the head is complete (or, for a head
             # still incomplete, by the bytes fed so far), not per header
@@ -243,7 +276,11 @@ class RequestParser:
         headers = Headers._wrap(items)
         content_length = 0
         if te is not None:
-            # llhttp already refused CL+TE and any coding list not ending in chunked.
+            # llhttp refuses CL+TE itself, but a coding list not ending in chunked only
+            # once it reads the body: refuse it here, before the head is reported
+            if te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
+                self._error = _bad("Transfer-Encoding must end with chunked")
+                raise self._error
             body_kind = BODY_CHUNKED
         elif cl is not None:
             content_length = int(cl)
@@ -255,6 +292,11 @@ class RequestParser:
             self._error = _bad("request body too large", ErrorKind.BODY_TOO_LARGE)
             raise self._error
         self._in_body = body_kind != BODY_NONE
+        if self._in_body and parser.should_upgrade():
+            if body_kind == BODY_CHUNKED:
+                self._error = _bad("an Upgrade request with a chunked body is not supported")
+                raise self._error
+            self._manual_body = content_length
         head = RequestHeader.__new__(RequestHeader)
         head.raw_method = parser.get_method()
         head.raw_path = self._url
@@ -272,6 +314,11 @@ class RequestParser:
         self._handler.on_request_body(data)
 
     def on_message_complete(self) -> None:
+        if self._manual_body:
+            return  # llhttp skipped the body of an upgrade request; it is counted by hand
+        self._end_message()
+
+    def _end_message(self) -> None:
         self._in_body = False
         self._in_head = False
         trailers = self._trailers
@@ -375,6 +422,8 @@ class ResponseParser:
             return
         head, rest = buf[: end + 4], buf[end + 4 :]
         self._head_buf = b""
+        if len(head) > self._max_head:
+            raise _bad_upstream("upstream response head too large")
         # A throwaway parser tokenizes the head; the body it announces is never read.
         sub = _HeadCollector()
         try:
@@ -434,6 +483,8 @@ class ResponseParser:
         self._status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if value and value[-1] in _OWS:
+            value = value.rstrip(b" \t")
         if self._in_head:
             self._headers.append((name, value))
         else:
@@ -447,12 +498,17 @@ class ResponseParser:
         parser = self._parser
         status = parser.get_status_code()
         if status < 200 and status != 101:
-            return  # interim response: llhttp frames it as bodiless; skip it
+            # interim response: llhttp frames it as bodiless; skip it and keep waiting
+            # for the final head (an EOF now is a truncated response)
+            self._in_head = True
+            return
         items = self._headers
         te: bytes | None = None
         cl: bytes | None = None
+        size = 0
         for name, value in items:
             n = len(name)
+            size += n + len(value) + 4
             if n == 14 or n == 17:
                 lname = name.lower()
                 if lname == b"content-length":
@@ -462,6 +518,9 @@ class ResponseParser:
                     cl = value
                 elif lname == b"transfer-encoding":
                     te = value
+        if size > self._max_head:
+            self._error = _bad_upstream("upstream response head too large")
+            raise self._error
         headers = Headers._wrap(items)
         if status == 101 or status == 204 or status == 304:
             body_kind = BODY_NONE

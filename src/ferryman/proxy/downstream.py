@@ -139,13 +139,12 @@ class H1Downstream(asyncio.Protocol):
         try:
             self.parser.feed(data)
         except ProxyError as exc:
-            self._to_start = None
             self._bad_request(exc)
-            return
         session = self._to_start
         if session is not None:
             # started after the parser returned: the body bytes of this read are buffered
-            # by then (sent with the head), and no hook runs inside the parser
+            # by then (sent with the head), and no hook runs inside the parser. A session
+            # whose body was malformed starts too: it fails at once with its 4xx.
             self._to_start = None
             start_session(session)
 
@@ -325,19 +324,27 @@ class H1Downstream(asyncio.Protocol):
         if not session.keep_alive or not session._req_done or self.draining:
             self.close()
             return
-        if self._pause_mask & self.PAUSE_TUNNEL:  # the upgrade was refused: parse on
+        if self._pause_mask & self.PAUSE_TUNNEL:
+            # the upgrade was refused: what followed the head is HTTP again; parse it
             self.resume(self.PAUSE_TUNNEL)
             try:
-                self.parser.resume()
+                self.parser.resume(session._upgrade_rest)
             except ProxyError as exc:
                 self._bad_request(exc)
+            if self.closed:
                 return
-        if self.queue:
+        nxt = self._to_start
+        if nxt is not None:
+            self._to_start = None
+        elif self.active is None and self.queue:
             nxt = self.queue.pop(0)
             if not self.queue:
                 self.resume(self.PAUSE_PIPELINE)
             self.active = nxt
-            start_session(nxt)
+        if nxt is not None:
+            # a loop hop, so that many pipelined requests answered without waiting do
+            # not nest one call stack per request
+            self.loop.call_soon(start_session, nxt)
             return
         if self._reject is not None:
             self._send_reject(self._reject)

@@ -154,6 +154,10 @@ def build_upstream_request(session: Session) -> RequestHeader:
         out.append((b"X-Forwarded-Proto", b"https" if down.tls_info is not None else b"http"))
     if options.x_forwarded_host and host is not None:
         out.append((b"X-Forwarded-Host", host))
+    if host is None:  # an HTTP/1.0 request may lack Host; HTTP/1.1 upstream needs one
+        peer = session.peer
+        if peer is not None:
+            out.append((b"Host", peer.name.encode()))
     if options.via:
         mine = b"1.1 " + options.via_name.encode()
         out.append((b"Via", via + b", " + mine if via else mine))
@@ -174,6 +178,12 @@ def build_upstream_request(session: Session) -> RequestHeader:
 
 def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
     """Strip hop-by-hop headers from an upstream response; add Via if configured."""
+    if resp.status == 101 and not session._upgrade:
+        raise ProxyError(
+            ErrorKind.INVALID_RESPONSE,
+            ErrorSource.UPSTREAM,
+            "upstream switched protocols although the client asked for no upgrade",
+        )
     headers = resp.headers
     items = headers._items
     named: set[bytes] | frozenset[bytes] | None = None
@@ -221,6 +231,8 @@ def begin(session: Session) -> None:
     session._phase = _PH_BUSY
     try:
         ctx = session.ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
+        if session._error is not None:  # its body was malformed before it started
+            raise session._error
         if overridden:
             if "early_request_filter" in overridden:
                 proxy.early_request_filter(session, ctx)
@@ -503,6 +515,8 @@ async def run_session(session: Session) -> None:
     ctx = session.ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
     error: ProxyError | None = None
     try:
+        if session._error is not None:  # its body was malformed before it started
+            raise session._error
         if "early_request_filter" in overridden:
             r = proxy.early_request_filter(session, ctx)
             if "early_request_filter" in async_hooks:

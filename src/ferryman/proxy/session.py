@@ -425,6 +425,9 @@ class Session:
         self._sent += len(data)
         up = self._up
         if up is not None:
+            # the upstream's read timeout counts from the end of the request: while the
+            # body is still flowing, push the deadline on
+            up.deadline = up._sweep.now + up.read_timeout
             if self._up_chunked:
                 up.writelines(chunk(data))
             else:
@@ -501,6 +504,8 @@ class Session:
     def on_response_end(self, trailers: Headers | None) -> None:
         self._up_ended = True
         self._resp_trailers = trailers
+        if self.upstream_status == 101:
+            return  # the connection becomes a tunnel: keep it
         up = self._up
         self._up = None
         if up is not None:
@@ -612,6 +617,9 @@ class Session:
     # tunnels (101 Switching Protocols, CONNECT) -------------------------------------------
 
     def on_tunnel_data(self, data: bytes) -> None:
+        if not self._tunnel:  # read with the 101 head, before the tunnel is set up
+            self._pending.append(data)
+            return
         self.response_body_bytes += len(data)
         self._down.write(data)
 

@@ -31,6 +31,8 @@ from ferryman.server.tls import server_ssl_context
 
 log = logging.getLogger("ferryman.server")
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
 
 class Service(Protocol):
     """What the server needs from a service (e.g. :class:`HttpProxyService`)."""
@@ -78,8 +80,18 @@ class Server:
 
     # supervisor -------------------------------------------------------------------------
 
+    def install_signal_handlers(self) -> None:
+        """Catch SIGTERM/SIGINT in this (supervisor) process from now on.
+
+        Call it as early as possible: a signal that arrives before would kill the process
+        the default way. :meth:`run_forever` calls it too.
+        """
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
     def run_forever(self) -> int:
         """Bind, fork the workers and supervise them until a signal; return the exit code."""
+        self.install_signal_handlers()
         self.bind()
         for service, listener, sock in self._sockets:
             # check TLS material now, so a bad certificate fails before any fork
@@ -89,8 +101,6 @@ class Server:
             scheme = "https" if listener.tls else "http"
             log.info("listening on %s://%s:%s", scheme, host, port)
             del service
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
         helpers = [self._spawn_helper(fn) for fn in self.extra_processes]
         for index in range(self.workers):
             self._spawn(index)
@@ -106,7 +116,12 @@ class Server:
             self._stop = "fast" if signum == signal.SIGINT else "graceful"
 
     def _spawn(self, index: int) -> None:
+        # Signals stay blocked across the fork until the worker's loop has its handlers,
+        # so a SIGTERM during a worker's start still drains it gracefully.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         if pid == 0:
             code = 1
             try:
@@ -125,6 +140,7 @@ class Server:
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             for _, _, sock in self._sockets:
                 sock.close()
             try:
@@ -189,6 +205,7 @@ class Server:
 
         loop.add_signal_handler(signal.SIGTERM, on_signal, "graceful")
         loop.add_signal_handler(signal.SIGINT, on_signal, "fast")
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         servers = await self.start_services(loop)
         await stop.wait()
         for srv in servers:
