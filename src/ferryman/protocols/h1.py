@@ -169,7 +169,8 @@ class RequestParser:
             if err is not None:
                 raise err from None
             if "HTTP version" in str(exc):
-                raise _bad(f"unsupported HTTP version: {exc}", ErrorKind.VERSION_NOT_SUPPORTED)
+                kind = ErrorKind.VERSION_NOT_SUPPORTED
+                raise _bad(f"unsupported HTTP version: {exc}", kind) from None
             raise _bad(f"malformed request: {exc}") from None
         if self._in_head and self._head_bytes > self._head_limit:
             if not self._headers and len(self._url) > self._limits.max_request_line:
