@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ferryman`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    from ferryman.app import AppLoadError, build_proxy, build_server
+    from ferryman.app import AppLoadError, build_proxy, build_server, check_tls_material
     from ferryman.config import ConfigError, load_config
 
     try:
@@ -41,8 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check":
         try:
+            check_tls_material(config)
+        except AppLoadError as exc:
+            print(f"ferryman: {args.config}: {exc}", file=sys.stderr)
+            return 2
+        try:
             build_proxy(config)
-        except (AppLoadError, Exception) as exc:  # noqa: BLE001 - report any app failure
+        except Exception as exc:  # noqa: BLE001 - report any failure of the user's app
             print(f"ferryman: {args.config}: app: {exc}", file=sys.stderr)
             return 2
         print(f"{args.config}: ok ({len(config.listeners)} listener(s), "

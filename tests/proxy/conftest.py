@@ -15,6 +15,7 @@ first yields to the loop, then runs the same code).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from ferryman import HttpPeer, ProxyHttp, ProxyOptions
+from ferryman import ProxyHttp, ProxyOptions
 from ferryman.proxy.hooks import HOOKS
 from harness import ProxyHarness
 from origin import OriginServer, free_port
@@ -438,5 +439,6 @@ def origin() -> Iterator[OriginServer]:
     server.stop()
 
 
-def peer(address: str, **kw: Any) -> HttpPeer:
-    return HttpPeer(address, **kw)
+def digest(data: bytes) -> tuple[int, str]:
+    """Length and hash of a body: compare large bodies by this, for short failure output."""
+    return len(data), hashlib.sha256(data).hexdigest()[:16]

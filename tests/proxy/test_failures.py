@@ -15,6 +15,7 @@ from conftest import (
     TcpServer,
     asyncify,
     build_request,
+    digest,
     read_http_request,
     variant,
 )
@@ -62,7 +63,7 @@ def test_failover_with_a_post_body(mode, origin, dead_port, start_proxy) -> None
     with httpx.Client(base_url=harness.url, timeout=5) as client:
         resp = client.post("/echo", content=payload)
     assert resp.status_code == 200
-    assert resp.content == payload
+    assert digest(resp.content) == digest(payload)
     assert proxy.seen == [(0, dead), (1, origin.address)]
 
 
@@ -156,12 +157,12 @@ def test_small_body_is_replayed_after_the_upstream_hangs_up(
     with httpx.Client(base_url=harness.url, timeout=5) as client:
         resp = client.post("/echo", content=payload)
     assert resp.status_code == 200
-    assert resp.content == payload
+    assert digest(resp.content) == digest(payload)
     harness.call(lambda: None)
     assert proxy.seen == [(0, hangup_server.address), (1, origin.address)]
     assert [kind for kind, _ in proxy.proxy_errors] == [ErrorKind.UPSTREAM_CLOSED]
     # both upstreams got the whole body
-    assert [body for _, body in hangup_server.received] == [payload]
+    assert [digest(body) for _, body in hangup_server.received] == [digest(payload)]
     assert origin.requests[0][:2] == ("POST", "/echo")
     assert proxy.logged == [(None, 1, 200)]
 
@@ -195,7 +196,7 @@ def test_large_body_is_not_replayed(mode, origin, hangup_server, start_proxy, si
     harness.call(lambda: None)
     assert proxy.seen == [(0, hangup_server.address)]
     assert origin.requests == []
-    assert [body for _, body in hangup_server.received] == [payload]
+    assert [digest(body) for _, body in hangup_server.received] == [digest(payload)]
     error = proxy.logged[0][0]
     assert error is not None and error.kind is ErrorKind.UPSTREAM_CLOSED
 
@@ -495,8 +496,7 @@ def test_bad_chunked_body_in_the_head_packet_gets_400(mode, origin, start_proxy)
     harness = start_proxy(variant(mode, Base)(origin.address, origin.address))
     with RawClient(harness.port) as client:
         client.send(
-            build_request("POST", "/echo", headers=[("Transfer-Encoding", "chunked")])
-            + b"ZZZ\r\n"
+            build_request("POST", "/echo", headers=[("Transfer-Encoding", "chunked")]) + b"ZZZ\r\n"
         )
         resp = client.read_response()
         assert resp.status == 400

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import RawClient, build_request, variant
+from conftest import RawClient, build_request, digest, variant
 from ferryman import HttpPeer, ProxyHttp, ResponseHeader
 from origin import OriginServer
 
@@ -148,7 +148,7 @@ class Streamed(ProxyHttp):
             return True
         if path == "/forgot":
             return True  # claims a response was sent, but sent none
-        resp = ResponseHeader(200, [("X-Stream", "1")])
+        resp = ResponseHeader(200, [(b"X-Stream", b"1")])
         session.send_response_header(resp)
         for i in range(3):
             session.send_response_body(b"part%d;" % i)
@@ -167,7 +167,7 @@ class AsyncStreamed(Streamed):
             return True
         if path == "/forgot":
             return True
-        await session.write_response_header(ResponseHeader(200, [("X-Stream", "1")]))
+        await session.write_response_header(ResponseHeader(200, [(b"X-Stream", b"1")]))
         for i in range(3):
             await asyncio.sleep(0.01)
             await session.write_response_body(b"part%d;" % i)
@@ -198,6 +198,27 @@ def test_request_filter_returning_true_without_a_response_is_500(mode, start_pro
         assert (resp.status, resp.body) == (500, b"")
         resp = client.request("GET", "/stream")
         assert resp.body == b"part0;part1;part2;"
+
+
+class StrHeaders(ProxyHttp):
+    def request_filter(self, session, ctx):
+        session.send_response_header(ResponseHeader(200, [("X-Str", "yes")]), length=2)
+        session.send_response_body(b"ok", end_of_stream=True)
+        return True
+
+
+@pytest.mark.xfail(
+    reason="BUG: Headers/ResponseHeader built from str pairs keep them as str (the "
+    "docstring says they are stored as bytes): serializing raises TypeError after the "
+    "response counts as started, and the client gets no response at all",
+    strict=True,
+)
+def test_response_header_built_from_str_pairs(mode, start_proxy) -> None:
+    harness = start_proxy(variant(mode, StrHeaders)())
+    with RawClient(harness.port) as client:
+        resp = client.request("GET", "/")
+    assert (resp.status, resp.body) == (200, b"ok")
+    assert resp.header("x-str") == "yes"
 
 
 # --------------------------------------------------------------------------------------
@@ -314,7 +335,7 @@ def test_response_body_filter_with_httpx(mode, origin, start_proxy) -> None:
         assert "content-length" not in resp.headers
         from origin import pattern_bytes
 
-        assert resp.content == pattern_bytes(300_000).upper()
+        assert digest(resp.content) == digest(pattern_bytes(300_000).upper())
 
 
 def test_response_body_filter_to_http10_client_is_close_delimited(
@@ -357,7 +378,7 @@ def test_request_body_filter_rewrites_the_body_sent_upstream(
         resp = client.post("/echo", content=payload)
     expected = payload.replace(b"a", b"b") + b"<end>"
     assert resp.status_code == 200
-    assert resp.content == expected
+    assert digest(resp.content) == digest(expected)
     assert resp.headers["x-body-length"] == str(len(expected))
     (_, path, headers) = origin.requests[0]
     lower = {k.lower(): v for k, v in headers}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 from typing import Any
 
@@ -429,6 +430,7 @@ class AsyncNoPeer(NoPeer):
         self.errors.append(error)
 
 
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 def test_proxy_without_upstream_peer_answers_500(mode, start_proxy) -> None:
     proxy = variant(mode, NoPeer, AsyncNoPeer)()
     harness = start_proxy(proxy)
@@ -438,35 +440,34 @@ def test_proxy_without_upstream_peer_answers_500(mode, start_proxy) -> None:
         resp = client.request("GET", "/")  # the worker is still fine
         assert resp.status == 500
     harness.call(lambda: None)
-    assert len(proxy.errors) == 2
-    assert all(e is not None and e.kind is ErrorKind.HOOK_ERROR for e in proxy.errors)
+    kinds = [e.kind if e is not None else None for e in proxy.errors]
+    _collect(proxy)
+    assert kinds == [ErrorKind.HOOK_ERROR, ErrorKind.HOOK_ERROR]
+
+
+def _collect(proxy: NoPeer) -> None:
+    """Drop the errors (their tracebacks hold the un-awaited coroutine) and collect it
+    now, while this test's warning filter applies."""
+    proxy.errors.clear()
+    gc.collect()
 
 
 @pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
 @pytest.mark.xfail(
-    reason="BUG: in sync mode the async default upstream_peer is called without being "
-    "awaited: the error is an AttributeError on a coroutine, not NotImplementedError",
+    reason="BUG: when upstream_peer is not overridden the engine calls the async default "
+    "without awaiting it: the error is an AttributeError on a coroutine (and a 'never "
+    "awaited' warning), not the NotImplementedError it raises",
     strict=True,
 )
-def test_missing_upstream_peer_reports_not_implemented_in_sync_mode(start_proxy) -> None:
-    proxy = NoPeer()
-    assert NoPeer.async_hooks == frozenset()  # sync mode
+def test_missing_upstream_peer_reports_not_implemented(mode, start_proxy) -> None:
+    proxy = variant(mode, NoPeer, AsyncNoPeer)()
     harness = start_proxy(proxy)
     with RawClient(harness.port) as client:
         assert client.request("GET", "/").status == 500
     harness.call(lambda: None)
-    (error,) = proxy.errors
-    assert isinstance(error.cause, NotImplementedError)
-
-
-def test_missing_upstream_peer_reports_not_implemented_in_task_mode(start_proxy) -> None:
-    proxy = AsyncNoPeer()
-    harness = start_proxy(proxy)
-    with RawClient(harness.port) as client:
-        assert client.request("GET", "/").status == 500
-    harness.call(lambda: None)
-    (error,) = proxy.errors
-    assert isinstance(error.cause, NotImplementedError)
+    (cause_type,) = [type(e.cause) for e in proxy.errors if e is not None]
+    _collect(proxy)
+    assert cause_type is NotImplementedError
 
 
 def test_origin_fixture_sanity(origin: OriginServer) -> None:

@@ -394,12 +394,6 @@ def test_sigterm_closes_idle_keepalive_connections_and_exits_quickly(
     assert time.monotonic() - started < 4.0  # idle connections do not hold the 10 s grace
 
 
-@pytest.mark.xfail(
-    reason="BUG: SIGINT after SIGTERM does not speed up the workers: the worker's drain "
-    "already runs with the graceful grace period (server.py Server._serve ignores the second "
-    "signal), so the supervisor SIGKILLs them after its 2 s fast deadline and exits 1",
-    strict=True,
-)
 def test_sigint_after_sigterm_exits_fast_with_0(
     origin: OriginServer, run_ferryman  # type: ignore[no-untyped-def]
 ) -> None:
@@ -415,13 +409,6 @@ def test_sigint_after_sigterm_exits_fast_with_0(
     assert code == 0, proxy.log_text()
 
 
-@pytest.mark.xfail(
-    reason="BUG: during a graceful shutdown the supervisor keeps its copy of the listening "
-    "socket open (server.py Server.run_forever closes it only after _supervise returns), so "
-    "the kernel still completes handshakes: a new client hangs until the process exits and "
-    "is then reset, instead of being refused",
-    strict=True,
-)
 def test_new_connections_during_graceful_shutdown_are_refused_not_hung(
     origin: OriginServer, run_ferryman  # type: ignore[no-untyped-def]
 ) -> None:
@@ -472,12 +459,6 @@ def _tls_config(tmp_path: Path, cert: Path, key: Path) -> Path:
     return cfg
 
 
-@pytest.mark.xfail(
-    reason="BUG: a certificate that exists but cannot be loaded makes `ferryman run` die "
-    "with a Python traceback (ssl.SSLError from server.py Server.run_forever -> "
-    "server_ssl_context, not caught in cli.py main) instead of a clear message",
-    strict=True,
-)
 def test_run_with_unloadable_certificate_fails_with_a_clear_message(tmp_path: Path) -> None:
     cert = tmp_path / "bad-cert.pem"
     cert.write_text("not a certificate\n")
@@ -491,12 +472,6 @@ def test_run_with_unloadable_certificate_fails_with_a_clear_message(tmp_path: Pa
     assert "bad-cert.pem" in err
 
 
-@pytest.mark.xfail(
-    reason="BUG: `ferryman check` reports ok for a listener certificate that cannot be "
-    "loaded (cli.py check only builds the proxy; TLS contexts are first made by "
-    "Server.run_forever), so check passes a config that `run` refuses",
-    strict=True,
-)
 def test_check_with_unloadable_certificate_exits_2(tmp_path: Path) -> None:
     cert = tmp_path / "bad-cert.pem"
     cert.write_text("not a certificate\n")

@@ -165,13 +165,6 @@ def test_client_not_reading_the_response_is_dropped(
         sock.close()
 
 
-@pytest.mark.xfail(
-    reason="BUG: on a TLS listener the header_read_timeout only starts after the TLS "
-    "handshake (H1Downstream.connection_made), and create_server is called without "
-    "ssl_handshake_timeout (server.py Server.start_services), so a silent client holds the "
-    "connection for uvloop's default 60 s",
-    strict=True,
-)
 @pytest.mark.parametrize("first_bytes", [b"", b"\x16\x03\x01\x02\x00"], ids=["nothing", "hello"])
 def test_silent_tls_client_is_closed_by_the_header_timeout(
     first_bytes: bytes, origin: OriginServer, start_proxy: StartHarness, server_pki: ServerPki

@@ -171,11 +171,6 @@ def test_no_alpn_offered_still_works(https: ProxyHarness, server_pki: ServerPki)
         assert resp.header("x-tls-alpn") == "-"
 
 
-@pytest.mark.xfail(
-    reason="BUG: session.tls.sni is always None: downstream._sni_of reads ferryman_sni from "
-    "the SSLContext, but the SNI callback (server/tls.py) stores it on the SSL object",
-    strict=True,
-)
 @pytest.mark.parametrize("server_name", ["api.test", "x.wild.test", "default.test"])
 def test_session_tls_sni_is_the_name_the_client_sent(
     https: ProxyHarness, server_pki: ServerPki, server_name: str

@@ -137,13 +137,6 @@ def test_unsolicited_bytes_on_an_idle_connection_close_it(
     assert upstream.connections == 2
 
 
-@pytest.mark.xfail(
-    reason="BUG: bytes that follow a complete response in the same read are parsed after "
-    "the connection was already released to the pool (connection.py "
-    "UpstreamConnection.data_received keeps feeding the parser after on_response_end -> "
-    "release), so the dirty connection stays pooled and the next request is desynced",
-    strict=True,
-)
 @pytest.mark.parametrize(
     "extra",
     [

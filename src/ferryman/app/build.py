@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import ssl
 from typing import Any
 
 from ferryman.app.config_proxy import ConfigProxy
@@ -13,6 +14,7 @@ from ferryman.proxy.options import ProxyOptions
 from ferryman.proxy.service import HttpProxyService
 from ferryman.server.listener import Listener, ListenerTls, SniCertificate
 from ferryman.server.server import Server
+from ferryman.server.tls import server_ssl_context
 
 
 class AppLoadError(Exception):
@@ -76,6 +78,41 @@ def make_listener(listener: ListenerConfig) -> Listener:
     return Listener((listener.bind[0], listener.bind[1]), tls=tls)
 
 
+def check_tls_material(config: Config) -> None:
+    """Load every certificate, key and CA the config names, as serving would.
+
+    The config layer checks that the files exist; this checks that TLS can use them, so
+    that ``ferryman check`` refuses what ``ferryman run`` would, with the key path named.
+    Raises :class:`AppLoadError`.
+    """
+    for i, lc in enumerate(config.listeners):
+        listener = make_listener(lc)
+        if listener.tls is None:
+            continue
+        try:
+            server_ssl_context(listener.tls)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            files = ", ".join(
+                f for f in (listener.tls.cert, listener.tls.key, listener.tls.client_ca) if f
+            )
+            raise AppLoadError(
+                f"listeners[{i}].tls: cannot load the certificate, key or CA ({files}): {exc}"
+            ) from None
+    for name, upstream in config.upstreams.items():
+        tls = upstream.tls
+        if tls is None:
+            continue
+        try:
+            ctx = ssl.create_default_context(cafile=tls.ca)
+            if tls.cert:
+                ctx.load_cert_chain(tls.cert, tls.key)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            files = ", ".join(f for f in (tls.ca, tls.cert, tls.key) if f)
+            raise AppLoadError(
+                f"upstreams.{name}.tls: cannot load the CA or client certificate ({files}): {exc}"
+            ) from None
+
+
 def build_proxy(config: Config) -> ProxyHttp:
     """The proxy instance: the config's ``app`` class, or the built-in ConfigProxy."""
     cls: type[ProxyHttp] = load_app_class(config.app) if config.app else ConfigProxy
@@ -84,6 +121,7 @@ def build_proxy(config: Config) -> ProxyHttp:
 
 def build_server(config: Config, workers: int | None = None) -> Server:
     """A Server with one HTTP proxy service for all listeners of ``config``."""
+    check_tls_material(config)
     proxy = build_proxy(config)
     listeners = [make_listener(lc) for lc in config.listeners]
     server = Server(

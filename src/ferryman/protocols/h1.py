@@ -343,7 +343,8 @@ class ResponseParser:
     """Parses the responses read from one upstream connection.
 
     Call :meth:`expect` before each request is sent, naming its method, so that a HEAD
-    response (headers only, whatever its Content-Length) is framed right. Interim 1xx
+    response (headers only, whatever its Content-Length) is framed right; bytes that
+    arrive when no response is expected (after the last one ended) are an error. Interim 1xx
     responses other than 101 are skipped. At end of stream call :meth:`feed_eof`: it ends
     a close-delimited body, and reports a truncated one as an error.
     """
@@ -475,6 +476,10 @@ class ResponseParser:
     # httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self.complete:
+            # bytes after the response (none was asked for): the connection is not clean
+            self._error = _bad_upstream("upstream sent data after the response")
+            raise self._error
         self._in_head = True
         self._headers = []
         self._trailers = None

@@ -452,5 +452,5 @@ def _tls_info(ssl_object: ssl.SSLObject) -> TlsInfo:
 
 
 def _sni_of(ssl_object: ssl.SSLObject) -> str | None:
-    ctx = ssl_object.context
-    return getattr(ctx, "ferryman_sni", None)
+    # recorded on the SSL object by the SNI callback (server/tls.py)
+    return getattr(ssl_object, "ferryman_sni", None)

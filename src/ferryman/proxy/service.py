@@ -54,6 +54,11 @@ class HttpProxyService:
         return self._connector
 
     @property
+    def handshake_timeout(self) -> float:
+        """Seconds a client may take for the TLS handshake (the header read timeout)."""
+        return self.options.header_read_timeout
+
+    @property
     def sweep(self) -> DeadlineSweep:
         """The worker loop's deadline sweep."""
         assert self._sweep is not None, "service not started"

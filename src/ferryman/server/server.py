@@ -22,7 +22,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import uvloop
 
@@ -155,6 +155,11 @@ class Server:
         failures = 0
         while True:
             if self._stop is not None and sent != self._stop:
+                if sent is None:
+                    # stop listening here too, so that new connections are refused rather
+                    # than left in a backlog nobody accepts from any more
+                    for _, _, sock in self._sockets:
+                        sock.close()
                 sent = self._stop
                 sig = signal.SIGTERM if sent == "graceful" else signal.SIGINT
                 for pid in self._children:
@@ -197,11 +202,12 @@ class Server:
 
     async def _serve(self, loop: asyncio.AbstractEventLoop) -> int:
         stop = asyncio.Event()
-        mode: list[str] = []
+        fast = asyncio.Event()
 
         def on_signal(kind: str) -> None:
-            mode.append(kind)
             stop.set()
+            if kind == "fast":
+                fast.set()
 
         loop.add_signal_handler(signal.SIGTERM, on_signal, "graceful")
         loop.add_signal_handler(signal.SIGINT, on_signal, "fast")
@@ -210,9 +216,14 @@ class Server:
         await stop.wait()
         for srv in servers:
             srv.close()
-        grace = self.grace_period if mode[0] == "graceful" else 0.0
-        results = await asyncio.gather(*(svc.drain(grace) for svc in self.services))
-        del results
+        grace = 0.0 if fast.is_set() else self.grace_period
+        drain: asyncio.Future[Any] = asyncio.gather(*(svc.drain(grace) for svc in self.services))
+        interrupt: asyncio.Future[Any] = loop.create_task(fast.wait())
+        await asyncio.wait([drain, interrupt], return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():  # SIGINT during a graceful drain: stop waiting now
+            drain.cancel()
+            await asyncio.gather(*(svc.drain(0.0) for svc in self.services))
+        interrupt.cancel()
         return 0
 
     async def start_services(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Server]:
@@ -228,7 +239,11 @@ class Server:
             if listener.tls is not None:
                 ctx = server_ssl_context(listener.tls)
             srv = await loop.create_server(
-                service.protocol_factory(listener), sock=sock, ssl=ctx, backlog=listener.backlog
+                service.protocol_factory(listener),
+                sock=sock,
+                ssl=ctx,
+                backlog=listener.backlog,
+                ssl_handshake_timeout=getattr(service, "handshake_timeout", 10.0) if ctx else None,
             )
             servers.append(srv)
         return servers
