@@ -545,7 +545,8 @@ class ResponseParser:
         self.keep_alive = body_kind != BODY_CLOSE and parser.should_keep_alive()
         head = ResponseHeader.__new__(ResponseHeader)
         head.status = status
-        head.reason = self._status
+        head._reason = self._status
+        head._reason_status = status
         head.version = parser.get_http_version()
         head.headers = headers
         self._handler.on_response_head(head, body_kind)

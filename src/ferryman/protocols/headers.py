@@ -67,8 +67,12 @@ class Headers:
 
     __slots__ = ("_items", "_index")
 
-    def __init__(self, items: Iterable[HeaderPair] | None = None) -> None:
-        self._items: list[HeaderPair] = list(items) if items is not None else []
+    def __init__(
+        self, items: Iterable[tuple[str | bytes, str | bytes]] | None = None
+    ) -> None:
+        self._items: list[HeaderPair] = (
+            [(_b(k), _b(v)) for k, v in items] if items is not None else []
+        )
         self._index: dict[bytes, list[int]] | None = None
 
     @classmethod
@@ -174,7 +178,7 @@ class RequestHeader:
         self,
         method: str | bytes,
         path: str | bytes,
-        headers: Headers | Iterable[HeaderPair] | None = None,
+        headers: Headers | Iterable[tuple[str | bytes, str | bytes]] | None = None,
         version: str = "1.1",
     ) -> None:
         self.raw_method = _b(method)
@@ -226,19 +230,25 @@ class RequestHeader:
 
 
 class ResponseHeader:
-    """A response head: status, reason phrase, version and headers."""
+    """A response head: status, reason phrase, version and headers.
 
-    __slots__ = ("status", "reason", "version", "headers")
+    ``reason`` is the phrase given with the status (the upstream's, or the standard one);
+    changing ``status`` without setting ``reason`` again yields the standard phrase of the
+    new status.
+    """
+
+    __slots__ = ("status", "_reason", "_reason_status", "version", "headers")
 
     def __init__(
         self,
         status: int,
-        headers: Headers | Iterable[HeaderPair] | None = None,
+        headers: Headers | Iterable[tuple[str | bytes, str | bytes]] | None = None,
         reason: bytes | str | None = None,
         version: str = "1.1",
     ) -> None:
         self.status = status
-        self.reason = _b(reason) if reason is not None else reason_phrase(status)
+        self._reason = _b(reason) if reason is not None else reason_phrase(status)
+        self._reason_status = status
         self.version = version
         if headers is None:
             headers = Headers()
@@ -246,13 +256,27 @@ class ResponseHeader:
             headers = Headers(headers)
         self.headers: Headers = headers
 
+    @property
+    def reason(self) -> bytes:
+        """The reason phrase sent with :attr:`status`."""
+        if self._reason_status == self.status:
+            return self._reason
+        return reason_phrase(self.status)
+
+    @reason.setter
+    def reason(self, value: bytes | str) -> None:
+        self._reason = _b(value)
+        self._reason_status = self.status
+
     def copy(self) -> ResponseHeader:
         """A copy whose headers can be changed without touching this one."""
         return ResponseHeader(self.status, self.headers.copy(), self.reason, self.version)
 
     def to_bytes(self) -> bytes:
         """Serialize as an HTTP/1.1 status line and header block."""
-        parts = [b"HTTP/1.1 ", str(self.status).encode(), b" ", self.reason, b"\r\n"]
+        status = self.status
+        reason = self._reason if self._reason_status == status else reason_phrase(status)
+        parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
         self.headers.append_block(parts)
         parts.append(b"\r\n")
         return b"".join(parts)

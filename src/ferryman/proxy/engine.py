@@ -60,6 +60,8 @@ _REQ_SPECIAL = HOP_BY_HOP | {
 }
 _REQ_LENS = frozenset(len(n) for n in _REQ_SPECIAL)
 _RESPONSE_HOOKS = frozenset(("upstream_response_filter", "response_filter"))
+#: Methods whose request may be sent again after a failure (RFC 9110 §9.2.2).
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 # sync-mode phases
 _PH_BUSY = 0  #: pipeline code is running; events are examined when it returns
@@ -353,10 +355,10 @@ def _upstream_failed(session: Session, error: ProxyError) -> None:
     """Sync mode: an error before the response head; retry or give up."""
     session._phase = _PH_BUSY
     try:
-        if error.source is ErrorSource.DOWNSTREAM:
+        if error.source is not ErrorSource.UPSTREAM:
             _fail_sync(session, error)
             return
-        err = _after_error_hook(session, error)
+        err = _after_error_hook(session, _replay_policy(session, error))
         if err.retryable and session.retries < session.max_retries and session._can_retry():
             session.retries += 1
             session._reset_attempt()
@@ -367,6 +369,14 @@ def _upstream_failed(session: Session, error: ProxyError) -> None:
         _fail_sync(session, exc)
     except Exception as exc:  # a hook raised
         _fail_sync(session, _hook_error(exc))
+
+
+def _replay_policy(session: Session, error: ProxyError) -> ProxyError:
+    """A reused upstream connection that died before answering makes the error retryable,
+    but only for idempotent methods: a POST may have been acted on (as nginx decides)."""
+    if error.retryable and session.req_header.raw_method not in IDEMPOTENT_METHODS:
+        error.retryable = False
+    return error
 
 
 def _after_error_hook(session: Session, error: ProxyError) -> ProxyError:
@@ -424,6 +434,8 @@ def _fail_sync(session: Session, error: ProxyError) -> None:
             except Exception:  # noqa: BLE001 - a failing fail_to_proxy must not kill the worker
                 log.exception("fail_to_proxy failed")
                 session.keep_alive = False
+                if session.response_header is None:
+                    session.send_error(500)
         else:
             session.keep_alive = False  # a truncated response: the client must see EOF
     _complete(session, error)
@@ -573,6 +585,8 @@ async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
     except Exception:  # noqa: BLE001 - a failing fail_to_proxy must not kill the worker
         log.exception("fail_to_proxy failed")
         session.keep_alive = False
+        if session.response_header is None and not session._down.closed:
+            session.send_error(500)
 
 
 async def _proxy_upstream(session: Session, ctx: Any) -> None:
@@ -628,8 +642,9 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
                 await session._wait(_WAIT_HEAD)
         except ProxyError as exc:
             err = exc
-            if err.source is ErrorSource.DOWNSTREAM:
+            if err.source is not ErrorSource.UPSTREAM:
                 raise
+            err = _replay_policy(session, err)
             if "error_while_proxy" in overridden:
                 r = proxy.error_while_proxy(session, peer, ctx, err, session.downstream_reused)
                 err = (await r) if "error_while_proxy" in async_hooks else r

@@ -32,6 +32,8 @@ class HttpProxyService:
     ) -> None:
         if not isinstance(proxy, ProxyHttp):
             raise TypeError(f"{proxy!r} is not a ferryman.ProxyHttp")
+        if "upstream_peer" not in proxy.overridden:
+            raise TypeError(f"{type(proxy).__name__} must implement upstream_peer")
         self.proxy = proxy
         self.listeners = listeners
         self.options = options or ProxyOptions()

@@ -113,6 +113,10 @@ class Session:
         "_batch",
         "_event_pending",
         "_trust_length",
+        "_filter_ended",
+        "_from_hook",
+        "_request_number",
+        "_resp_failed",
     )
 
     def __init__(
@@ -177,6 +181,10 @@ class Session:
         self._batch = False
         self._event_pending = False
         self._trust_length = False
+        self._filter_ended = False
+        self._from_hook = False
+        self._request_number = down.requests
+        self._resp_failed = False
 
     # read-only views for hooks ----------------------------------------------------------
 
@@ -207,8 +215,8 @@ class Session:
 
     @property
     def downstream_reused(self) -> bool:
-        """Whether this client connection served an earlier request."""
-        return self._down.requests > 1
+        """Whether this client connection carried an earlier request."""
+        return self._request_number > 1
 
     @property
     def response_started(self) -> bool:
@@ -275,6 +283,9 @@ class Session:
         """
         if status in (400, 408, 413, 414, 431, 505) or not self._req_done:
             self.keep_alive = False
+        if self.req_header.raw_method == b"CONNECT":
+            self.keep_alive = False  # what follows a refused CONNECT was meant for a tunnel
+        self._from_hook = True
         resp = ResponseHeader(status, [(b"Content-Length", b"0")])
         self._write_head(resp, BODY_LENGTH)
         self._finish_response()
@@ -293,6 +304,7 @@ class Session:
         """
         if self.response_header is not None:
             raise RuntimeError("response header already sent")
+        self._from_hook = True  # written by a hook: no response_body_filter, no re-framing
         if length is not None:
             response.headers.set(b"Content-Length", str(length))
         if end_of_stream and length is None and b"content-length" not in response.headers:
@@ -388,14 +400,18 @@ class Session:
 
     def _on_req_body(self, data: bytes) -> None:
         self.request_body_bytes += len(data)
-        if self._body_filter:
-            out = self._proxy.request_body_filter(self, data, False, self.ctx)
-            if not out:
-                return
-            data = out
+        if self._error is not None:
+            return  # the request already failed: the rest of its body goes nowhere
         if self._up_streaming:
+            if self._body_filter:
+                out = self._filter_body(data, False)
+                if not out:
+                    return
+                data = out
             self._send_body(data)
         else:
+            # kept as received until the request goes upstream: request_body_filter runs
+            # then, after request_filter, as the hook order says
             self._req_buf.append(data)
             self._req_buffered += len(data)
             if self._req_buffered > RETRY_BUFFER:
@@ -404,18 +420,32 @@ class Session:
     def _on_req_end(self, trailers: Headers | None) -> None:
         self._req_done = True
         self._req_trailers = trailers
-        tail = b""
-        if self._body_filter:
-            tail = self._proxy.request_body_filter(self, b"", True, self.ctx) or b""
-        if self._up_streaming:
+        if self._error is not None or not self._up_streaming:
+            return
+        if self._body_filter and not self._filter_ended:
+            self._filter_ended = True
+            tail = self._filter_body(b"", True)
             if tail:
                 self._send_body(tail)
-            if self._up_chunked and self._up is not None:
-                self._up.write(last_chunk(trailers))
-        elif tail:
-            self._req_buf.append(tail)
+        if self._up_chunked and self._up is not None:
+            self._up.write(last_chunk(trailers))
 
-    def _send_body(self, data: bytes) -> None:
+    def _filter_body(self, data: bytes, end: bool) -> bytes | None:
+        """Run request_body_filter; an exception in it fails the request with a 500."""
+        try:
+            return self._proxy.request_body_filter(self, data, end, self.ctx)
+        except Exception as exc:  # noqa: BLE001 - a hook bug is the request's 500
+            up = self._up
+            self._up = None
+            if up is not None:
+                up.abort()
+            self._fail_waiter(
+                ProxyError(ErrorKind.HOOK_ERROR, ErrorSource.INTERNAL, repr(exc), cause=exc)
+            )
+            return None
+
+    def _record_sent(self, data: bytes) -> None:
+        """Count body bytes going upstream, keeping them while a retry is possible."""
         if self._replayable:
             if self._sent + len(data) <= RETRY_BUFFER:
                 self._retry_buf.append(data)  # type: ignore[union-attr]
@@ -423,6 +453,9 @@ class Session:
                 self._replayable = False
                 self._retry_buf = None
         self._sent += len(data)
+
+    def _send_body(self, data: bytes) -> None:
+        self._record_sent(data)
         up = self._up
         if up is not None:
             # the upstream's read timeout counts from the end of the request: while the
@@ -446,14 +479,22 @@ class Session:
         pending, self._req_buf = self._req_buf, []
         self._req_buffered = 0
         self._up_streaming = True
-        for piece in pending:
-            if self._replayable:
-                if self._sent + len(piece) <= RETRY_BUFFER:
-                    self._retry_buf.append(piece)  # type: ignore[union-attr]
-                else:
-                    self._replayable = False
-                    self._retry_buf = None
-            self._sent += len(piece)
+        filtered = self._body_filter and self._body_kind != BODY_NONE
+        if filtered and self._req_done and not self._filter_ended:
+            self._filter_ended = True
+            pending.append(b"")  # marks the end-of-stream call below
+            last = len(pending) - 1
+        else:
+            last = -1
+        for i, piece in enumerate(pending):
+            if filtered:
+                out = self._filter_body(piece, i == last)
+                if self._error is not None:
+                    return
+                if not out:
+                    continue
+                piece = out
+            self._record_sent(piece)
             if chunked:
                 parts += chunk(piece)
             else:
@@ -552,9 +593,10 @@ class Session:
         status = resp.status
         headers = resp.headers
         head_only = req.raw_method == b"HEAD" or status < 200 or status == 204 or status == 304
+        filtered = self._resp_body_filter and not self._from_hook
         if head_only:
             self._down_chunked = False
-        elif body_kind == BODY_LENGTH and not self._resp_body_filter and (
+        elif body_kind == BODY_LENGTH and not filtered and (
             self._trust_length or b"content-length" in headers
         ):
             self._down_chunked = False
@@ -566,7 +608,8 @@ class Session:
             else:
                 self._down_close_delimited = True
                 self.keep_alive = False
-        if down.draining or not down.service.running:
+        if down.draining or not down.service.running or not self._req_done:
+            # (a response that starts before the request body was read ends the connection)
             self.keep_alive = False
         if status == 101:
             headers.set(b"Connection", b"upgrade")
@@ -577,9 +620,25 @@ class Session:
         self._trust_length = False
         down.write(resp.to_bytes())
 
+    def _filter_response(self, data: bytes, end: bool) -> bytes | None:
+        """Run response_body_filter; an exception in it aborts the (started) response."""
+        try:
+            return self._proxy.response_body_filter(self, data, end, self.ctx)
+        except Exception as exc:  # noqa: BLE001 - a hook bug must not look like a bad upstream
+            up = self._up
+            self._up = None
+            if up is not None:
+                up.abort()
+            self.keep_alive = False
+            self._resp_failed = True
+            self._fail_waiter(
+                ProxyError(ErrorKind.HOOK_ERROR, ErrorSource.INTERNAL, repr(exc), cause=exc)
+            )
+            return None
+
     def _write_body(self, data: bytes) -> None:
-        if self._resp_body_filter:
-            out = self._proxy.response_body_filter(self, data, False, self.ctx)
+        if self._resp_body_filter and not self._from_hook:
+            out = self._filter_response(data, False)
             if not out:
                 return
             data = out
@@ -594,8 +653,12 @@ class Session:
         if self._done:
             return
         self._done = True
-        if self._resp_body_filter:
-            tail = self._proxy.response_body_filter(self, b"", True, self.ctx)
+        if self._resp_failed:
+            return  # response_body_filter failed: no clean end, the client sees EOF
+        if self._resp_body_filter and not self._from_hook:
+            tail = self._filter_response(b"", True)
+            if self._resp_failed:
+                return
             if tail:
                 self.response_body_bytes += len(tail)
                 if self._down_chunked:
