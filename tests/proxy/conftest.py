@@ -1,87 +1,28 @@
-"""Fixtures and helpers for the proxy-engine tests (tests/proxy).
+"""Fixtures for the proxy-engine tests (tests/proxy); the helpers are in proxy_util.py.
 
 Everything runs over real sockets on 127.0.0.1: the proxy under test runs in a
 :class:`harness.ProxyHarness` thread, the origins are real servers started here (the threaded
 :class:`origin.OriginServer`, raw TCP servers, a ``websockets`` server), the clients are
-``http.client``, ``httpx``, raw sockets and the ``websockets`` client.
-
-Most behaviours are checked in both engine modes. ``variant(SyncCls, AsyncCls)`` pairs a
-proxy class whose hooks are plain ``def`` (sync mode, no task per request) with one whose
-hooks are ``async def`` (task mode); when no hand-written async class is given, one is
-derived from the sync class by :func:`asyncify` (each hook becomes an ``async def`` that
-first yields to the loop, then runs the same code).
+``http.client``, ``httpx``, raw sockets and the ``websockets`` client. Most tests run in both
+engine modes through the ``mode`` fixture.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import socket
-import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
+from proxy_util import MODES, HangupServer, TcpServer, echo_handler, start_origin
 
 from ferryman import ProxyHttp, ProxyOptions
-from ferryman.proxy.hooks import HOOKS
 from harness import ProxyHarness
 from origin import OriginServer, free_port
-
-IO_TIMEOUT = 5.0
-MODES = ("sync", "async")
-_SYNC_ONLY = ("new_ctx", "request_body_filter", "response_body_filter")
-
-
-# --------------------------------------------------------------------------------------
-# sync / async variants of one proxy class
-
-
-def asyncify(cls: type[ProxyHttp]) -> type[ProxyHttp]:
-    """A subclass of ``cls`` whose awaitable hooks are ``async def`` versions of its own.
-
-    Each wrapper awaits ``asyncio.sleep(0)`` first, so the request task really suspends
-    inside the hook, then runs the plain hook. ``new_ctx`` and the body filters stay plain.
-    """
-    ns: dict[str, Any] = {}
-    for name in HOOKS:
-        if name in _SYNC_ONLY or name not in cls.overridden:
-            continue
-        plain = getattr(cls, name)
-
-        def make(fn: Callable[..., Any]) -> Callable[..., Any]:
-            async def hook(self: ProxyHttp, *args: Any) -> Any:
-                await asyncio.sleep(0)
-                return fn(self, *args)
-
-            hook.__name__ = fn.__name__
-            return hook
-
-        ns[name] = make(plain)
-    return type("Async" + cls.__name__, (cls,), ns)
-
-
-def variant(
-    mode: str, sync_cls: type[ProxyHttp], async_cls: type[ProxyHttp] | None = None
-) -> type[ProxyHttp]:
-    """The class to use for ``mode`` (``"sync"`` or ``"async"``), checked for its mode."""
-    if mode == "sync":
-        assert sync_cls.async_hooks == frozenset(), sync_cls.async_hooks
-        return sync_cls
-    cls = async_cls if async_cls is not None else asyncify(sync_cls)
-    assert cls.async_hooks, f"{cls.__name__} has no async hook"
-    return cls
 
 
 @pytest.fixture(params=MODES)
 def mode(request: pytest.FixtureRequest) -> str:
     """``"sync"`` (plain-function hooks) or ``"async"`` (``async def`` hooks)."""
     return str(request.param)
-
-
-# --------------------------------------------------------------------------------------
-# proxies
 
 
 StartProxy = Callable[..., ProxyHarness]
@@ -105,310 +46,22 @@ def start_proxy() -> Iterator[StartProxy]:
 
 
 @pytest.fixture
+def origin() -> Iterator[OriginServer]:
+    """Overrides tests/conftest.py's ``origin``: the same server, quicker to stop and quiet."""
+    server = start_origin()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def dead_port() -> int:
     """A port on 127.0.0.1 nobody listens on (connections are refused)."""
     return free_port()
 
 
-# --------------------------------------------------------------------------------------
-# a raw HTTP/1.x client
-
-
-@dataclass
-class RawResponse:
-    version: str
-    status: int
-    reason: str
-    headers: list[tuple[str, str]]
-    body: bytes = b""
-    trailers: list[tuple[str, str]] = field(default_factory=list)
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        for k, v in self.headers:
-            if k.lower() == name:
-                return v
-        return None
-
-    def has(self, name: str) -> bool:
-        return self.header(name) is not None
-
-
-class RawClient:
-    """One client TCP connection speaking HTTP/1.x by hand (exact bytes, exact framing)."""
-
-    def __init__(self, port: int, timeout: float = IO_TIMEOUT) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.settimeout(timeout)
-        self.buf = b""
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    @property
-    def local_port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    def read_until(self, marker: bytes) -> bytes:
-        while marker not in self.buf:
-            if not self._fill():
-                raise EOFError(f"EOF before {marker!r}; got {self.buf[:200]!r}")
-        i = self.buf.index(marker) + len(marker)
-        out, self.buf = self.buf[:i], self.buf[i:]
-        return out
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not self._fill():
-                raise EOFError(f"EOF after {len(self.buf)} of {n} bytes")
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def read_to_eof(self) -> bytes:
-        while self._fill():
-            pass
-        out, self.buf = self.buf, b""
-        return out
-
-    def at_eof(self) -> bool:
-        """True if the server closed the connection (nothing more arrives)."""
-        if self.buf:
-            return False
-        try:
-            return not self._fill()
-        except ConnectionResetError:
-            return True
-
-    def read_head(self) -> RawResponse:
-        head = self.read_until(b"\r\n\r\n").decode("latin-1")
-        lines = head.split("\r\n")
-        version, status, *reason = lines[0].split(" ", 2)
-        headers = []
-        for line in lines[1:]:
-            if line:
-                k, _, v = line.partition(":")
-                headers.append((k, v.strip()))
-        return RawResponse(version, int(status), reason[0] if reason else "", headers)
-
-    def read_response(self, method: str = "GET", skip_interim: bool = True) -> RawResponse:
-        """Read one response; interim 1xx heads are skipped unless ``skip_interim`` is False."""
-        while True:
-            resp = self.read_head()
-            if not (100 <= resp.status < 200 and resp.status != 101 and skip_interim):
-                break
-        if method == "HEAD" or resp.status < 200 or resp.status in (204, 304):
-            return resp
-        te = resp.header("transfer-encoding")
-        cl = resp.header("content-length")
-        if te is not None:
-            assert te.lower() == "chunked", te
-            parts = []
-            while True:
-                size = int(self.read_until(b"\r\n").split(b";")[0].strip(), 16)
-                if size == 0:
-                    break
-                parts.append(self.read_exact(size))
-                assert self.read_exact(2) == b"\r\n"
-            while True:
-                line = self.read_until(b"\r\n")
-                if line == b"\r\n":
-                    break
-                k, _, v = line.decode("latin-1").partition(":")
-                resp.trailers.append((k, v.strip()))
-            resp.body = b"".join(parts)
-        elif cl is not None:
-            resp.body = self.read_exact(int(cl))
-        else:
-            resp.body = self.read_to_eof()
-        return resp
-
-    def request(
-        self,
-        method: str,
-        path: str,
-        body: bytes = b"",
-        headers: list[tuple[str, str]] | None = None,
-        version: str = "1.1",
-    ) -> RawResponse:
-        self.send(build_request(method, path, body, headers, version))
-        return self.read_response(method)
-
-
-def build_request(
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: list[tuple[str, str]] | None = None,
-    version: str = "1.1",
-) -> bytes:
-    """The bytes of one request (Host and Content-Length added unless given)."""
-    hs = list(headers or [])
-    names = {k.lower() for k, _ in hs}
-    if "host" not in names:
-        hs.insert(0, ("Host", "test.local"))
-    if body and "content-length" not in names and "transfer-encoding" not in names:
-        hs.append(("Content-Length", str(len(body))))
-    head = f"{method} {path} HTTP/{version}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in hs)
-    return head.encode("latin-1") + b"\r\n" + body
-
-
-# --------------------------------------------------------------------------------------
-# raw TCP servers used as upstreams
-
-
-class TcpServer:
-    """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection."""
-
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.handler = handler
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)
-        self.accepted = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.conns: list[socket.socket] = []
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> TcpServer:
-        self.thread.start()
-        return self
-
-    def _serve(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.settimeout(IO_TIMEOUT)
-            self.conns.append(conn)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            self.handler(conn)
-        except (OSError, EOFError):
-            pass
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(2)
-        self.sock.close()
-        for conn in self.conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-
-def echo_handler(conn: socket.socket) -> None:
-    """Echo every byte back until the peer half-closes."""
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            break
-        conn.sendall(data)
-    conn.shutdown(socket.SHUT_WR)
-
-
-def read_http_request(conn: socket.socket) -> tuple[bytes, bytes]:
-    """Read one request (head, de-chunked body) from a raw server socket."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = conn.recv(65536)
-        if not data:
-            raise EOFError("EOF in request head")
-        buf += data
-    i = buf.index(b"\r\n\r\n") + 4
-    head, rest = buf[:i], buf[i:]
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        while b"0\r\n\r\n" not in rest or not _chunked_complete(rest):
-            data = conn.recv(65536)
-            if not data:
-                raise EOFError("EOF in chunked body")
-            rest += data
-        return head, _dechunk(rest)
-    length = 0
-    for line in lower.split(b"\r\n"):
-        if line.startswith(b"content-length:"):
-            length = int(line.split(b":", 1)[1])
-    while len(rest) < length:
-        data = conn.recv(65536)
-        if not data:
-            raise EOFError("EOF in body")
-        rest += data
-    return head, rest
-
-
-def _chunked_complete(data: bytes) -> bool:
-    try:
-        _dechunk(data)
-    except (ValueError, IndexError):
-        return False
-    return True
-
-
-def _dechunk(data: bytes) -> bytes:
-    out, pos = [], 0
-    while True:
-        end = data.index(b"\r\n", pos)
-        size = int(data[pos:end].split(b";")[0], 16)
-        pos = end + 2
-        if size == 0:
-            if data[pos : pos + 2] != b"\r\n":
-                raise ValueError("trailers or incomplete")
-            return b"".join(out)
-        if len(data) < pos + size + 2:
-            raise ValueError("incomplete")
-        out.append(data[pos : pos + size])
-        pos += size + 2
-
-
-class HangupServer(TcpServer):
-    """Accepts, reads one whole request, then closes without answering."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[bytes, bytes]] = []
-        super().__init__(self._handle)
-
-    def _handle(self, conn: socket.socket) -> None:
-        head, body = read_http_request(conn)
-        self.received.append((head, body))
-
-
 @pytest.fixture
 def echo_server() -> Iterator[TcpServer]:
+    """A raw TCP echo server (the far end of CONNECT tunnels)."""
     server = TcpServer(echo_handler).start()
     yield server
     server.stop()
@@ -416,29 +69,7 @@ def echo_server() -> Iterator[TcpServer]:
 
 @pytest.fixture
 def hangup_server() -> Iterator[HangupServer]:
+    """Reads one whole request per connection, then closes without answering."""
     server = HangupServer().start()
     yield server
     server.stop()
-
-
-def start_origin() -> OriginServer:
-    """The test origin, polling its shutdown flag often so that stopping it is quick."""
-    server = OriginServer()
-    server._thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
-    )
-    server._thread.start()
-    return server
-
-
-@pytest.fixture
-def origin() -> Iterator[OriginServer]:
-    """Overrides tests/conftest.py's ``origin``: the same server, faster to stop."""
-    server = start_origin()
-    yield server
-    server.stop()
-
-
-def digest(data: bytes) -> tuple[int, str]:
-    """Length and hash of a body: compare large bodies by this, for short failure output."""
-    return len(data), hashlib.sha256(data).hexdigest()[:16]

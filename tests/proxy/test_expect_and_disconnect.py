@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
@@ -9,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from proxy_util import RawClient, build_request, digest, variant
 
-from conftest import RawClient, build_request, digest, variant
 from ferryman import ErrorKind, HttpPeer, ProxyError, ProxyHttp
 from origin import OriginServer, pattern_bytes
 
@@ -48,6 +49,7 @@ class Uploads(ProxyHttp):
 
 class AsyncUploads(Uploads):
     async def request_filter(self, session, ctx):
+        await asyncio.sleep(0.05)  # decides after a wait: no 100 Continue may go out before
         length = session.req_header.headers.get("content-length")
         if length is not None and int(length) > LIMIT:
             await session.respond(413, b"too large\n")
@@ -110,6 +112,15 @@ def test_expect_100_continue_rejected_by_request_filter(mode, origin, start_prox
     assert origin.requests == []
     assert origin.connections == 0
     assert proxy.logged == [("/upload", 413, None, 0, len(b"too large\n"))]
+
+
+def test_early_rejection_announces_connection_close(mode, origin, start_proxy) -> None:
+    harness = start_proxy(variant(mode, Uploads, AsyncUploads)(origin.address))
+    with RawClient(harness.port) as client:
+        client.send(_expect_head("/upload", 10_000_000))
+        resp = client.read_response("POST", skip_interim=False)
+    assert resp.status == 413
+    assert resp.header("connection") == "close"
 
 
 def test_rejected_upload_with_body_already_sent_closes(mode, origin, start_proxy) -> None:

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import struct
 import threading
 from typing import Any
 
 import httpx
 import pytest
-
-from conftest import (
+from proxy_util import (
     HangupServer,
     RawClient,
     TcpServer,
@@ -19,6 +20,7 @@ from conftest import (
     read_http_request,
     variant,
 )
+
 from ferryman import ErrorKind, HttpPeer, ProxyError, ProxyHttp, ProxyOptions
 from origin import OriginServer
 
@@ -167,6 +169,45 @@ def test_small_body_is_replayed_after_the_upstream_hangs_up(
     assert proxy.logged == [(None, 1, 200)]
 
 
+class RetryWithBodyFilter(RetryMidExchange):
+    """Also rewrites the request body: a replay must not filter it a second time."""
+
+    def __init__(self, peers: list[str]) -> None:
+        super().__init__(peers)
+        self.filtered: list[tuple[bytes, bool]] = []
+
+    def request_body_filter(self, session, body, end_of_stream, ctx):
+        self.filtered.append((bytes(body), end_of_stream))
+        return b"<end>" if end_of_stream else body.replace(b"a", b"b")
+
+
+def test_replayed_body_is_filtered_once(mode, origin, hangup_server, start_proxy) -> None:
+    proxy = variant(mode, RetryWithBodyFilter)([hangup_server.address, origin.address])
+    harness = start_proxy(proxy)
+    with RawClient(harness.port) as client:
+        resp = client.request("POST", "/echo", b"banana")
+    assert (resp.status, resp.body) == (200, b"bbnbnb<end>")
+    assert [body for _, body in hangup_server.received] == [b"bbnbnb<end>"]
+    assert b"".join(b for b, _ in proxy.filtered) == b"banana"
+    assert [end for _, end in proxy.filtered].count(True) == 1
+
+
+def test_error_while_proxy_is_told_whether_the_client_connection_was_reused(
+    mode, origin, hangup_server, start_proxy
+) -> None:
+    proxy = variant(mode, RetryMidExchange)([hangup_server.address, origin.address])
+    harness = start_proxy(proxy)
+    with RawClient(harness.port) as client:
+        for _ in range(2):
+            resp = client.request("GET", "/")
+            assert (resp.status, resp.body) == (200, b"hello world\n")
+    harness.call(lambda: None)
+    assert proxy.proxy_errors == [
+        (ErrorKind.UPSTREAM_CLOSED, False),
+        (ErrorKind.UPSTREAM_CLOSED, True),
+    ]
+
+
 def test_small_chunked_body_is_replayed_after_the_upstream_hangs_up(
     mode, origin, hangup_server, start_proxy
 ) -> None:
@@ -257,11 +298,6 @@ def test_idempotent_request_on_a_stale_pooled_connection_is_retried(
     ]
 
 
-@pytest.mark.xfail(
-    reason="BUG: a POST on a reused upstream connection that hangs up is replayed "
-    "automatically (error_while_proxy docs: retryable only for idempotent methods)",
-    strict=True,
-)
 def test_post_on_a_stale_pooled_connection_is_not_replayed_by_default(
     mode, answer_once: AnswerOnceThenHangup, start_proxy
 ) -> None:
@@ -454,11 +490,6 @@ def test_a_raising_response_body_filter_truncates_and_closes(mode, origin, start
         assert resp.status == 200 and len(resp.body) == 70_000
 
 
-@pytest.mark.xfail(
-    reason="BUG: an exception in request_body_filter is reported as a 400 bad request "
-    "(httptools callback error), not a 500 hook error",
-    strict=True,
-)
 def test_a_raising_request_body_filter_gives_500(mode, origin, start_proxy) -> None:
     proxy = raising_proxy(mode, "request_body_filter", origin.address, origin.address)
     harness = start_proxy(proxy)
@@ -476,11 +507,6 @@ def test_a_raising_request_body_filter_gives_500(mode, origin, start_proxy) -> N
     assert proxy.logged[0] is not None and proxy.logged[0].kind is ErrorKind.HOOK_ERROR
 
 
-@pytest.mark.xfail(
-    reason="BUG: an exception in request_body_filter while the head and body arrive in "
-    "one read is answered 400 (a parser callback error), not 500",
-    strict=True,
-)
 def test_a_raising_request_body_filter_with_body_in_the_head_packet(
     mode, origin, start_proxy
 ) -> None:
@@ -520,11 +546,6 @@ def test_bad_chunked_body_after_the_head_gets_400(mode, origin, start_proxy) -> 
         assert client.at_eof()
 
 
-@pytest.mark.xfail(
-    reason="BUG: when fail_to_proxy raises, the client gets no response at all "
-    "(connection closed) instead of a fallback 500",
-    strict=True,
-)
 def test_a_raising_fail_to_proxy_still_answers_500(mode, dead_port, start_proxy) -> None:
     dead = f"127.0.0.1:{dead_port}"
     proxy = raising_proxy(mode, "fail_to_proxy", dead, dead)
@@ -553,3 +574,99 @@ def test_asyncify_keeps_plain_only_hooks_plain() -> None:
     assert "response_body_filter" in cls.overridden
     assert "response_body_filter" not in cls.async_hooks
     assert "upstream_peer" in cls.async_hooks
+
+
+# --------------------------------------------------------------------------------------
+# more failure paths
+
+
+def test_failure_with_an_unread_request_body_closes_the_connection(
+    mode, dead_port, start_proxy
+) -> None:
+    proxy = variant(mode, CustomErrorPage, AsyncCustomErrorPage)(f"127.0.0.1:{dead_port}")
+    harness = start_proxy(proxy)
+    with RawClient(harness.port) as client:
+        client.send(build_request("POST", "/upload", headers=[("Content-Length", "200000")]))
+        client.send(b"u" * 100_000)  # half of it: the proxy answers before the rest
+        resp = client.read_response("POST")
+        assert (resp.status, resp.body) == (503, PAGE)
+        assert resp.header("connection") == "close"
+        assert client.at_eof()
+
+
+class Timeouts(Failover):
+    def upstream_peer(self, session, ctx):
+        self.seen.append((session.retries, self.peers[0]))
+        return HttpPeer(self.peers[0], read_timeout=0.3)
+
+
+def test_upstream_read_timeout_is_504(mode, origin, start_proxy) -> None:
+    proxy = variant(mode, Timeouts)([origin.address])
+    harness = start_proxy(proxy)
+    with RawClient(harness.port) as client:
+        resp = client.request("GET", "/slow?ms=1500")
+        assert (resp.status, resp.body) == (504, b"")
+        resp = client.request("GET", "/")  # a fresh upstream connection answers this
+        assert (resp.status, resp.body) == (200, b"hello world\n")
+    harness.call(lambda: None)
+    error = proxy.logged[0][0]
+    assert error is not None and error.kind is ErrorKind.READ_TIMEOUT
+    assert proxy.seen == [(0, origin.address), (0, origin.address)]  # not retried
+
+
+def _truncating(conn: socket.socket) -> None:
+    read_http_request(conn)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"t" * 300)
+
+
+def test_upstream_closing_mid_body_truncates_the_response(mode, start_proxy) -> None:
+    server = TcpServer(_truncating).start()
+    try:
+        proxy = variant(mode, RetryMidExchange)([server.address])
+        harness = start_proxy(proxy)
+        with RawClient(harness.port) as client:
+            client.send(build_request("GET", "/"))
+            head = client.read_head()
+            assert head.status == 200
+            assert head.header("content-length") == "1000"
+            # the head was sent; the body stops short and the connection ends
+            assert client.read_to_eof() == b"t" * 300
+        _wait_for_log(proxy, harness)
+        error = proxy.logged[0][0]
+        assert error is not None and error.kind is ErrorKind.UPSTREAM_CLOSED
+        assert [kind for kind, _ in proxy.proxy_errors] == [ErrorKind.UPSTREAM_CLOSED]
+        assert server.accepted == 1  # a started response is never retried
+    finally:
+        server.stop()
+
+
+def _wait_for_log(proxy: Any, harness: Any) -> None:
+    import time
+
+    deadline = time.monotonic() + 5
+    while not proxy.logged and time.monotonic() < deadline:
+        harness.call(lambda: None)
+        time.sleep(0.01)
+
+
+class SlowGate(Failover):
+    """An async request_filter that takes a while (an auth service, say)."""
+
+    async def request_filter(self, session, ctx):
+        await asyncio.sleep(0.3)
+        return False
+
+
+def test_client_gone_while_an_async_hook_waits(origin, start_proxy) -> None:
+    proxy = SlowGate([origin.address])
+    harness = start_proxy(proxy)
+    sock = socket.create_connection(("127.0.0.1", harness.port), timeout=5)
+    sock.sendall(build_request("GET", "/"))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # RST while request_filter is still waiting
+    _wait_for_log(proxy, harness)
+    error = proxy.logged[0][0]
+    assert error is not None and error.kind is ErrorKind.CLIENT_CLOSED
+    assert origin.requests == []
+    with RawClient(harness.port) as client:
+        assert client.request("GET", "/").status == 200

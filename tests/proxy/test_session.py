@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
+import threading
 import time
 from typing import Any
 
 import pytest
+from proxy_util import RawClient, build_request, variant
 
-from conftest import RawClient, build_request, variant
 from ferryman import HttpPeer, ProxyHttp
 from origin import OriginServer
 
@@ -132,11 +134,6 @@ def test_session_attributes_over_one_keep_alive_connection(
     assert all(log["request_body_complete"] for log in proxy.logged)
 
 
-@pytest.mark.xfail(
-    reason="BUG: downstream_reused reads the connection's live request counter, so a request "
-    "sees True when a later (pipelined) request head was already parsed",
-    strict=True,
-)
 def test_downstream_reused_with_pipelined_requests(mode, origin, start_proxy) -> None:
     proxy = variant(mode, Inspect)(origin.address)
     harness = start_proxy(proxy)
@@ -241,3 +238,51 @@ def test_upstream_status_is_reported(mode, origin, start_proxy, status: int) -> 
     assert proxy.logged[0]["upstream_status"] == status
     assert proxy.logged[0]["status"] == status
     assert proxy.logged[0]["error"] is None
+
+
+class CtxEcho(ProxyHttp):
+    """Carries a per-request value from request_filter to response_filter through ctx."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def new_ctx(self):
+        return {}
+
+    def request_filter(self, session, ctx):
+        ctx["id"] = session.req_header.headers.get("x-id")
+        return False
+
+    def upstream_peer(self, session, ctx):
+        return HttpPeer(self.address)
+
+    def response_filter(self, session, response, ctx):
+        response.headers.set("X-Id", ctx["id"])
+
+
+def test_concurrent_clients_keep_their_own_ctx(mode, origin, start_proxy) -> None:
+    harness = start_proxy(variant(mode, CtxEcho)(origin.address))
+    errors: list[str] = []
+
+    def client_thread(n: int) -> None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=5)
+            for i in range(5):
+                tag = f"{n}-{i}"
+                body = tag.encode() * (100 * (i + 1))
+                conn.request("POST", "/echo", body=body, headers={"X-Id": tag})
+                resp = conn.getresponse()
+                data = resp.read()
+                if (resp.status, data, resp.getheader("X-Id")) != (200, body, tag):
+                    errors.append(f"{tag}: {resp.status} {resp.getheader('X-Id')} {len(data)}")
+            conn.close()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(f"{n}: {exc!r}")
+
+    threads = [threading.Thread(target=client_thread, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert errors == []
+    assert len(origin.requests) == 60

@@ -11,12 +11,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from proxy_util import (
+    RawClient,
+    TcpServer,
+    build_request,
+    digest,
+    echo_handler,
+    read_http_request,
+    variant,
+)
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import ServerConnection
 from websockets.sync.server import serve as ws_serve
 
-from conftest import RawClient, TcpServer, build_request, digest, variant
 from ferryman import ErrorKind, HttpPeer, ProxyError, ProxyHttp
 from origin import OriginServer
 
@@ -79,10 +87,6 @@ def test_connect_is_refused_with_405_by_default(
     assert error is not None and error.kind is ErrorKind.METHOD_NOT_ALLOWED
 
 
-@pytest.mark.xfail(
-    reason="BUG: after refusing CONNECT with 405 the client connection is kept open",
-    strict=True,
-)
 def test_connect_refusal_closes_the_connection(mode, origin, echo_server, start_proxy) -> None:
     harness = start_proxy(variant(mode, Plain)(origin.address))
     with RawClient(harness.port, timeout=1.0) as client:
@@ -93,11 +97,6 @@ def test_connect_refusal_closes_the_connection(mode, origin, echo_server, start_
         assert client.at_eof()
 
 
-@pytest.mark.xfail(
-    reason="BUG: bytes a client sends after a refused CONNECT (meant for the tunnel) are "
-    "parsed as a new HTTP request and proxied",
-    strict=True,
-)
 def test_bytes_after_a_refused_connect_are_never_proxied(
     mode, origin, echo_server, start_proxy
 ) -> None:
@@ -356,3 +355,78 @@ def test_websocket_refused_by_a_plain_origin_via_websockets_client(
     with pytest.raises(InvalidStatus) as info:
         ws_connect(f"ws://127.0.0.1:{harness.port}/", open_timeout=5)
     assert info.value.response.status_code == 200
+
+
+# --------------------------------------------------------------------------------------
+# raw upgrades
+
+
+def _switch_then_echo(conn: socket.socket) -> None:
+    """Answers any request with 101 plus server-first bytes, then echoes."""
+    read_http_request(conn)
+    conn.sendall(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\nConnection: Upgrade\r\n\r\nHELLO"
+    )
+    echo_handler(conn)
+
+
+@pytest.fixture
+def switching_server() -> Iterator[TcpServer]:
+    server = TcpServer(_switch_then_echo).start()
+    yield server
+    server.stop()
+
+
+def test_upgrade_with_server_first_bytes(mode, switching_server, start_proxy) -> None:
+    harness = start_proxy(variant(mode, Plain)(switching_server.address))
+    with RawClient(harness.port) as client:
+        client.send(
+            build_request("GET", "/", headers=[("Connection", "Upgrade"), ("Upgrade", "foo")])
+        )
+        head = client.read_head()
+        assert head.status == 101
+        assert head.header("upgrade") == "foo"
+        assert client.read_exact(5) == b"HELLO"
+        for data in (b"ping", b"x" * 100_000):
+            client.send(data)
+            assert client.read_exact(len(data)) == data
+        client.sock.shutdown(socket.SHUT_WR)
+        assert client.read_to_eof() == b""
+
+
+def test_unrequested_101_is_a_bad_gateway(mode, switching_server, start_proxy) -> None:
+    proxy = variant(mode, Plain)(switching_server.address)
+    harness = start_proxy(proxy)
+    with RawClient(harness.port) as client:
+        resp = client.request("GET", "/")  # no Upgrade asked for
+        assert resp.status == 502
+    harness.call(lambda: None)
+    error = proxy.logged[0][2]
+    assert error is not None and error.kind is ErrorKind.INVALID_RESPONSE
+
+
+class CountingEcho(TcpServer):
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+        super().__init__(self._handle)
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            echo_handler(conn)
+        finally:
+            self.finished.set()
+
+
+def test_client_closing_a_tunnel_closes_the_upstream_side(mode, origin, start_proxy) -> None:
+    echo = CountingEcho().start()
+    try:
+        harness = start_proxy(variant(mode, AllowConnect)(origin.address))
+        client = RawClient(harness.port)
+        client.send(_connect_request(echo.address))
+        assert client.read_exact(len(ESTABLISHED)) == ESTABLISHED
+        client.send(b"abc")
+        assert client.read_exact(3) == b"abc"
+        client.close()  # a full close, not a half-close
+        assert echo.finished.wait(5), "the upstream side of the tunnel was left open"
+    finally:
+        echo.stop()

@@ -117,6 +117,7 @@ class Session:
         "_from_hook",
         "_request_number",
         "_resp_failed",
+        "_head_only",
     )
 
     def __init__(
@@ -185,6 +186,7 @@ class Session:
         self._from_hook = False
         self._request_number = down.requests
         self._resp_failed = False
+        self._head_only = False
 
     # read-only views for hooks ----------------------------------------------------------
 
@@ -594,6 +596,7 @@ class Session:
         headers = resp.headers
         head_only = req.raw_method == b"HEAD" or status < 200 or status == 204 or status == 304
         filtered = self._resp_body_filter and not self._from_hook
+        self._head_only = head_only
         if head_only:
             self._down_chunked = False
         elif body_kind == BODY_LENGTH and not filtered and (
@@ -637,6 +640,8 @@ class Session:
             return None
 
     def _write_body(self, data: bytes) -> None:
+        if self._head_only:
+            return  # HEAD, 1xx, 204, 304: whatever body there is never reaches the client
         if self._resp_body_filter and not self._from_hook:
             out = self._filter_response(data, False)
             if not out:
@@ -659,7 +664,7 @@ class Session:
             tail = self._filter_response(b"", True)
             if self._resp_failed:
                 return
-            if tail:
+            if tail and not self._head_only:
                 self.response_body_bytes += len(tail)
                 if self._down_chunked:
                     self._down.writelines(chunk(tail))
