@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from h1_recorders import bytewise, feed_request, merged, request_error
+from h1_recorders import RequestRecorder, bytewise, feed_request, merged, request_error
 
-from ferryman.errors import ErrorKind, ErrorSource, status_for
+from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
 from ferryman.protocols.h1 import (
     BODY_CHUNKED,
     BODY_LENGTH,
@@ -601,3 +601,16 @@ def test_parser_direct_construction_uses_default_limits() -> None:
     parser = RequestParser(rec)
     parser.feed(b"GET /" + b"a" * 8000 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
     assert rec.events[-1] == ("end", None)
+
+
+def test_oversized_head_pipelined_after_a_small_one_in_one_read_is_431() -> None:
+    # the size bound must hold for every head completed in a read, not just the first
+    limits = RequestLimits(max_request_line=100, max_header_bytes=200, max_headers=50)
+    small = b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n"
+    big = b"GET /b HTTP/1.1\r\nHost: a\r\n" + b"X-Big: " + b"v" * 300 + b"\r\n\r\n"
+    rec = RequestRecorder()
+    parser = RequestParser(rec, limits)
+    with pytest.raises(ProxyError) as info:
+        parser.feed(small + big)
+    assert status_for(info.value) == 431
+    assert len(rec.heads) == 1

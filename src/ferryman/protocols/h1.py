@@ -94,6 +94,7 @@ class RequestParser:
         "_headers",
         "_header_bytes",
         "_head_bytes",
+        "_bound",
         "_in_head",
         "_in_body",
         "_body_bytes",
@@ -113,6 +114,8 @@ class RequestParser:
         self._headers: list[HeaderPair] = _NO_HEADERS  # replaced at each message begin
         self._header_bytes = 0
         self._head_bytes = 0
+        # an upper bound of the size of any head completed during the current feed
+        self._bound = 0
         self._in_head = False
         self._in_body = False
         self._body_bytes = 0
@@ -151,8 +154,10 @@ class RequestParser:
             data = self._feed_manual_body(data)
             if not data:
                 return
+        partial = self._head_bytes
+        self._bound = partial + len(data)
         if not self._in_body:
-            self._head_bytes += len(data)
+            self._head_bytes = partial + len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -240,6 +245,7 @@ class RequestParser:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        head_bytes = self._bound
         self._head_bytes = 0
         parser = self._parser
         version = parser.get_http_version()
@@ -255,10 +261,8 @@ class RequestParser:
         hosts = 0
         te: bytes | None = None
         cl: bytes | None = None
-        size = 4 * len(items)
         for name, value in items:
             n = len(name)
-            size += n + len(value)
             if n == 4 or n == 14 or n == 17:
                 lname = name.lower()
                 if lname == b"host":
@@ -268,7 +272,11 @@ class RequestParser:
                 elif lname == b"transfer-encoding":
                     te = value
         limits = self._limits
-        if size > limits.max_header_bytes or len(items) > limits.max_headers:
+        # the bytes read for this head bound its size: count precisely only when needed
+        if (
+            head_bytes > limits.max_header_bytes
+            and sum(len(n) + len(v) + 4 for n, v in items) > limits.max_header_bytes
+        ) or len(items) > limits.max_headers:
             self._error = _bad("too many or too large headers", ErrorKind.HEADERS_TOO_LARGE)
             raise self._error
         if hosts > 1 or (not hosts and version == "1.1"):
@@ -362,6 +370,7 @@ class ResponseParser:
         "_head_buf",
         "_max_head",
         "_head_bytes",
+        "_bound",
         "_error",
         "upgraded_rest",
         "complete",
@@ -381,6 +390,8 @@ class ResponseParser:
         self._head_buf = b""
         self._max_head = max_head
         self._head_bytes = 0
+        # an upper bound of the size of any head completed during the current feed
+        self._bound = 0
         self._error: ProxyError | None = None
         #: bytes that followed a 101 response head (tunnel data), else ``None``
         self.upgraded_rest: bytes | None = None
@@ -400,8 +411,10 @@ class ResponseParser:
         if self._head_only:
             self._feed_head_only(data)
             return
+        partial = self._head_bytes
+        self._bound = partial + len(data)
         if not self._in_body:
-            self._head_bytes += len(data)
+            self._head_bytes = partial + len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -489,8 +502,6 @@ class ResponseParser:
         self._status += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if value and value[-1] in _OWS:
-            value = value.rstrip(b" \t")
         if self._in_head:
             self._headers.append((name, value))
         else:
@@ -500,6 +511,7 @@ class ResponseParser:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        head_bytes = self._bound
         self._head_bytes = 0
         parser = self._parser
         status = parser.get_status_code()
@@ -511,10 +523,8 @@ class ResponseParser:
         items = self._headers
         te: bytes | None = None
         cl: bytes | None = None
-        size = 0
         for name, value in items:
             n = len(name)
-            size += n + len(value) + 4
             if n == 14 or n == 17:
                 lname = name.lower()
                 if lname == b"content-length":
@@ -524,7 +534,9 @@ class ResponseParser:
                     cl = value
                 elif lname == b"transfer-encoding":
                     te = value
-        if size > self._max_head:
+        if head_bytes > self._max_head and (
+            sum(len(n) + len(v) + 4 for n, v in items) > self._max_head
+        ):
             self._error = _bad_upstream("upstream response head too large")
             raise self._error
         headers = Headers._wrap(items)

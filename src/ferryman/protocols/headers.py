@@ -54,6 +54,9 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
+_new = object.__new__
+
+
 def _b(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode("latin-1")
 
@@ -75,10 +78,10 @@ class Headers:
         )
         self._index: dict[bytes, list[int]] | None = None
 
-    @classmethod
-    def _wrap(cls, items: list[HeaderPair]) -> Headers:
+    @staticmethod
+    def _wrap(items: list[HeaderPair]) -> Headers:
         """Adopt ``items`` without copying (used by the parsers)."""
-        h = cls.__new__(cls)
+        h = _new(Headers)
         h._items = items
         h._index = None
         return h
