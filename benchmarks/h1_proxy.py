@@ -209,6 +209,14 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def cpu_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) of ``pid`` in SC_CLK_TCK ticks."""
+    fields = _read_stat(pid)
+    if fields is None:
+        raise BenchError(f"process {pid} vanished while reading its CPU time")
+    return int(fields[11]), int(fields[12])
+
+
 def rss_bytes(pid: int) -> int:
     """VmRSS of ``pid`` in bytes."""
     try:
@@ -694,9 +702,11 @@ def measure_proxy(name: str, env: Env, rnd: int) -> ProxyResult:
 
         run_wrk(env.load_cpu, port, env.connections, 1)  # warm-up, result discarded
 
+        split0 = cpu_split(pid)
         t0, tree0, wall0 = cpu_ticks(pid), tree_ticks(proc.pid), time.monotonic()
         wrk, raw = run_wrk(env.load_cpu, port, env.connections, env.duration)
         t1, tree1, wall1 = cpu_ticks(pid), tree_ticks(proc.pid), time.monotonic()
+        split1 = cpu_split(pid)
         (env.tmp / f"wrk-{name}-r{rnd}.txt").write_text(raw)
         if wrk.requests <= 0:
             raise BenchError("wrk completed zero requests")
@@ -711,6 +721,9 @@ def measure_proxy(name: str, env: Env, rnd: int) -> ProxyResult:
                 f"other processes in the tree used CPU too: tree {res.cpu_us_per_req_tree:.1f} "
                 "us/req"
             )
+        user_us = (split1[0] - split0[0]) / CLK_TCK * 1e6 / wrk.requests
+        sys_us = (split1[1] - split0[1]) / CLK_TCK * 1e6 / wrk.requests
+        log(f"  {name}: user {user_us:.1f} us/req, system {sys_us:.1f} us/req")
         log(
             f"  {name}: {res.rps:,.0f} req/s, {res.cpu_us_per_req:.1f} us/req, "
             f"p50 {fmt_lat(res.p50_us)}, p99 {fmt_lat(res.p99_us)}, errors {res.errors}"

@@ -55,6 +55,7 @@ def reason_phrase(status: int) -> bytes:
 
 
 _new = object.__new__
+_join_pair = b": ".join  # (name, value) -> b"name: value", in C
 
 
 def _b(value: str | bytes) -> bytes:
@@ -163,8 +164,10 @@ class Headers:
 
     def append_block(self, parts: list[bytes]) -> None:
         """Append ``name: value\\r\\n`` lines to ``parts`` (for one join by the caller)."""
-        for k, v in self._items:
-            parts += (k, b": ", v, b"\r\n")
+        items = self._items
+        if items:
+            parts.append(b"\r\n".join(map(_join_pair, items)))
+            parts.append(b"\r\n")
 
 
 class RequestHeader:
@@ -223,10 +226,11 @@ class RequestHeader:
 
     def to_bytes(self) -> bytes:
         """Serialize as an HTTP/1.x request head, ending with the blank line."""
-        parts = [self.raw_method, b" ", self.raw_path, b" HTTP/", self.version.encode(), b"\r\n"]
-        self.headers.append_block(parts)
-        parts.append(b"\r\n")
-        return b"".join(parts)
+        items = self.headers._items
+        line = b"%s %s HTTP/%s\r\n" % (self.raw_method, self.raw_path, self.version.encode())
+        if not items:
+            return line + b"\r\n"
+        return b"".join((line, b"\r\n".join(map(_join_pair, items)), b"\r\n\r\n"))
 
     def __repr__(self) -> str:
         return f"RequestHeader({self.method} {self.path} HTTP/{self.version}, {self.headers!r})"
@@ -279,10 +283,11 @@ class ResponseHeader:
         """Serialize as an HTTP/1.1 status line and header block."""
         status = self.status
         reason = self._reason if self._reason_status == status else reason_phrase(status)
-        parts = [b"HTTP/1.1 ", str(status).encode(), b" ", reason, b"\r\n"]
-        self.headers.append_block(parts)
-        parts.append(b"\r\n")
-        return b"".join(parts)
+        items = self.headers._items
+        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        if not items:
+            return line + b"\r\n"
+        return b"".join((line, b"\r\n".join(map(_join_pair, items)), b"\r\n\r\n"))
 
     def __repr__(self) -> str:
         return f"ResponseHeader({self.status}, {self.headers!r})"
