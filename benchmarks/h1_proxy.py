@@ -588,6 +588,7 @@ class Env:
     connections: int
     idle_conns: int
     ferryman_bin: str | None
+    no_forwarded: bool = False
 
 
 class Unavailable(Exception):
@@ -617,7 +618,7 @@ def _ferryman_command(env: Env, config: Path) -> tuple[list[str], dict[str, str]
 
 FERRYMAN_YAML = """\
 server:
-  workers: 1
+  workers: 1{forwarded}
 listeners:
   - bind: "127.0.0.1:{proxy_port}"
     upstream: origin
@@ -647,7 +648,17 @@ def start_proxy(name: str, env: Env, rnd: int) -> tuple[Managed, float]:
         timeout = READY_TIMEOUT_NATIVE
     elif name == "ferryman":
         conf = workdir / "ferryman.yaml"
-        conf.write_text(FERRYMAN_YAML.format(proxy_port=port, origin_port=env.origin_port))
+        forwarded = (
+            "\n  forwarded: {x_forwarded_for: false, x_forwarded_proto: false, "
+            "x_forwarded_host: false}"
+            if env.no_forwarded
+            else ""
+        )
+        conf.write_text(
+            FERRYMAN_YAML.format(
+                proxy_port=port, origin_port=env.origin_port, forwarded=forwarded
+            )
+        )
         argv, child_env = _ferryman_command(env, conf)
         timeout = READY_TIMEOUT_FERRYMAN
     else:  # pragma: no cover - argparse validates names
@@ -967,6 +978,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="JSON result path (default benchmarks/out/h1_proxy-<timestamp>.json)",
     )
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
+    p.add_argument(
+        "--no-forwarded",
+        action="store_true",
+        help="configure ferryman like the reference nginx/HAProxy configs: no X-Forwarded-* "
+        "headers (its default adds three)",
+    )
     args = p.parse_args(argv)
     names = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = sorted(set(names) - set(PROXIES))
@@ -1035,6 +1052,7 @@ def run(args: argparse.Namespace) -> int:
         connections=args.connections,
         idle_conns=args.idle_conns,
         ferryman_bin=args.ferryman_bin,
+        no_forwarded=args.no_forwarded,
     )
     log(f"work dir {tmp}; origin :{env.origin_port}; proxies {env.proxy_ports}")
     rounds: list[list[ProxyResult]] = []
