@@ -212,12 +212,10 @@ class RequestParser:
     # httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        # (_header_bytes, _body_bytes and _trailers are reset when a message ends)
         self._in_head = True
         self._url = b""
         self._headers = []
-        self._header_bytes = 0
-        self._trailers = None
-        self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         url = self._url + url if self._url else url
@@ -331,6 +329,10 @@ class RequestParser:
         self._in_body = False
         self._in_head = False
         trailers = self._trailers
+        if trailers is not None:
+            self._trailers = None
+            self._header_bytes = 0
+        self._body_bytes = 0
         self._handler.on_request_end(Headers._wrap(trailers) if trailers else None)
 
 

@@ -39,38 +39,24 @@ class HttpProxyService:
         self.options = options or ProxyOptions()
         self.connections: set[H1Downstream] = set()
         self.running = False
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._connector: Connector | None = None
-        self._sweep: DeadlineSweep | None = None
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The worker's event loop (set by :meth:`start`)."""
-        assert self._loop is not None, "service not started"
-        return self._loop
-
-    @property
-    def connector(self) -> Connector:
-        """The worker's upstream connector and pool."""
-        assert self._connector is not None, "service not started"
-        return self._connector
+        # Set by start(), in the worker (plain attributes: read on every request).
+        #: the worker's event loop
+        self.loop: asyncio.AbstractEventLoop
+        #: the worker's upstream connector and pool
+        self.connector: Connector
+        #: the worker loop's deadline sweep
+        self.sweep: DeadlineSweep
 
     @property
     def handshake_timeout(self) -> float:
         """Seconds a client may take for the TLS handshake (the header read timeout)."""
         return self.options.header_read_timeout
 
-    @property
-    def sweep(self) -> DeadlineSweep:
-        """The worker loop's deadline sweep."""
-        assert self._sweep is not None, "service not started"
-        return self._sweep
-
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """Prepare per-worker state on ``loop``."""
-        self._loop = loop
-        self._sweep = sweep_for(loop)
-        self._connector = Connector(loop)
+        self.loop = loop
+        self.sweep = sweep_for(loop)
+        self.connector = Connector(loop)
         self.running = True
 
     def protocol_factory(self, listener: Listener | None = None) -> Callable[[], asyncio.Protocol]:
