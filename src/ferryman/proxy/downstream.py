@@ -194,7 +194,7 @@ class H1Downstream(asyncio.Protocol):
     def on_request_head(self, head: RequestHeader, body_kind: int, content_length: int) -> None:
         self.requests += 1
         keep_alive = self.parser._parser.should_keep_alive()
-        session = Session(self, head, body_kind, content_length, keep_alive)
+        session = Session(self, head, body_kind, keep_alive)
         if body_kind != BODY_NONE:
             self.receiving = session
             self.deadline = self._sweep.now + self._options.body_read_timeout

@@ -75,7 +75,6 @@ class Session:
         "_down",
         "_proxy",
         "_body_kind",
-        "_content_length",
         "keep_alive",
         "_upgrade",
         "_upgrade_rest",
@@ -92,12 +91,10 @@ class Session:
         "_up_resp",
         "_up_body_kind",
         "_up_ended",
-        "_up_error",
         "_resp_trailers",
         "_pending",
         "_streaming",
         "_down_chunked",
-        "_down_close_delimited",
         "_done",
         "_waiter",
         "_wait_for",
@@ -125,7 +122,6 @@ class Session:
         down: H1Downstream,
         head: RequestHeader,
         body_kind: int,
-        content_length: int,
         keep_alive: bool,
     ) -> None:
         self._down = down
@@ -143,7 +139,6 @@ class Session:
         self.start_time = time.time()
         self.ctx: Any = None
         self._body_kind = body_kind
-        self._content_length = content_length
         self.keep_alive = keep_alive
         self._upgrade = False
         self._upgrade_rest = b""
@@ -160,12 +155,10 @@ class Session:
         self._up_resp: ResponseHeader | None = None
         self._up_body_kind = BODY_NONE
         self._up_ended = False
-        self._up_error: ProxyError | None = None
         self._resp_trailers: Headers | None = None
         self._pending: list[bytes] = []
         self._streaming = False
         self._down_chunked = False
-        self._down_close_delimited = False
         self._done = False
         self._waiter: asyncio.Future[None] | None = None
         self._wait_for = _WAIT_NONE
@@ -525,7 +518,6 @@ class Session:
         self._up_streaming = False
         self._up_resp = None
         self._up_ended = False
-        self._up_error = None
         self._pending = []
         self._resp_trailers = None
         self._error = None
@@ -562,7 +554,6 @@ class Session:
 
     def on_upstream_error(self, error: ProxyError) -> None:
         self._up = None
-        self._up_error = error
         self._error = error
         self._fail_waiter(error)
 
@@ -609,7 +600,6 @@ class Session:
                 self._down_chunked = True
                 headers.add(b"Transfer-Encoding", b"chunked")
             else:
-                self._down_close_delimited = True
                 self.keep_alive = False
         if down.draining or not down.service.running or not self._req_done:
             # (a response that starts before the request body was read ends the connection)
