@@ -11,13 +11,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from origin import OriginServer
+from rawhttp import RawSocket, TcpServer
 
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -182,61 +182,8 @@ class RawResponse:
         return [v for k, v in self.headers if k.lower() == lname]
 
 
-class RawConn:
+class RawConn(RawSocket):
     """A blocking socket with a read buffer; reads and frames responses itself."""
-
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def __enter__(self) -> RawConn:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    def read_until(self, marker: bytes) -> bytes:
-        while marker not in self.buf:
-            if not self._fill():
-                raise EOFError(f"EOF before {marker!r}; got {self.buf[:200]!r}")
-        i = self.buf.index(marker) + len(marker)
-        out, self.buf = self.buf[:i], self.buf[i:]
-        return out
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not self._fill():
-                raise EOFError(f"EOF after {len(self.buf)} of {n} bytes")
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def read_to_eof(self) -> bytes:
-        while self._fill():
-            pass
-        out, self.buf = self.buf, b""
-        return out
-
-    def at_eof(self) -> bool:
-        """True if the peer closed (after whatever is buffered); waits up to the timeout."""
-        if self.buf:
-            return False
-        try:
-            return not self._fill()
-        except ConnectionResetError:
-            return True
 
     def read_head(self) -> tuple[bytes, int, bytes, bytes, list[tuple[bytes, bytes]]]:
         head = self.read_until(b"\r\n\r\n")
@@ -303,47 +250,22 @@ def raw_exchange(
         return resp, closed
 
 
-class ScriptedOrigin:
+class ScriptedOrigin(TcpServer):
     """A raw TCP origin on 127.0.0.1 whose behaviour is a function of the accepted socket.
 
     For misbehaving upstreams the stdlib origin cannot play: closing without a response,
     truncating a body, switching protocols.
     """
 
+    swallow = (OSError,)
+
     def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.handler = handler
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        super().__init__(handler, conn_timeout=10)
+        self.start()
 
     @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _serve(self) -> None:
-        while not self._stop:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        conn.settimeout(10)
-        try:
-            self.handler(conn)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self._stop = True
-        self.sock.close()
+    def connections(self) -> int:
+        return self.accepted
 
 
 def read_request_head(conn: socket.socket) -> bytes:

@@ -20,6 +20,7 @@ from typing import Any
 from ferryman import ProxyHttp
 from ferryman.proxy.hooks import HOOKS
 from origin import OriginServer
+from rawhttp import RawSocket, TcpServer
 
 IO_TIMEOUT = 5.0
 MODES = ("sync", "async")
@@ -94,66 +95,15 @@ class RawResponse:
         return self.header(name) is not None
 
 
-class RawClient:
+class RawClient(RawSocket):
     """One client TCP connection speaking HTTP/1.x by hand (exact bytes, exact framing)."""
 
     def __init__(self, port: int, timeout: float = IO_TIMEOUT) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.sock.settimeout(timeout)
-        self.buf = b""
-
-    def __enter__(self) -> RawClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__(port, timeout)
 
     @property
     def local_port(self) -> int:
         return int(self.sock.getsockname()[1])
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        if not data:
-            return False
-        self.buf += data
-        return True
-
-    def read_until(self, marker: bytes) -> bytes:
-        while marker not in self.buf:
-            if not self._fill():
-                raise EOFError(f"EOF before {marker!r}; got {self.buf[:200]!r}")
-        i = self.buf.index(marker) + len(marker)
-        out, self.buf = self.buf[:i], self.buf[i:]
-        return out
-
-    def read_exact(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if not self._fill():
-                raise EOFError(f"EOF after {len(self.buf)} of {n} bytes")
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def read_to_eof(self) -> bytes:
-        while self._fill():
-            pass
-        out, self.buf = self.buf, b""
-        return out
-
-    def at_eof(self) -> bool:
-        """True if the server closed the connection (nothing more arrives)."""
-        if self.buf:
-            return False
-        try:
-            return not self._fill()
-        except ConnectionResetError:
-            return True
 
     def read_head(self) -> RawResponse:
         head = self.read_until(b"\r\n\r\n").decode("latin-1")
@@ -230,65 +180,6 @@ def build_request(
 
 # --------------------------------------------------------------------------------------
 # raw TCP servers used as upstreams
-
-
-class TcpServer:
-    """A threaded TCP server on 127.0.0.1 running ``handler(conn)`` per connection."""
-
-    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
-        self.handler = handler
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.sock.settimeout(0.05)
-        self.accepted = 0
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.conns: list[socket.socket] = []
-
-    @property
-    def port(self) -> int:
-        return int(self.sock.getsockname()[1])
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> TcpServer:
-        self.thread.start()
-        return self
-
-    def _serve(self) -> None:
-        while not self.stopped.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            conn.settimeout(IO_TIMEOUT)
-            self.conns.append(conn)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            self.handler(conn)
-        except (OSError, EOFError):
-            pass
-        finally:
-            conn.close()
-
-    def stop(self) -> None:
-        self.stopped.set()
-        self.thread.join(2)
-        self.sock.close()
-        for conn in self.conns:
-            try:
-                conn.close()
-            except OSError:
-                pass
 
 
 def echo_handler(conn: socket.socket) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,6 +21,8 @@ from upstream_util import (
 from ferryman import ProxyHttp, ProxyOptions
 from harness import ProxyHarness
 from origin import OriginServer
+from pki import write_leaf
+from rawhttp import QuietOrigin
 
 
 @pytest.fixture
@@ -62,12 +63,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     ca.cert_pem.write_to_path(str(ca_file))
     server = ca.issue_cert("localhost")  # DNS name only: "127.0.0.1" does not match it
     client = ca.issue_cert("client.test", common_name="proxy-client")
-    client_cert, client_key = tmp / "client.pem", tmp / "client.key"
-    client.cert_chain_pems[0].write_to_path(str(client_cert))
-    client.private_key_pem.write_to_path(str(client_key))
+    client_cert, client_key = write_leaf(client, tmp, "client")
     other_ca_file = tmp / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other_ca_file))
-    return Pki(ca, str(ca_file), server, str(client_cert), str(client_key), str(other_ca_file))
+    return Pki(ca, str(ca_file), server, client_cert, client_key, str(other_ca_file))
 
 
 @pytest.fixture
@@ -88,21 +87,6 @@ def tls_origin(pki: Pki) -> Iterator[StartTlsOrigin]:
     yield start
     for server in started:
         server.stop()
-
-
-class QuietOrigin(OriginServer):
-    """origin.OriginServer without tracebacks for connections the proxy aborts on purpose,
-    and quick to stop (serve_forever polls every 50 ms instead of 500 ms)."""
-
-    def handle_error(self, request, client_address):  # type: ignore[no-untyped-def]
-        pass
-
-    def start(self) -> QuietOrigin:
-        self._thread = threading.Thread(
-            target=self.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
 
 
 @pytest.fixture
