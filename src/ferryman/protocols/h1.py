@@ -304,11 +304,7 @@ class RequestParser:
                 self._error = _bad("an Upgrade request with a chunked body is not supported")
                 raise self._error
             self._manual_body = content_length
-        head = RequestHeader.__new__(RequestHeader)
-        head.raw_method = parser.get_method()
-        head.raw_path = self._url
-        head.version = version
-        head.headers = headers
+        head = RequestHeader(parser.get_method(), self._url, headers, version)
         self._handler.on_request_head(head, body_kind, content_length)
 
     def on_body(self, data: bytes) -> None:
@@ -557,12 +553,7 @@ class ResponseParser:
         self._body_kind = body_kind
         self._in_body = body_kind != BODY_NONE
         self.keep_alive = body_kind != BODY_CLOSE and parser.should_keep_alive()
-        head = ResponseHeader.__new__(ResponseHeader)
-        head.status = status
-        head._reason = self._status
-        head._reason_status = status
-        head.version = parser.get_http_version()
-        head.headers = headers
+        head = ResponseHeader(status, headers, self._status, parser.get_http_version())
         self._handler.on_response_head(head, body_kind)
 
     def on_body(self, data: bytes) -> None:

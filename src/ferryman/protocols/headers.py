@@ -54,7 +54,6 @@ def reason_phrase(status: int) -> bytes:
     return _REASONS.get(status, b"Unknown")
 
 
-_new = object.__new__
 _join_pair = b": ".join  # (name, value) -> b"name: value", in C
 
 
@@ -82,9 +81,8 @@ class Headers:
     @staticmethod
     def _wrap(items: list[HeaderPair]) -> Headers:
         """Adopt ``items`` without copying (used by the parsers)."""
-        h = _new(Headers)
+        h = Headers()
         h._items = items
-        h._index = None
         return h
 
     def _lookup(self, name: bytes) -> list[int] | None:

@@ -170,12 +170,7 @@ def build_upstream_request(session: Session) -> RequestHeader:
         session._up_chunked = True
     else:
         session._up_chunked = False
-    up = RequestHeader.__new__(RequestHeader)
-    up.raw_method = req.raw_method
-    up.raw_path = req.raw_path
-    up.version = "1.1"
-    up.headers = Headers._wrap(out)
-    return up
+    return RequestHeader(req.raw_method, req.raw_path, Headers._wrap(out), "1.1")
 
 
 def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:

@@ -1,0 +1,39 @@
+"""Build script: compiles the hot sans-IO modules with mypyc when it can.
+
+The compiled modules are the same Python source, type-checked and turned into C
+extensions by mypyc (as black and mypy ship themselves). Every extension is optional: if a
+compiler or mypyc is missing, or a module fails to build, ferryman installs as pure Python
+and works the same, only slower. Set FERRYMAN_PURE_PYTHON=1 to skip compiling.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from setuptools import setup
+
+#: Modules on the per-request hot path that mypyc compiles.
+COMPILED = [
+    "src/ferryman/protocols/headers.py",
+    "src/ferryman/protocols/h1.py",
+]
+
+
+def _extensions() -> list[Any]:
+    if os.environ.get("FERRYMAN_PURE_PYTHON"):
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        return []
+    try:
+        extensions = mypycify(COMPILED, opt_level="3")
+    except Exception:  # noqa: BLE001 - compiling is an optimisation, never a requirement
+        return []
+    for ext in extensions:
+        ext.optional = True  # a failed C build falls back to the pure-Python module
+    return extensions
+
+
+setup(ext_modules=_extensions())
