@@ -15,8 +15,16 @@ from setuptools import setup
 
 #: Modules on the per-request hot path that mypyc compiles.
 COMPILED = [
+    "src/ferryman/errors.py",
+    "src/ferryman/timeouts.py",
     "src/ferryman/protocols/headers.py",
     "src/ferryman/protocols/h1.py",
+    "src/ferryman/upstream/peer.py",
+    "src/ferryman/upstream/connection.py",
+    "src/ferryman/upstream/connector.py",
+    "src/ferryman/proxy/session.py",
+    "src/ferryman/proxy/engine.py",
+    "src/ferryman/proxy/downstream.py",
 ]
 
 

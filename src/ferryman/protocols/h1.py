@@ -160,8 +160,8 @@ class RequestParser:
             self._head_bytes = partial + len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            rest = data[exc.args[0] :]
+        except httptools.HttpParserUpgrade as upgrade:
+            rest = data[upgrade.args[0] :]
             if self._manual_body:  # not an upgrade after all: the rest is its body
                 if rest:
                     self.feed(rest)
@@ -415,8 +415,8 @@ class ResponseParser:
             self._head_bytes = partial + len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self.upgraded_rest = data[exc.args[0] :]
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgraded_rest = data[upgrade.args[0] :]
             return
         except httptools.HttpParserError as exc:
             if self._error is not None:

@@ -367,14 +367,14 @@ class H1Downstream(asyncio.Protocol):
             self.close()
 
     @property
-    def client_addr(self) -> tuple[str, int] | None:
+    def client_addr(self) -> tuple[Any, ...] | None:
         """The peer address of the client socket."""
         if self._client_addr is None and self.transport is not None:
             self._client_addr = self.transport.get_extra_info("peername")
         return self._client_addr
 
     @property
-    def server_addr(self) -> tuple[str, int] | None:
+    def server_addr(self) -> tuple[Any, ...] | None:
         """The local address of the client socket."""
         if self._server_addr is None and self.transport is not None:
             self._server_addr = self.transport.get_extra_info("sockname")

@@ -248,8 +248,8 @@ def begin(session: Session) -> None:
         _choose_peer(session)
     except ProxyError as exc:
         _fail_sync(session, exc)
-    except Exception as exc:  # a hook raised
-        _fail_sync(session, _hook_error(exc))
+    except Exception as hook_exc:  # a hook raised
+        _fail_sync(session, _hook_error(hook_exc))
 
 
 def _choose_peer(session: Session) -> None:
@@ -294,8 +294,8 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
         _send_upstream(session, up, up.reused)
     except ProxyError as exc:
         _fail_sync(session, exc)
-    except Exception as exc:  # noqa: BLE001 - a hook raised
-        _fail_sync(session, _hook_error(exc))
+    except Exception as hook_exc:  # noqa: BLE001 - a hook raised
+        _fail_sync(session, _hook_error(hook_exc))
 
 
 def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> None:
@@ -320,8 +320,8 @@ def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> No
     except ProxyError as exc:
         _fail_sync(session, exc)
         return
-    except Exception as exc:  # a hook raised
-        _fail_sync(session, _hook_error(exc))
+    except Exception as hook_exc:  # a hook raised
+        _fail_sync(session, _hook_error(hook_exc))
         return
     session._phase = _PH_WAIT_HEAD
     step(session)  # the answer (or an error) may already be there
@@ -362,8 +362,8 @@ def _upstream_failed(session: Session, error: ProxyError) -> None:
         _fail_sync(session, err)
     except ProxyError as exc:
         _fail_sync(session, exc)
-    except Exception as exc:  # a hook raised
-        _fail_sync(session, _hook_error(exc))
+    except Exception as hook_exc:  # a hook raised
+        _fail_sync(session, _hook_error(hook_exc))
 
 
 def _replay_policy(session: Session, error: ProxyError) -> ProxyError:
@@ -407,8 +407,8 @@ def _on_head(session: Session) -> None:
     except ProxyError as exc:
         _fail_sync(session, exc)
         return
-    except Exception as exc:  # a hook raised
-        _fail_sync(session, _hook_error(exc))
+    except Exception as hook_exc:  # a hook raised
+        _fail_sync(session, _hook_error(hook_exc))
         return
     session._phase = _PH_STREAMING
     step(session)
@@ -544,8 +544,8 @@ async def run_session(session: Session) -> None:
         error = exc
     except asyncio.CancelledError:
         error = ProxyError(ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "cancelled")
-    except Exception as exc:  # a hook raised
-        error = _hook_error(exc)
+    except Exception as hook_exc:  # a hook raised
+        error = _hook_error(hook_exc)
     if error is not None:
         await _fail_task(session, error, ctx)
     if not session._done:

@@ -184,12 +184,12 @@ class Session:
     # read-only views for hooks ----------------------------------------------------------
 
     @property
-    def client_addr(self) -> tuple[str, int] | None:
-        """The client's ``(host, port)``."""
+    def client_addr(self) -> tuple[Any, ...] | None:
+        """The client's socket address: ``(host, port)`` (IPv6: ``(host, port, flow, scope)``)."""
         return self._down.client_addr
 
     @property
-    def server_addr(self) -> tuple[str, int] | None:
+    def server_addr(self) -> tuple[Any, ...] | None:
         """The local ``(host, port)`` the client connected to."""
         return self._down.server_addr
 

@@ -61,21 +61,21 @@ class Connector:
                     ssl=ctx,
                     server_hostname=peer.sni if ctx is not None else None,
                 )
-        except TimeoutError as exc:
+        except TimeoutError as timeout:
             raise ProxyError(
                 ErrorKind.CONNECT_TIMEOUT,
                 ErrorSource.UPSTREAM,
                 f"timed out connecting to {peer.name}",
                 retryable=True,
-                cause=exc,
+                cause=timeout,
             ) from None
-        except ssl.SSLError as exc:
+        except ssl.SSLError as tls_error:
             raise ProxyError(
                 ErrorKind.TLS_HANDSHAKE,
                 ErrorSource.UPSTREAM,
-                f"TLS handshake with {peer.name} failed: {exc}",
+                f"TLS handshake with {peer.name} failed: {tls_error}",
                 retryable=True,
-                cause=exc,
+                cause=tls_error,
             ) from None
         except OSError as exc:
             kind = (

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
 
-def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+
+def parse_address(address: str | tuple[Any, ...]) -> tuple[str, int]:
     """``"host:port"``, ``"[v6]:port"`` or ``(host, port)`` → ``(host, port)``."""
     if isinstance(address, tuple):
-        return address[0], int(address[1])
+        return str(address[0]), int(address[1])
     if address.startswith("["):
         host, _, port = address[1:].partition("]:")
     else:
@@ -69,7 +71,7 @@ class HttpPeer:
 
     def __init__(
         self,
-        address: str | tuple[str, int],
+        address: str | tuple[Any, ...],
         tls: bool = False,
         sni: str | None = None,
         *,
