@@ -95,22 +95,6 @@ class ProxyError(Exception):
         )
 
 
-def downstream_error(kind: ErrorKind, detail: str = "", **kw: object) -> ProxyError:
-    """Build an error caused by the client."""
-    return ProxyError(kind, ErrorSource.DOWNSTREAM, detail, **kw)  # type: ignore[arg-type]
-
-
-def upstream_error(
-    kind: ErrorKind,
-    detail: str = "",
-    *,
-    retryable: bool = False,
-    cause: BaseException | None = None,
-) -> ProxyError:
-    """Build an error caused by the upstream server or the path to it."""
-    return ProxyError(kind, ErrorSource.UPSTREAM, detail, retryable=retryable, cause=cause)
-
-
 def internal_error(detail: str, cause: BaseException | None = None) -> ProxyError:
     """Build an error caused by ferryman itself or by a hook raising."""
     return ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, detail, cause=cause)

@@ -132,10 +132,6 @@ class RequestParser:
     @property
     def in_message(self) -> bool:
         """True while a request has started but not completed (head or body pending)."""
-        return self._in_message
-
-    @property
-    def _in_message(self) -> bool:
         return self._in_head or self._in_body
 
     @property

@@ -153,7 +153,7 @@ class H1Downstream(asyncio.Protocol):
         if tunnel is not None:
             tunnel._on_client_tunnel_eof()
             return True
-        if self.parser._in_message:
+        if self.parser.in_message:
             receiving = self.receiving or self.active
             if receiving is not None:
                 receiving._on_client_error(client_closed_error())
@@ -349,7 +349,7 @@ class H1Downstream(asyncio.Protocol):
         if self._reject is not None:
             self._send_reject(self._reject)
             return
-        if not self.parser._in_message:
+        if not self.parser.in_message:
             self.deadline = self._sweep.now + self._options.keepalive_timeout
 
     def close(self) -> None:
@@ -416,7 +416,7 @@ class H1Downstream(asyncio.Protocol):
                 )
             )
             return
-        if self.parser._in_head:
+        if self.parser.head_started:
             self._send_reject(
                 ProxyError(
                     ErrorKind.HEADER_READ_TIMEOUT,

@@ -246,10 +246,8 @@ def begin(session: Session) -> None:
         else:
             session._send_continue()
         _choose_peer(session)
-    except ProxyError as exc:
-        _fail_sync(session, exc)
-    except Exception as hook_exc:  # a hook raised
-        _fail_sync(session, _hook_error(hook_exc))
+    except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
+        _fail_sync(session, as_proxy_error(exc))
 
 
 def _choose_peer(session: Session) -> None:
@@ -274,8 +272,8 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
             try:
                 up = await connector.connect(peer)
                 break
-            except ProxyError as exc:
-                err = exc
+            except ProxyError as failure:
+                err = failure
                 if "fail_to_connect" in proxy.overridden:
                     err = proxy.fail_to_connect(session, peer, session.ctx, err)
                 if not (err.retryable and session.retries < session.max_retries):
@@ -292,10 +290,8 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
             raise session._error
         session._phase = _PH_BUSY
         _send_upstream(session, up, up.reused)
-    except ProxyError as exc:
-        _fail_sync(session, exc)
-    except Exception as hook_exc:  # noqa: BLE001 - a hook raised
-        _fail_sync(session, _hook_error(hook_exc))
+    except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
+        _fail_sync(session, as_proxy_error(exc))
 
 
 def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> None:
@@ -317,11 +313,8 @@ def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> No
             proxy.upstream_request_filter(session, up_req, ctx)
         up.start(session, up_req.raw_method, up.peer.read_timeout)
         session._send_request(up, up_req.to_bytes())
-    except ProxyError as exc:
-        _fail_sync(session, exc)
-        return
-    except Exception as hook_exc:  # a hook raised
-        _fail_sync(session, _hook_error(hook_exc))
+    except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
+        _fail_sync(session, as_proxy_error(exc))
         return
     session._phase = _PH_WAIT_HEAD
     step(session)  # the answer (or an error) may already be there
@@ -354,16 +347,14 @@ def _upstream_failed(session: Session, error: ProxyError) -> None:
             _fail_sync(session, error)
             return
         err = _after_error_hook(session, _replay_policy(session, error))
-        if err.retryable and session.retries < session.max_retries and session._can_retry():
+        if err.retryable and session.retries < session.max_retries and session._replayable:
             session.retries += 1
             session._reset_attempt()
             _choose_peer(session)
             return
         _fail_sync(session, err)
-    except ProxyError as exc:
-        _fail_sync(session, exc)
-    except Exception as hook_exc:  # a hook raised
-        _fail_sync(session, _hook_error(hook_exc))
+    except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
+        _fail_sync(session, as_proxy_error(exc))
 
 
 def _replay_policy(session: Session, error: ProxyError) -> ProxyError:
@@ -404,11 +395,8 @@ def _on_head(session: Session) -> None:
             step(session)
             return
         _send_response_start(session, resp)
-    except ProxyError as exc:
-        _fail_sync(session, exc)
-        return
-    except Exception as hook_exc:  # a hook raised
-        _fail_sync(session, _hook_error(hook_exc))
+    except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
+        _fail_sync(session, as_proxy_error(exc))
         return
     session._phase = _PH_STREAMING
     step(session)
@@ -459,6 +447,11 @@ def _complete(session: Session, error: ProxyError | None) -> None:
 
 def _hook_error(exc: Exception) -> ProxyError:
     return ProxyError(ErrorKind.HOOK_ERROR, ErrorSource.INTERNAL, repr(exc), cause=exc)
+
+
+def as_proxy_error(exc: Exception) -> ProxyError:
+    """``exc`` itself if it is a ProxyError, else a 500 hook error wrapping it."""
+    return exc if isinstance(exc, ProxyError) else _hook_error(exc)
 
 
 def _abandon_upstream(session: Session, error: ProxyError) -> None:
@@ -540,12 +533,10 @@ async def run_session(session: Session) -> None:
             if session.response_header is None:
                 raise internal_error("request_filter returned True without a response")
             session._finish_response()
-    except ProxyError as exc:
-        error = exc
     except asyncio.CancelledError:
         error = ProxyError(ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "cancelled")
-    except Exception as hook_exc:  # a hook raised
-        error = _hook_error(hook_exc)
+    except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
+        error = as_proxy_error(exc)
     if error is not None:
         await _fail_task(session, error, ctx)
     if not session._done:
@@ -643,7 +634,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             if "error_while_proxy" in overridden:
                 r = proxy.error_while_proxy(session, peer, ctx, err, session.downstream_reused)
                 err = (await r) if "error_while_proxy" in async_hooks else r
-            if err.retryable and session.retries < session.max_retries and session._can_retry():
+            if err.retryable and session.retries < session.max_retries and session._replayable:
                 session.retries += 1
                 session._reset_attempt()
                 continue

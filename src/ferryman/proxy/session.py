@@ -246,7 +246,7 @@ class Session:
         if isinstance(body, str):
             body = body.encode()
         if isinstance(headers, dict):
-            headers = Headers([(k.encode(), v.encode()) for k, v in headers.items()])
+            headers = Headers(headers.items())
         resp = ResponseHeader(status, headers)
         if content_type is not None:
             resp.headers.set(b"Content-Type", content_type)
@@ -508,9 +508,6 @@ class Session:
         if expect is not None and expect.lower() == b"100-continue" and req.version == "1.1":
             self._continue_sent = True
             self._down.write(_CONTINUE)
-
-    def _can_retry(self) -> bool:
-        return self._replayable
 
     def _reset_attempt(self) -> None:
         """Forget the failed attempt's upstream state before a retry."""
