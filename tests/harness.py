@@ -67,6 +67,8 @@ class ProxyHarness:
             asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
+        if not self._thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()  # its selector and self-pipe: ~6 descriptors per harness
         for _, _, sock in self.server._sockets:
             sock.close()
 

@@ -213,8 +213,9 @@ LISTENER_CASES = [
          "ferryman.yaml:7: listeners[2].bind: expected an address no other listener binds, "
          "got '127.0.0.1:8080' (already bound by listeners[0])", "bind-duplicate"),
     case(U + 'listeners:\n  - bind: ":80"\n',
-         'ferryman.yaml:3: listeners[0]: missing required key "upstream" (expected the name of '
-         'an upstream group; required unless "app" is set)', "upstream-missing"),
+         'ferryman.yaml:3: listeners[0]: missing required key "upstream" or "routes" (expected '
+         'the name of an upstream group, or a list of routes; required unless "app" is set)',
+         "upstream-missing"),
     case('upstreams:\n  app: {servers: ["h:1"]}\n  api: {servers: ["h:2"]}\n'
          'listeners:\n  - bind: ":80"\n    upstream: nope\n',
          'ferryman.yaml:6: listeners[0].upstream: unknown upstream "nope" (defined: app, api)',
@@ -226,10 +227,10 @@ LISTENER_CASES = [
          "ferryman.yaml:4: listeners[0].upstream: expected the name of an upstream group, "
          "got a list", "upstream-list"),
     case(U + 'listeners:\n  - bind: ":80"\n    upstreams: app\n',
-         'ferryman.yaml:3: listeners[0]: missing required key "upstream" (expected the name of '
-         'an upstream group; required unless "app" is set)\n'
+         'ferryman.yaml:3: listeners[0]: missing required key "upstream" or "routes" (expected '
+         'the name of an upstream group, or a list of routes; required unless "app" is set)\n'
          'ferryman.yaml:4: listeners[0].upstreams: unknown key "upstreams" (did you mean '
-         '"upstream"?); expected one of: bind, upstream, tls',
+         '"upstream"?); expected one of: bind, upstream, tls, routes',
          "listener-unknown-key"),
     case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n    tls: true\n',
          "ferryman.yaml:5: listeners[0].tls: expected a mapping, got true", "listener-tls-bool"),
@@ -245,11 +246,11 @@ UPSTREAM_CASES = [
     case(L + 'upstreams:\n  app: ["h:1"]\n',
          "ferryman.yaml:3: upstreams.app: expected a mapping, got a list", "upstream-list"),
     case(L + "upstreams:\n  app:\n",
-         'ferryman.yaml:3: upstreams.app: missing required key "servers" (expected a non-empty '
-         'list of "host:port" addresses)', "servers-missing-null-group"),
+         "ferryman.yaml:3: upstreams.app: missing a source of servers (expected one of servers, "
+         "dns, file or discovery)", "servers-missing-null-group"),
     case(L + "upstreams:\n  app:\n    max_retries: 2\n",
-         'ferryman.yaml:4: upstreams.app: missing required key "servers" (expected a non-empty '
-         'list of "host:port" addresses)', "servers-missing"),
+         "ferryman.yaml:4: upstreams.app: missing a source of servers (expected one of servers, "
+         "dns, file or discovery)", "servers-missing"),
     case(L + "upstreams:\n  app:\n    servers: []\n",
          'ferryman.yaml:4: upstreams.app.servers: expected a non-empty list of "host:port" '
          "addresses, got an empty list", "servers-empty"),
@@ -297,7 +298,8 @@ UPSTREAM_CASES = [
          "retries-bool"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    retries: 3\n',
          'ferryman.yaml:5: upstreams.app.retries: unknown key "retries" (did you mean '
-         '"max_retries"?); expected one of: servers, timeouts, tls, pool, max_retries',
+         '"max_retries"?); expected one of: servers, timeouts, tls, pool, max_retries, lb, '
+         "hash_key, dns, file, discovery, health_check, passive",
          "upstream-unknown-key"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    tls: maybe\n',
          "ferryman.yaml:5: upstreams.app.tls: expected a mapping of TLS settings, true or "
@@ -348,8 +350,8 @@ def test_every_problem_is_collected(config_error: Callable[[str], ConfigError]) 
         "grace_period, timeouts, limits, forwarded",
         f"ferryman.yaml:6: listeners[0].bind: expected {BIND}, got '127.0.0.1' (missing :port)",
         'ferryman.yaml:7: listeners[0].upstream: unknown upstream "nope" (defined: app)',
-        'ferryman.yaml:8: listeners[1]: missing required key "upstream" (expected the name of '
-        'an upstream group; required unless "app" is set)',
+        'ferryman.yaml:8: listeners[1]: missing required key "upstream" or "routes" (expected '
+        'the name of an upstream group, or a list of routes; required unless "app" is set)',
         'ferryman.yaml:11: upstreams.app.servers: expected a non-empty list of "host:port" '
         "addresses, got an empty list",
         f"ferryman.yaml:12: upstreams.app.timeouts.connect: expected {DURATION}, got 'fast'",

@@ -21,7 +21,9 @@ from ferryman.config import (
     ListenerConfig,
     ListenerTls,
     PoolConfig,
+    RouteConfig,
     ServerConfig,
+    ServerEntry,
     SniCert,
     UpstreamConfig,
     UpstreamTimeouts,
@@ -76,11 +78,18 @@ def test_minimal_example(tmp_path: Path) -> None:
                 via_name="ferryman",
             ),
         ),
-        listeners=(ListenerConfig(bind=("127.0.0.1", 8080), upstream="app", tls=None),),
+        listeners=(
+            ListenerConfig(
+                bind=("127.0.0.1", 8080),
+                upstream="app",
+                tls=None,
+                routes=(RouteConfig(upstream="app", name="default"),),
+            ),
+        ),
         upstreams={
             "app": UpstreamConfig(
                 name="app",
-                servers=(("127.0.0.1", 9001), ("127.0.0.1", 9002)),
+                servers=(ServerEntry(("127.0.0.1", 9001)), ServerEntry(("127.0.0.1", 9002))),
                 timeouts=UpstreamTimeouts(connect=2.0, read=30.0, write=60.0, idle=60.0),
                 tls=None,
                 pool=PoolConfig(max_idle=128, idle_timeout=60.0),
@@ -107,8 +116,14 @@ def test_defaults_when_server_omitted(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.server.timeouts == DownstreamTimeouts()
     assert config.server.limits == DownstreamLimits()
     assert config.server.forwarded == ForwardedConfig()
-    assert config.listeners == (ListenerConfig(bind=("0.0.0.0", 80), upstream="a"),)
-    assert config.upstreams["a"] == UpstreamConfig(name="a", servers=(("h", 1),))
+    assert config.listeners == (
+        ListenerConfig(
+            bind=("0.0.0.0", 80),
+            upstream="a",
+            routes=(RouteConfig(upstream="a", name="default"),),
+        ),
+    )
+    assert config.upstreams["a"] == UpstreamConfig(name="a", servers=(ServerEntry(("h", 1)),))
 
 
 def test_workers_default_when_cpu_count_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,7 +204,11 @@ def test_every_upstream_setting() -> None:
     upstream = parse_config(text).upstreams["api"]
     assert upstream == UpstreamConfig(
         name="api",
-        servers=(("::1", 9000), ("backend.internal", 9001), ("10.0.0.2", 9002)),
+        servers=(
+            ServerEntry(("::1", 9000)),
+            ServerEntry(("backend.internal", 9001)),
+            ServerEntry(("10.0.0.2", 9002)),
+        ),
         timeouts=UpstreamTimeouts(connect=1.0, read=2.0, write=3.0, idle=4.0),
         tls=UpstreamTls(sni="api.internal", verify=False, verify_hostname=False),
         pool=PoolConfig(max_idle=0, idle_timeout=4.0),
@@ -293,7 +312,7 @@ def test_yaml_anchors_and_merge_keys() -> None:
         """
     )
     upstreams = parse_config(text).upstreams
-    assert upstreams["b"].servers == (("h", 1), ("h", 2))
+    assert upstreams["b"].servers == (ServerEntry(("h", 1)), ServerEntry(("h", 2)))
     assert upstreams["b"].timeouts == UpstreamTimeouts(connect=1.0, read=9.0)
 
 
@@ -318,7 +337,11 @@ def test_public_names() -> None:
     for cls in (
         Config, ServerConfig, DownstreamTimeouts, DownstreamLimits, ForwardedConfig,
         ListenerConfig, ListenerTls, SniCert, UpstreamConfig, UpstreamTimeouts, UpstreamTls,
-        PoolConfig, ConfigProblem,
+        PoolConfig, ConfigProblem, ferryman.config.RouteConfig, ferryman.config.RouteMatch,
+        ferryman.config.HeaderMatch, ferryman.config.HeaderEdits, ferryman.config.RedirectAction,
+        ferryman.config.FixedResponse, ferryman.config.StaticAction, ferryman.config.PathRewrite,
+        ferryman.config.ServerEntry, ferryman.config.DnsDiscovery,
+        ferryman.config.HealthCheckConfig, ferryman.config.PassiveHealthConfig,
     ):
         assert dataclasses.is_dataclass(cls)
         assert cls.__doc__ and "Fields:" in cls.__doc__, cls
@@ -340,13 +363,18 @@ def _doc_block(after: str) -> str:
 
 def test_docstring_minimal_example_is_valid() -> None:
     config = parse_config(_doc_block("proxies one port to a group of servers::"))
-    assert config.upstreams["app"].servers == (("127.0.0.1", 9001), ("127.0.0.1", 9002))
+    assert config.upstreams["app"].servers == (
+        ServerEntry(("127.0.0.1", 9001)),
+        ServerEntry(("127.0.0.1", 9002)),
+    )
 
 
 def test_docstring_full_example_is_valid(tmp_path: Path) -> None:
     for name in ("site.pem", "site.key", "api.pem", "api.key", "clients-ca.pem",
                  "internal-ca.pem", "client.pem", "client.key"):
         write(tmp_path / "certs" / name, "placeholder\n")
+    (tmp_path / "site").mkdir()
+    write(tmp_path / "servers.yaml", '["127.0.0.1:9001"]\n')
     example = _doc_block("(all optional unless marked *required*)::")
     path = write(tmp_path / "ferryman.yaml", example)
     config = load_config(path)
@@ -370,8 +398,26 @@ def test_docstring_full_example_is_valid(tmp_path: Path) -> None:
         client_verify="required",
         alpn=("h2", "http/1.1"),
     )
+    assert config.listeners[0].routes == (RouteConfig(upstream="app", name="default"),)
+    routes = config.listeners[1].routes
+    assert [r.name for r in routes] == [
+        "api", "listeners[1].routes[1]", "listeners[1].routes[2]", "listeners[1].routes[3]"
+    ]
+    assert routes[0].match.hosts == ("api.example.com", "*.api.example.com")
+    assert routes[3].static is not None and routes[3].static.root == str(tmp_path / "site")
+    assert config.upstreams["api"].dns is not None
+    assert config.upstreams["legacy"].file == str(tmp_path / "servers.yaml")
+    assert config.upstreams["dynamic"].discovery == "mypkg.discovery:Consul"
     app = config.upstreams["app"]
-    assert app.servers == (("127.0.0.1", 9001), ("backend.internal", 9002), ("::1", 9003))
+    assert (app.lb, app.hash_key) == ("consistent", "header:X-User")
+    assert app.health_check is not None and app.health_check.expect_status == (
+        *range(200, 300), 304
+    )
+    assert app.servers == (
+        ServerEntry(("127.0.0.1", 9001), weight=3),
+        ServerEntry(("backend.internal", 9002)),
+        ServerEntry(("::1", 9003)),
+    )
     assert app.timeouts == UpstreamTimeouts()
     assert app.pool == PoolConfig()
     assert app.tls == UpstreamTls(

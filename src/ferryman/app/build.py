@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 import ssl
 from typing import Any
 
-from ferryman.app.config_proxy import ConfigProxy
+from ferryman.app.config_proxy import ConfigProxy, hash_key_function, make_discovery
 from ferryman.config import Config, ListenerConfig
+from ferryman.lb import HealthBoard, run_control_process
 from ferryman.protocols.h1 import RequestLimits
 from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.options import ProxyOptions
@@ -114,13 +116,37 @@ def check_tls_material(config: Config) -> None:
 
 
 def build_proxy(config: Config) -> ProxyHttp:
-    """The proxy instance: the config's ``app`` class, or the built-in ConfigProxy."""
+    """The proxy instance: the config's ``app`` class, or the built-in ConfigProxy.
+
+    Raises :class:`AppLoadError` when something the config names in Python (the app, a
+    ``discovery`` class, a ``python:`` hash key) cannot be loaded.
+    """
     cls: type[ProxyHttp] = load_app_class(config.app) if config.app else ConfigProxy
+    for name, upstream in config.upstreams.items():
+        if upstream.discovery is not None:
+            try:
+                make_discovery(upstream)
+            except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
+                raise AppLoadError(
+                    f"upstreams.{name}.discovery: cannot create {upstream.discovery}: {exc}"
+                ) from exc
+        if upstream.hash_key.startswith("python:"):
+            try:
+                hash_key_function(upstream.hash_key)
+            except Exception as exc:  # noqa: BLE001 - any failure of user code is reported
+                raise AppLoadError(
+                    f"upstreams.{name}.hash_key: cannot load {upstream.hash_key[7:]}: {exc}"
+                ) from exc
     return cls.from_config(config)
 
 
 def build_server(config: Config, workers: int | None = None) -> Server:
-    """A Server with one HTTP proxy service for all listeners of ``config``."""
+    """A Server with one HTTP proxy service for all listeners of ``config``.
+
+    With the built-in proxy, discovery and active health checks run in one control
+    process next to the workers, which read the results from a shared
+    :class:`~ferryman.lb.HealthBoard`.
+    """
     check_tls_material(config)
     proxy = build_proxy(config)
     listeners = [make_listener(lc) for lc in config.listeners]
@@ -128,5 +154,12 @@ def build_server(config: Config, workers: int | None = None) -> Server:
         workers=workers if workers is not None else config.server.workers,
         grace_period=config.server.grace_period,
     )
+    if isinstance(proxy, ConfigProxy) and proxy.monitors():
+        board = HealthBoard()
+        proxy.board = board
+        supervisor = os.getpid()
+        server.extra_processes.append(
+            lambda: run_control_process(board, proxy.monitors(), supervisor)
+        )
     server.add_service(HttpProxyService(proxy, listeners, proxy_options(config)))
     return server

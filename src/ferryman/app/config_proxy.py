@@ -1,94 +1,687 @@
 """ConfigProxy: the proxy that ``ferryman run`` serves, built from a Config.
 
-It is an ordinary :class:`~ferryman.ProxyHttp` subclass using only the public API: each
-listener sends its requests to one upstream group, whose servers are chosen round robin;
-a retry moves on to the next server.
+It is an ordinary :class:`~ferryman.ProxyHttp` subclass using only the public API, with
+plain-function hooks only (so requests run in the engine's task-free sync mode):
+
+* ``request_filter`` finds the listener's route (:mod:`ferryman.app.routes`) and carries
+  out local actions — redirect, fixed response, static files;
+* ``upstream_peer`` picks a server of the route's upstream group with its
+  :class:`~ferryman.lb.LoadBalancer` (health-aware; a retry excludes servers already tried,
+  so it fails over);
+* ``upstream_request_filter`` / ``response_filter`` apply the route's path rewrite and
+  header edits;
+* ``fail_to_connect`` / ``error_while_proxy`` / ``logging`` feed passive health checks and
+  the least-connections / latency counters; ``fail_to_proxy`` explains a failure in the
+  response body (naming the servers marked down when every server was).
+
+Active health checks and discovery run in one place per server: the control process
+(``ferryman run``), which publishes on a :class:`~ferryman.lb.HealthBoard` that each worker
+polls — or, when no board is given (library use, tests), in the worker's own loop.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+import logging
+import re
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from ferryman.config import Config, UpstreamConfig
+from ferryman.app.routes import Route, Router
+from ferryman.app.static import StaticFiles
+from ferryman.config.model import Config, HeaderEdits, RouteConfig, UpstreamConfig
+from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
+from ferryman.lb import (
+    Backend,
+    DnsDiscovery,
+    FileDiscovery,
+    GroupMonitor,
+    HealthBoard,
+    HealthCheck,
+    HttpHealthCheck,
+    LoadBalancer,
+    NoBackendError,
+    PassiveHealth,
+    ServiceDiscovery,
+    StaticDiscovery,
+    TcpHealthCheck,
+    apply_snapshot,
+)
+from ferryman.protocols.headers import Headers, ResponseHeader, reason_phrase
 from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.session import Session
 from ferryman.upstream.peer import HttpPeer
 
+if TYPE_CHECKING:
+    from ferryman.protocols.headers import RequestHeader
+    from ferryman.proxy.service import HttpProxyService
+
+__all__ = ["ConfigProxy", "UpstreamGroup", "RequestState", "make_discovery", "make_check"]
+
+log = logging.getLogger("ferryman.app")
+
+#: How often a worker looks at the health board for news (seconds).
+BOARD_POLL_INTERVAL = 0.1
+
+
+# --------------------------------------------------------------------------------------
+# upstream groups
+
+
+def _import(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _cookie(value: bytes, name: bytes) -> bytes:
+    for part in value.split(b";"):
+        k, _, v = part.strip().partition(b"=")
+        if k == name:
+            return v
+    return b""
+
+
+def hash_key_function(spec: str) -> Callable[[Session], bytes]:
+    """The function computing the balancing key named by ``hash_key``."""
+    if spec == "client_ip":
+        return lambda s: s.client_ip
+    if spec == "uri":
+        return lambda s: s.req_header.raw_path
+    if spec == "path":
+        return lambda s: s.req_header.raw_path.partition(b"?")[0]
+    kind, _, arg = spec.partition(":")
+    if kind == "header":
+        name = arg.lower().encode()
+        return lambda s: s.req_header.headers.get(name) or b""
+    if kind == "cookie":
+        cookie = arg.encode()
+        return lambda s: _cookie(s.req_header.headers.get(b"cookie") or b"", cookie)
+    if kind == "python":
+        fn = _import(arg)
+
+        def call(s: Session) -> bytes:
+            key = fn(s)
+            return key.encode() if isinstance(key, str) else bytes(key or b"")
+
+        return call
+    raise ValueError(f"unknown hash_key {spec!r}")
+
+
+def make_peer_factory(upstream: UpstreamConfig) -> Callable[[tuple[str, int]], HttpPeer]:
+    """Builds the :class:`HttpPeer` of each server of ``upstream`` (TLS, timeouts, pool)."""
+    tls = upstream.tls
+    timeouts = upstream.timeouts
+
+    def make(address: tuple[str, int]) -> HttpPeer:
+        return HttpPeer(
+            address,
+            tls=tls is not None,
+            sni=tls.sni if tls is not None else None,
+            verify_cert=tls.verify if tls is not None else True,
+            verify_hostname=tls.verify_hostname if tls is not None else True,
+            ca=tls.ca if tls is not None else None,
+            client_cert=tls.cert if tls is not None else None,
+            client_key=tls.key if tls is not None else None,
+            connect_timeout=timeouts.connect,
+            read_timeout=timeouts.read,
+            write_timeout=timeouts.write,
+            idle_timeout=min(timeouts.idle, upstream.pool.idle_timeout),
+            max_idle=upstream.pool.max_idle,
+        )
+
+    return make
+
+
+def make_discovery(upstream: UpstreamConfig) -> ServiceDiscovery:
+    """The membership source of ``upstream``: static servers, DNS, a file or a class."""
+    if upstream.dns is not None:
+        d = upstream.dns
+        return DnsDiscovery(d.name, d.port, d.type, refresh=d.refresh, resolver=d.resolver)
+    if upstream.file is not None:
+        return FileDiscovery(upstream.file)
+    if upstream.discovery is not None:
+        cls = _import(upstream.discovery)
+        if not (isinstance(cls, type) and issubclass(cls, ServiceDiscovery)):
+            raise TypeError(
+                f"upstreams.{upstream.name}.discovery: {upstream.discovery} is not a "
+                "ferryman.lb.ServiceDiscovery subclass"
+            )
+        instance: ServiceDiscovery = cls()
+        return instance
+    return StaticDiscovery([(s.address, s.weight) for s in upstream.servers])
+
+
+def make_check(upstream: UpstreamConfig) -> HealthCheck | None:
+    """The active health check of ``upstream``, or None."""
+    hc = upstream.health_check
+    if hc is None:
+        return None
+    tls_ctx: ssl.SSLContext | None = None
+    server_hostname = None
+    if upstream.tls is not None:
+        t = upstream.tls
+        tls_ctx = ssl.create_default_context(cafile=t.ca)
+        tls_ctx.check_hostname = t.verify and t.verify_hostname
+        if not t.verify:
+            tls_ctx.verify_mode = ssl.CERT_NONE
+        if t.cert:
+            tls_ctx.load_cert_chain(t.cert, t.key)
+        server_hostname = t.sni
+    if hc.type == "tcp":
+        return TcpHealthCheck(
+            interval=hc.interval, timeout=hc.timeout, rise=hc.rise, fall=hc.fall,
+            tls=tls_ctx, server_hostname=server_hostname,
+        )
+    return HttpHealthCheck(
+        method=hc.method,
+        path=hc.path,
+        host=hc.host,
+        expect_status=hc.expect_status,
+        body_contains=hc.body_contains.encode() if hc.body_contains is not None else None,
+        interval=hc.interval,
+        timeout=hc.timeout,
+        rise=hc.rise,
+        fall=hc.fall,
+        tls=tls_ctx,
+        server_hostname=server_hostname,
+    )
+
 
 class UpstreamGroup:
-    """A named group of peers with round-robin selection."""
+    """An upstream group as the config proxy uses it: its balancer and settings.
 
-    __slots__ = ("name", "peers", "max_retries", "_next")
+    Attributes:
+        name: the group's name.
+        config: its :class:`UpstreamConfig`.
+        balancer: the :class:`LoadBalancer` choosing its servers.
+        key: computes the balancing key of a request (hash/consistent), else None.
+        max_retries: retries allowed for its requests.
+        on_5xx: whether 5xx answers count as passive failures.
+        timed: whether request latency is measured (``p2c_ewma``).
+        counted: whether in-flight requests are counted (``least_conn``, ``p2c_ewma``).
+    """
 
-    def __init__(self, name: str, peers: list[HttpPeer], max_retries: int) -> None:
-        self.name = name
-        self.peers = peers
-        self.max_retries = max_retries
-        self._next = 0
+    __slots__ = ("name", "config", "balancer", "key", "max_retries", "on_5xx", "timed", "counted")
+
+    def __init__(self, upstream: UpstreamConfig) -> None:
+        self.name = upstream.name
+        self.config = upstream
+        p = upstream.passive
+        static = upstream.dns is None and upstream.file is None and upstream.discovery is None
+        members = [(s.address, s.weight) for s in upstream.servers] if static else []
+        self.balancer = LoadBalancer(
+            upstream.name,
+            members,
+            upstream.lb,
+            passive=PassiveHealth(max_fails=p.max_fails, eject=p.eject, max_eject=p.max_eject),
+            peer_factory=make_peer_factory(upstream),
+        )
+        self.key = hash_key_function(upstream.hash_key) if self.balancer.uses_key else None
+        self.max_retries = upstream.max_retries
+        self.on_5xx = p.on_5xx
+        self.timed = upstream.lb == "p2c_ewma"
+        self.counted = upstream.lb in ("least_conn", "p2c_ewma")
 
     @classmethod
     def from_config(cls, upstream: UpstreamConfig) -> UpstreamGroup:
-        """Build the group (and its peers) for one ``upstreams`` entry."""
-        tls = upstream.tls
-        timeouts = upstream.timeouts
-        peers = [
-            HttpPeer(
-                (host, port),
-                tls=tls is not None,
-                sni=tls.sni if tls is not None else None,
-                verify_cert=tls.verify if tls is not None else True,
-                verify_hostname=tls.verify_hostname if tls is not None else True,
-                ca=tls.ca if tls is not None else None,
-                client_cert=tls.cert if tls is not None else None,
-                client_key=tls.key if tls is not None else None,
-                connect_timeout=timeouts.connect,
-                read_timeout=timeouts.read,
-                write_timeout=timeouts.write,
-                idle_timeout=min(timeouts.idle, upstream.pool.idle_timeout),
-                max_idle=upstream.pool.max_idle,
-            )
-            for host, port in upstream.servers
-        ]
-        return cls(upstream.name, peers, upstream.max_retries)
+        """Build the group for one ``upstreams`` entry."""
+        return cls(upstream)
 
-    def select(self) -> HttpPeer:
-        """The next peer, round robin."""
-        peers = self.peers
-        i = self._next
-        self._next = (i + 1) % len(peers)
-        return peers[i]
+    @property
+    def peers(self) -> list[HttpPeer]:
+        """The peers of the current members."""
+        return [b.peer for b in self.balancer.backends if b.peer is not None]
+
+    def select(self, session: Session | None = None, exclude: tuple[Backend, ...] = ()) -> Backend:
+        """Choose a backend (see :meth:`LoadBalancer.select`)."""
+        key = self.key(session) if self.key is not None and session is not None else b""
+        return self.balancer.select(key, exclude)
+
+
+# --------------------------------------------------------------------------------------
+# route actions
+
+
+def _edit(headers: Headers, edits: HeaderEdits) -> None:
+    for name in edits.remove:
+        headers.remove(name)
+    for name, value in edits.set:
+        headers.set(name, value)
+    for name, value in edits.add:
+        headers.add(name, value)
+
+
+def _has_edits(edits: HeaderEdits) -> bool:
+    return bool(edits.remove or edits.set or edits.add)
+
+
+class ProxyAction:
+    """Proxy to an upstream group, with path rewrite and header edits."""
+
+    __slots__ = ("group", "strip", "rewrite", "rewrite_to", "request_edits", "changes_request")
+
+    def __init__(self, route: RouteConfig, group: UpstreamGroup) -> None:
+        self.group = group
+        self.strip = route.strip_prefix.encode() if route.strip_prefix else None
+        if self.strip is not None and self.strip.endswith(b"/") and self.strip != b"/":
+            self.strip = self.strip[:-1]
+        self.rewrite = re.compile(route.rewrite.regex.encode()) if route.rewrite else None
+        self.rewrite_to = route.rewrite.to.encode() if route.rewrite else b""
+        self.request_edits = route.request_headers
+        self.changes_request = (
+            self.strip is not None or self.rewrite is not None or _has_edits(route.request_headers)
+        )
+
+    def rewrite_request(self, req: RequestHeader) -> None:
+        """Apply strip_prefix, rewrite and request header edits to the upstream request."""
+        if self.strip is not None or self.rewrite is not None:
+            path, q, query = req.raw_path.partition(b"?")
+            strip = self.strip
+            if strip is not None and path.startswith(strip):
+                rest = path[len(strip) :]
+                if not rest:
+                    path = b"/"
+                elif rest.startswith(b"/"):
+                    path = rest
+            if self.rewrite is not None:
+                path = self.rewrite.sub(self.rewrite_to, path, count=1)
+                if not path.startswith(b"/"):
+                    path = b"/" + path
+            req.raw_path = path + q + query
+        _edit(req.headers, self.request_edits)
+
+
+class RedirectResponder:
+    """Answer with a redirect."""
+
+    __slots__ = ("to", "status", "keep_query", "templated")
+
+    def __init__(self, route: RouteConfig) -> None:
+        r = route.redirect
+        assert r is not None
+        self.to = r.to
+        self.status = r.status
+        self.keep_query = r.keep_query
+        self.templated = "$path" in r.to or "$query" in r.to
+
+    def location(self, req: RequestHeader) -> str:
+        """The Location for ``req``."""
+        path, q, query = req.raw_path.decode("latin-1").partition("?")
+        if self.templated:
+            return self.to.replace("$path", path).replace("$query", q + query)
+        if self.keep_query and q and "?" not in self.to:
+            return f"{self.to}?{query}"
+        return self.to
+
+
+class FixedResponder:
+    """Answer with a configured status, body and headers."""
+
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, route: RouteConfig) -> None:
+        r = route.respond
+        assert r is not None
+        self.status = r.status
+        self.body = r.body.encode()
+        content_type = r.content_type
+        if content_type is None and r.body:
+            content_type = "text/plain; charset=utf-8"
+        headers = list(r.headers)
+        if content_type is not None:
+            headers.append(("Content-Type", content_type))
+        self.headers = [(k.encode(), v.encode()) for k, v in headers]
+
+
+class RouteAction:
+    """What the config proxy does with a route's requests (attached as ``Route.action``)."""
+
+    __slots__ = ("proxy", "redirect", "fixed", "static", "response_edits", "edits_response")
+
+    def __init__(self, route: RouteConfig, groups: dict[str, UpstreamGroup]) -> None:
+        self.proxy = ProxyAction(route, groups[route.upstream]) if route.upstream else None
+        self.redirect = RedirectResponder(route) if route.redirect else None
+        self.fixed = FixedResponder(route) if route.respond else None
+        s = route.static
+        self.static = StaticFiles(s.root, s.index, s.max_age) if s is not None else None
+        self.response_edits = route.response_headers
+        self.edits_response = _has_edits(route.response_headers)
+
+
+# --------------------------------------------------------------------------------------
+# the proxy
+
+
+class RequestState:
+    """Per-request state of the config proxy (its ``ctx``).
+
+    Attributes:
+        route: the matched route, or None before routing.
+        group: the upstream group of a proxied request.
+        backend: the backend of the current attempt.
+        tried: backends of earlier failed attempts (excluded on retry).
+        reported: whether the current attempt's outcome was fed to passive health.
+        start: when the current attempt was sent (monotonic), for latency.
+        fail_open: whether health ruled out every server when choosing.
+    """
+
+    __slots__ = ("route", "group", "backend", "tried", "reported", "start", "fail_open")
+
+    def __init__(self) -> None:
+        self.route: Route | None = None
+        self.group: UpstreamGroup | None = None
+        self.backend: Backend | None = None
+        self.tried: tuple[Backend, ...] = ()
+        self.reported = False
+        self.start = 0.0
+        self.fail_open = False
+
+
+_NOT_FOUND = b"404 Not Found: no route for this request\n"
 
 
 class ConfigProxy(ProxyHttp):
-    """Routes each listener's requests to its configured upstream group."""
+    """Routes requests per listener, load-balances proxied ones, serves local actions.
 
-    def __init__(self, config: Config) -> None:
+    Args:
+        config: the validated configuration.
+        board: the health board published by the server's control process, or None to run
+            discovery and health checks in each worker's own loop.
+    """
+
+    def __init__(self, config: Config, board: HealthBoard | None = None) -> None:
         self.config = config
-        self.groups = {name: UpstreamGroup.from_config(u) for name, u in config.upstreams.items()}
-        self.by_listener: dict[tuple[str, int], UpstreamGroup] = {}
+        self.board = board
+        self.groups = {name: UpstreamGroup(u) for name, u in config.upstreams.items()}
+        self.routers: dict[tuple[str, int], Router] = {}
         for listener in config.listeners:
-            if listener.upstream is not None:
-                self.by_listener[(listener.bind[0], listener.bind[1])] = self.groups[
-                    listener.upstream
-                ]
-        self._only = next(iter(self.by_listener.values())) if len(self.by_listener) == 1 else None
+            routes = [
+                Route(rc, RouteAction(rc, self.groups)) for rc in listener.routes
+            ]
+            self.routers[(listener.bind[0], listener.bind[1])] = Router(routes)
+        self._only = next(iter(self.routers.values())) if len(self.routers) == 1 else None
+        self._monitors: list[GroupMonitor] = []
+        self._service: HttpProxyService | None = None
+        self._poll: Any = None
 
     @classmethod
     def from_config(cls, config: Any) -> ProxyHttp:
         """Build from a validated :class:`~ferryman.config.Config`."""
         return cls(config)
 
-    def group_for(self, session: Session) -> UpstreamGroup:
-        """The upstream group serving the listener ``session`` arrived on."""
+    def monitors(self) -> list[GroupMonitor]:
+        """A :class:`GroupMonitor` per upstream group that needs one (discovery other than
+        a static list, or active health checks)."""
+        out = []
+        for name, group in self.groups.items():
+            u = group.config
+            dynamic = u.dns is not None or u.file is not None or u.discovery is not None
+            check = make_check(u)
+            if dynamic or check is not None:
+                out.append(GroupMonitor(name, make_discovery(u), check))
+        return out
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def worker_start(self, service: HttpProxyService) -> None:
+        """Follow the health board, or run discovery and checks in this worker."""
+        self._service = service
+        if self.board is not None:
+            self._poll = service.loop.call_later(BOARD_POLL_INTERVAL, self._poll_board)
+            return
+        for monitor in self.monitors():
+            monitor.on_change = self._applier(monitor.name)
+            monitor.start(service.loop)
+            self._monitors.append(monitor)
+
+    def worker_stop(self, service: HttpProxyService) -> None:
+        """Stop polling and monitoring."""
+        if self._poll is not None:
+            self._poll.cancel()
+            self._poll = None
+        for monitor in self._monitors:
+            monitor.stop()
+        self._monitors.clear()
+
+    def _applier(self, name: str) -> Callable[[list[dict[str, Any]]], None]:
+        def apply(snapshot: list[dict[str, Any]]) -> None:
+            self.apply_state({name: snapshot})
+
+        return apply
+
+    def apply_state(self, state: dict[str, list[dict[str, Any]]]) -> None:
+        """Apply published group snapshots (membership and health) to the balancers."""
+        service = self._service
+        for name, snapshot in state.items():
+            group = self.groups.get(name)
+            if group is None:
+                continue
+            for gone in apply_snapshot(group.balancer, snapshot):
+                if gone.peer is not None and service is not None:
+                    service.connector.close_idle(gone.peer)
+
+    def _poll_board(self) -> None:
+        service = self._service
+        board = self.board
+        if service is None or board is None:
+            return
+        try:
+            state = board.read()
+            if state is not None:
+                self.apply_state(state)
+        except Exception:  # noqa: BLE001 - a bad document must not stop polling
+            log.exception("reading the health board failed")
+        self._poll = service.loop.call_later(BOARD_POLL_INTERVAL, self._poll_board)
+
+    # hooks --------------------------------------------------------------------------------
+
+    def new_ctx(self) -> RequestState:
+        """A :class:`RequestState`."""
+        return RequestState()
+
+    def router_for(self, session: Session) -> Router | None:
+        """The router of the listener ``session`` arrived on."""
         if self._only is not None:
             return self._only
         listener = session.listener
-        if listener is None or listener.address not in self.by_listener:
-            raise LookupError("no upstream group for this listener")
-        return self.by_listener[listener.address]
+        if listener is None:
+            return None
+        return self.routers.get(listener.address)
 
-    def upstream_peer(self, session: Session, ctx: Any) -> HttpPeer:  # type: ignore[override]
-        """Round robin within the listener's group; retries move to the next server."""
-        group = self.group_for(session)
-        session.max_retries = group.max_retries
-        return group.select()
+    def request_filter(self, session: Session, ctx: RequestState) -> bool:  # type: ignore[override]
+        """Route the request; answer it here unless it is proxied."""
+        router = self.router_for(session)
+        route = router.route(session.req_header) if router is not None else None
+        if route is None:
+            session.send_response(404, _NOT_FOUND, content_type="text/plain; charset=utf-8")
+            return True
+        ctx.route = route
+        action: RouteAction = route.action
+        p = action.proxy
+        if p is not None:
+            ctx.group = p.group
+            return False
+        edit = self._response_editor(action)
+        if action.static is not None:
+            action.static.serve(session, edit=edit)
+            return True
+        if action.redirect is not None:
+            r = action.redirect
+            resp = ResponseHeader(r.status, [(b"Location", r.location(session.req_header))])
+            self._send_local(session, resp, b"", edit)
+            return True
+        fixed = action.fixed
+        assert fixed is not None
+        resp = ResponseHeader(fixed.status, list(fixed.headers))
+        self._send_local(session, resp, fixed.body, edit)
+        return True
+
+    def _late_route(self, session: Session, ctx: RequestState) -> UpstreamGroup:
+        """Route in ``upstream_peer`` when a subclass's ``request_filter`` did not call
+        this class's (so ``ctx.group`` is unset)."""
+        router = self.router_for(session)
+        route = router.route(session.req_header) if router is not None else None
+        proxy = route.action.proxy if route is not None else None
+        if route is None or proxy is None:
+            raise ProxyError(
+                ErrorKind.NO_PEER, ErrorSource.INTERNAL, "no route proxies this request"
+            )
+        ctx.route = route
+        ctx.group = proxy.group
+        return proxy.group
+
+    @staticmethod
+    def _response_editor(action: RouteAction) -> Callable[[ResponseHeader], None] | None:
+        if not action.edits_response:
+            return None
+        edits = action.response_edits
+        return lambda resp: _edit(resp.headers, edits)
+
+    @staticmethod
+    def _send_local(
+        session: Session,
+        resp: ResponseHeader,
+        body: bytes,
+        edit: Callable[[ResponseHeader], None] | None,
+    ) -> None:
+        if edit is not None:
+            edit(resp)
+        session.send_response_header(resp, end_of_stream=not body, length=len(body))
+        if body:
+            session.send_response_body(body, end_of_stream=True)
+
+    def upstream_peer(self, session: Session, ctx: RequestState) -> HttpPeer:  # type: ignore[override]
+        """Pick a server of the route's group; a retry excludes servers already tried."""
+        group = ctx.group
+        if group is None:
+            group = self._late_route(session, ctx)
+        previous = ctx.backend
+        if previous is not None:  # a retry: the last attempt failed
+            ctx.tried += (previous,)
+            if group.counted:
+                previous.inflight -= 1
+        else:
+            session.max_retries = group.max_retries
+        try:
+            backend = group.select(session, ctx.tried)
+        except NoBackendError as exc:
+            ctx.backend = None
+            raise ProxyError(
+                ErrorKind.NO_PEER, ErrorSource.UPSTREAM,
+                f'upstream "{group.name}" has no servers (none discovered yet)', cause=exc,
+            ) from None
+        ctx.fail_open = group.balancer.last_fail_open
+        ctx.backend = backend
+        ctx.reported = False
+        if group.counted:
+            backend.inflight += 1
+        if group.timed:
+            ctx.start = time.monotonic()
+        peer = backend.peer
+        assert peer is not None
+        return peer
+
+    def upstream_request_filter(  # type: ignore[override]
+        self, session: Session, upstream_request: RequestHeader, ctx: RequestState
+    ) -> None:
+        """Path rewrite and request header edits of the route."""
+        route = ctx.route
+        if route is not None:
+            p = route.action.proxy
+            if p is not None and p.changes_request:
+                p.rewrite_request(upstream_request)
+
+    def response_filter(  # type: ignore[override]
+        self, session: Session, response: ResponseHeader, ctx: RequestState
+    ) -> None:
+        """Response header edits of the route."""
+        route = ctx.route
+        if route is not None and route.action.edits_response:
+            _edit(response.headers, route.action.response_edits)
+
+    def _failed(self, ctx: RequestState, error: ProxyError) -> None:
+        backend = ctx.backend
+        group = ctx.group
+        if backend is None or group is None or ctx.reported:
+            return
+        if error.source is ErrorSource.UPSTREAM:
+            ctx.reported = True
+            if group.balancer.report_failure(backend, error.detail or error.kind.value):
+                log.warning(
+                    "upstream %s: server %s ejected after failures (%s)",
+                    group.name, backend.name, error.detail or error.kind.value,
+                )
+
+    def fail_to_connect(  # type: ignore[override]
+        self, session: Session, peer: HttpPeer, ctx: RequestState, error: ProxyError
+    ) -> ProxyError:
+        """Count the failure for passive health (connect failures stay retryable)."""
+        self._failed(ctx, error)
+        return error
+
+    def error_while_proxy(  # type: ignore[override]
+        self,
+        session: Session,
+        peer: HttpPeer,
+        ctx: RequestState,
+        error: ProxyError,
+        client_reused: bool,
+    ) -> ProxyError:
+        """Count the failure for passive health."""
+        self._failed(ctx, error)
+        return error
+
+    def fail_to_proxy(  # type: ignore[override]
+        self, session: Session, error: ProxyError, ctx: RequestState
+    ) -> int:
+        """Error response; for upstream failures the body says what failed and why."""
+        status = status_for(error)
+        if session.response_started:
+            return status
+        group = ctx.group
+        if group is None or error.source is not ErrorSource.UPSTREAM:
+            session.send_error(status)
+            return status
+        lines = [f"{status} {reason_phrase(status).decode()}"]
+        where = f' ({ctx.backend.name})' if ctx.backend is not None else ""
+        lines.append(f'upstream "{group.name}"{where}: {error.detail or error.kind.value}')
+        if ctx.fail_open:
+            lines.append(
+                f"every server of the group was marked down, tried anyway: "
+                f"{group.balancer.down_report()}"
+            )
+        if ctx.tried:
+            lines.append("also tried: " + ", ".join(b.name for b in ctx.tried))
+        session.send_response(
+            status, "\n".join(lines) + "\n", content_type="text/plain; charset=utf-8"
+        )
+        return status
+
+    def logging(  # type: ignore[override]
+        self, session: Session, error: ProxyError | None, ctx: RequestState
+    ) -> None:
+        """Release the in-flight count, record latency and success for passive health."""
+        backend = ctx.backend
+        group = ctx.group
+        if backend is None or group is None:
+            return
+        if group.counted:
+            backend.inflight -= 1
+        if ctx.reported:
+            return
+        status = session.upstream_status
+        if status is None:
+            return  # no answer and no upstream error: the client left first
+        balancer = group.balancer
+        if group.on_5xx and status >= 500:
+            balancer.report_failure(backend, f"status {status}")
+            return
+        if group.timed:
+            balancer.selector.observe(backend, time.monotonic() - ctx.start, time.monotonic())
+        if backend.fails or backend.ejections:
+            balancer.report_success(backend)

@@ -1,4 +1,4 @@
-'''ferryman's configuration file: loading, validation with precise errors, typed result.
+r'''ferryman's configuration file: loading, validation with precise errors, typed result.
 
 ``load_config(path)`` reads a YAML file and returns a frozen ``Config``; any mistake raises
 ``ConfigError``, which lists *every* problem in the file, one per line, each naming the file,
@@ -24,7 +24,8 @@ Every key, with its default (all optional unless marked *required*)::
     demo_origin: "127.0.0.1:9001"  # also run ferryman's tiny greeting origin there (for the
                                    # quickstart); default: none
     app: mypkg.proxy:MyProxy     # a ProxyHttp subclass to run, "module:Class"; default: the
-                                 # built-in proxy. With an app, listeners need no upstream.
+                                 # built-in proxy. With an app, listeners need no upstream
+                                 # or routes.
     server:
       workers: 4                 # worker processes; default: number of CPUs
       grace_period: 10s          # graceful shutdown waits this long for requests in flight
@@ -46,9 +47,10 @@ Every key, with its default (all optional unless marked *required*)::
         via_name: ferryman
     listeners:                   # required, at least one
       - bind: ":8080"            # required; "host:port", "[::1]:8080", ":8080" = 0.0.0.0
-        upstream: app            # required unless `app` is set: a key of `upstreams`
+        upstream: app            # every request goes to group "app" (a key of `upstreams`):
+                                 # short for `routes: [{upstream: app}]`. A listener needs
+                                 # `upstream` or `routes`, not both (neither: the `app` decides)
       - bind: "0.0.0.0:8443"
-        upstream: app
         tls:
           cert: certs/site.pem   # required; relative paths are taken from this file's
           key: certs/site.key    # directory. Files must exist and be readable.
@@ -60,9 +62,82 @@ Every key, with its default (all optional unless marked *required*)::
           client_verify: required          # off | optional | required; default: required
                                            # with client_ca, off without
           alpn: ["h2", "http/1.1"]         # default ["http/1.1"]
-    upstreams:                   # groups of servers, by name (letters, digits, _ . -)
+        routes:                  # tried in order: the first that matches takes the request;
+                                 # none matches: 404. A route hidden by an earlier one (which
+                                 # matches all it would) is an error.
+          - name: api            # for logs and metrics; unique in the listener; default: the
+                                 # key path, "listeners[1].routes[0]"
+            match:               # all conditions given must hold; no match: every request
+              host: ["api.example.com", "*.api.example.com"]  # one name or a list; no port;
+                                 # "*.x" is any name ending in ".x"; default: any host
+              path_prefix: /v1   # "/v1" and "/v1/..." but not "/v10" ("/v1/": "/v1/..." only).
+                                 # Or `path: /exact`, or `path_regex: "^/v[0-9]+/"` (re.match,
+                                 # must compile); at most one of the three. Default: any path
+              methods: [GET, POST]  # one method or a list; default: any method
+              headers:           # name: condition, all must hold
+                X-Env: prod      #   the exact value (quote numbers: "1")
+                X-Canary: false  #   false: absent; true: present with any value
+                X-Trace: {regex: "^[0-9a-f]+$"}  # a value the regex finds (re.search)
+            upstream: api        # the action, exactly one of: upstream (proxy to that group),
+                                 # redirect, respond, static (below)
+            strip_prefix: /v1    # upstream only: "/v1/users" goes upstream as "/users"
+            rewrite:             # upstream only, after strip_prefix: re.sub, first match
+              regex: "^/legacy/(.*)$"  # required, must compile
+              to: '/api/\1'     # required; \1 or \g<name> refer to groups of the regex
+            request_headers:     # upstream only: applied remove, then set, then add
+              remove: [X-Debug]  # one name or a list
+              set: {X-Env: prod} # replace (names are HTTP tokens; values have no CR/LF)
+              add: {X-Tag: edge} # append
+            response_headers:    # any action; same keys as request_headers
+              set: {X-Frame-Options: DENY}
+          - match: {path_prefix: /old}
+            redirect:
+              to: /new           # required: a path or an http(s):// URL; $path and $query
+                                 # stand for the request's path and "?query"
+              status: 301        # 301, 302, 303, 307 or 308; default 302
+              keep_query: true   # append the request's query (unless `to` has one or
+                                 # uses $query); default true
+          - match: {path: /ping, methods: GET}
+            respond:
+              status: 200        # 200..599 (204 and 304 take no body); default 200
+              body: "pong"       # default ""
+              content_type: text/plain  # default: text/plain; charset=utf-8 with a body
+              headers: {Cache-Control: no-store}  # default none
+          - match: {path_prefix: /}
+            static:
+              root: site         # required: a directory, relative to this file's directory
+              index: [index.html, index.htm]  # tried for a directory; default index.html
+              max_age: 1h        # Cache-Control: max-age (whole seconds); default: none sent
+    upstreams:                   # groups of servers, by name (letters, digits, _ . -);
+                                 # groups no listener uses are allowed
       app:
-        servers: ["127.0.0.1:9001", "backend.internal:9002", "[::1]:9003"]  # required
+        servers:                 # the servers come from exactly one of servers, dns, file
+          - "127.0.0.1:9001 weight=3"  # and discovery. "host:port", then options: only
+          - "backend.internal:9002"    # weight=N (1..1000; default 1), the server's share
+          - "[::1]:9003"               # of traffic
+        lb: consistent           # round_robin (default), random, hash, consistent (ring:
+                                 # few keys move when servers change), least_conn, p2c_ewma
+        hash_key: "header:X-User"  # hash and consistent only: client_ip (default), uri,
+                                 # path, "header:NAME", "cookie:NAME" or
+                                 # "python:module:function" (called with the session)
+        health_check:            # active checks, once per process; default: none
+                                 # (`health_check: {}`: all defaults)
+          type: http             # http (default) or tcp (a connection is enough)
+          method: GET            # http only, like path, host, expect_status, body_contains
+          path: /healthz         # default /
+          host: app.internal     # the Host header; default: the server's address
+          expect_status: [200-299, 304]  # a code, a range "200-399", a class "2xx", or a
+                                 # list of them; default 200-399
+          body_contains: ok      # default: not checked
+          interval: 2s           # between checks of one server; default 5s
+          timeout: 1s            # for one check, at most interval; default 2s
+          rise: 2                # successes in a row that mark a server up
+          fall: 3                # failures in a row that mark it down
+        passive:                 # from live traffic, per worker
+          max_fails: 3           # failures in a row that eject a server; 0 = off
+          eject: 10s             # first ejection; doubled when it fails again on return
+          max_eject: 5m          # longest ejection, at least eject; default 300s
+          on_5xx: true           # a 5xx answer counts as a failure
         timeouts:
           connect: 5s            # TCP (and TLS) connection establishment
           read: 60s              # longest wait for data from the server
@@ -79,6 +154,18 @@ Every key, with its default (all optional unless marked *required*)::
           ca: certs/internal-ca.pem     # default: the system trust store
           cert: certs/client.pem        # client certificate: cert and key together
           key: certs/client.key
+      api:
+        dns:                     # servers from DNS, re-resolved as records expire
+          name: api.internal     # required
+          type: A                # A (default), AAAA or SRV (SRV records carry the ports)
+          port: 8080             # A/AAAA only; default 80
+          refresh: 30s           # default: the records' TTL
+          resolver: "10.0.0.53:53"  # default: the system's resolver
+      legacy:
+        file: servers.yaml       # a readable YAML/JSON list of servers ("host:port weight=N"
+                                 # items), relative to this file; reloaded when it changes
+      dynamic:
+        discovery: mypkg.discovery:Consul  # "module:Class", a ferryman.lb.ServiceDiscovery
 
 Durations are a number of seconds (``30``, ``1.5``) or a string of ``h``/``m``/``s``/``ms``
 parts, largest first: ``"500ms"``, ``"10s"``, ``"2m"``, ``"1m30s"``, ``"1.5s"``. Sizes are
@@ -95,19 +182,34 @@ from .model import (
     Address,
     ClientVerify,
     Config,
+    DnsDiscovery,
     DownstreamLimits,
     DownstreamTimeouts,
+    FixedResponse,
     ForwardedConfig,
+    HeaderEdits,
+    HeaderMatch,
+    HealthCheckConfig,
+    LbAlgorithm,
     ListenerConfig,
     ListenerTls,
+    PassiveHealthConfig,
+    PathRewrite,
     PoolConfig,
+    RedirectAction,
+    RouteConfig,
+    RouteMatch,
     ServerConfig,
+    ServerEntry,
     SniCert,
+    StaticAction,
     UpstreamConfig,
     UpstreamTimeouts,
     UpstreamTls,
 )
+from .routes import host_covers, match_covers, path_has_prefix
 from .units import parse_duration, parse_size
+from .upstreams import ServerSyntaxError, parse_server, parse_status_codes
 
 __all__ = [
     "Address",
@@ -115,19 +217,38 @@ __all__ = [
     "Config",
     "ConfigError",
     "ConfigProblem",
+    "DnsDiscovery",
     "DownstreamLimits",
     "DownstreamTimeouts",
+    "FixedResponse",
     "ForwardedConfig",
+    "HeaderEdits",
+    "HeaderMatch",
+    "HealthCheckConfig",
+    "LbAlgorithm",
     "ListenerConfig",
     "ListenerTls",
+    "PassiveHealthConfig",
+    "PathRewrite",
     "PoolConfig",
+    "RedirectAction",
+    "RouteConfig",
+    "RouteMatch",
     "ServerConfig",
+    "ServerEntry",
+    "ServerSyntaxError",
     "SniCert",
+    "StaticAction",
     "UpstreamConfig",
     "UpstreamTimeouts",
     "UpstreamTls",
+    "host_covers",
     "load_config",
+    "match_covers",
     "parse_config",
     "parse_duration",
+    "parse_server",
     "parse_size",
+    "parse_status_codes",
+    "path_has_prefix",
 ]

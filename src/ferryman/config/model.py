@@ -12,6 +12,19 @@ from typing import Literal
 
 __all__ = [
     "Address",
+    "DnsDiscovery",
+    "FixedResponse",
+    "HeaderEdits",
+    "HeaderMatch",
+    "HealthCheckConfig",
+    "LbAlgorithm",
+    "PassiveHealthConfig",
+    "PathRewrite",
+    "RedirectAction",
+    "RouteConfig",
+    "RouteMatch",
+    "ServerEntry",
+    "StaticAction",
     "ClientVerify",
     "Config",
     "DownstreamLimits",
@@ -166,6 +179,162 @@ class ListenerTls:
     client_verify: ClientVerify = "off"
     alpn: tuple[str, ...] = DEFAULT_ALPN
 
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """One header condition of a route match (an item of ``match.headers``).
+
+    Fields:
+        name: the header name, lowercased.
+        value: the exact value required, or None. Default None.
+        regex: a regular expression the value must match (``re.search``), or None.
+            Default None. With neither ``value`` nor ``regex`` the header only has to be
+            present; with ``absent`` it must not be.
+        absent: the header must not be present. Default False.
+    """
+
+    name: str
+    value: str | None = None
+    regex: str | None = None
+    absent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """What a route accepts (key ``listeners[N].routes[M].match``); every given condition
+    must hold, and an empty match accepts every request.
+
+    Fields:
+        hosts: accepted ``Host`` names, lowercased, without port: exact names or
+            ``*.suffix`` wildcards (any number of labels before the suffix). Empty: any host.
+        path_prefix: the path must start with this, on a segment boundary when it does not
+            end in ``/`` (``/v1`` matches ``/v1`` and ``/v1/x`` but not ``/v10``), or None.
+        path: the path must equal this exactly, or None.
+        path_regex: the path must match this regular expression (``re.match``, anchored at
+            the start), or None.
+        methods: accepted methods, uppercase. Empty: any method.
+        headers: header conditions, all of which must hold.
+    """
+
+    hosts: tuple[str, ...] = ()
+    path_prefix: str | None = None
+    path: str | None = None
+    path_regex: str | None = None
+    methods: tuple[str, ...] = ()
+    headers: tuple[HeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderEdits:
+    """Header changes (keys ``request_headers`` / ``response_headers`` of a route), applied
+    in the order remove, set, add.
+
+    Fields:
+        remove: names of headers to remove (case-insensitive).
+        set: ``(name, value)`` pairs replacing any existing header of that name.
+        add: ``(name, value)`` pairs appended (existing headers kept).
+    """
+
+    remove: tuple[str, ...] = ()
+    set: tuple[tuple[str, str], ...] = ()
+    add: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RedirectAction:
+    """Answer with a redirect (key ``redirect`` of a route).
+
+    Fields:
+        to: the ``Location``: a path (``/new``) or an absolute URL. ``$path`` in it stands
+            for the request path and ``$query`` for the query string (with its ``?``).
+        status: 301, 302, 303, 307 or 308. Default 302.
+        keep_query: append the request's query string when ``to`` has none and does not use
+            ``$query``. Default True.
+    """
+
+    to: str
+    status: int = 302
+    keep_query: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class FixedResponse:
+    """Answer with a fixed response (key ``respond`` of a route).
+
+    Fields:
+        status: the status code, 200..599. Default 200.
+        body: the body text (UTF-8). Default ``""``.
+        content_type: the Content-Type, or None for none (``text/plain; charset=utf-8``
+            when ``body`` is set and no type is given). Default None.
+        headers: extra ``(name, value)`` response headers.
+    """
+
+    status: int = 200
+    body: str = ""
+    content_type: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StaticAction:
+    """Serve files from a directory (key ``static`` of a route).
+
+    Fields:
+        root: absolute path of the directory served; request paths are resolved inside it
+            and never leave it.
+        index: file names tried, in order, for a request naming a directory.
+            Default ``("index.html",)``.
+        max_age: seconds for ``Cache-Control: max-age``, or None to send no Cache-Control.
+            Default None.
+    """
+
+    root: str
+    index: tuple[str, ...] = ("index.html",)
+    max_age: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PathRewrite:
+    """Rewrite the request path sent upstream with a regular expression (key ``rewrite``).
+
+    Fields:
+        regex: the pattern searched in the path (``re.sub``, first occurrence only).
+        to: the replacement; ``\\1`` / ``\\g<name>`` refer to groups.
+    """
+
+    regex: str
+    to: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One route of a listener: a match and exactly one action.
+
+    Fields:
+        match: which requests it takes; see ``RouteMatch``.
+        upstream: name of the upstream group to proxy to, or None.
+        redirect: a redirect to answer with, or None.
+        respond: a fixed response to answer with, or None.
+        static: a directory to serve files from, or None.
+        strip_prefix: for ``upstream``: removed from the start of the path sent upstream
+            (``/v1/users`` becomes ``/users``; a path left empty becomes ``/``), or None.
+        rewrite: for ``upstream``: a regex rewrite of the path sent upstream, applied after
+            ``strip_prefix``, or None.
+        request_headers: changes to the request sent upstream.
+        response_headers: changes to the response sent to the client (every action).
+        name: a name for logs and metrics; defaults to its key path, ``listeners[N].routes[M]``.
+    """
+
+    match: RouteMatch = field(default_factory=RouteMatch)
+    upstream: str | None = None
+    redirect: RedirectAction | None = None
+    respond: FixedResponse | None = None
+    static: StaticAction | None = None
+    strip_prefix: str | None = None
+    rewrite: PathRewrite | None = None
+    request_headers: HeaderEdits = field(default_factory=HeaderEdits)
+    response_headers: HeaderEdits = field(default_factory=HeaderEdits)
+    name: str = ""
+
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
@@ -177,11 +346,16 @@ class ListenerConfig:
         upstream: name of the upstream group (a key of ``upstreams``) every request on this
             listener is proxied to, or None when the ``app`` class chooses. Default None.
         tls: TLS settings, or None for plain HTTP. Default None.
+        routes: the ordered routes; the first whose match accepts a request handles it.
+            ``upstream: NAME`` in the file is shorthand for one catch-all route proxying to
+            NAME (and is also kept in ``upstream``). A request no route matches gets 404.
+            Default ``()``.
     """
 
     bind: Address
     upstream: str | None = None
     tls: ListenerTls | None = None
+    routes: tuple[RouteConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +417,96 @@ class PoolConfig:
     idle_timeout: float = 60.0
 
 
+LbAlgorithm = Literal["round_robin", "random", "hash", "consistent", "least_conn", "p2c_ewma"]
+"""The load-balancing algorithms of ``upstreams.NAME.lb``."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEntry:
+    """One statically listed server (an item of ``upstreams.NAME.servers``), written
+    ``"host:port"`` or ``"host:port weight=3"``.
+
+    Fields:
+        address: its ``(host, port)``.
+        weight: its relative share of traffic, 1..1000. Default 1.
+    """
+
+    address: Address
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DnsDiscovery:
+    """Servers found in DNS (key ``upstreams.NAME.dns``), re-resolved as records expire.
+
+    Fields:
+        name: the DNS name to resolve.
+        port: the port of every server for A/AAAA records (SRV records carry their own).
+            Default 80.
+        type: ``"A"``, ``"AAAA"`` or ``"SRV"``. Default ``"A"``.
+        refresh: seconds between resolutions, or None to follow the records' TTL (at least
+            1 s). Default None.
+        resolver: ``(host, port)`` of the DNS server to ask, or None for the system's.
+            Default None.
+    """
+
+    name: str
+    port: int = 80
+    type: Literal["A", "AAAA", "SRV"] = "A"
+    refresh: float | None = None
+    resolver: Address | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active health checks of an upstream group (key ``upstreams.NAME.health_check``), run
+    once per server process whatever the number of workers.
+
+    Fields:
+        type: ``"tcp"`` (a connection is made) or ``"http"`` (a request is answered).
+            Default ``"http"``.
+        method: HTTP method. Default ``"GET"``.
+        path: HTTP path. Default ``"/"``.
+        host: the ``Host`` header, or None for the server's address. Default None.
+        expect_status: accepted status codes. Default 200..399.
+        body_contains: a string the response body must contain, or None. Default None.
+        interval: seconds between checks of one server. Default 5.0.
+        timeout: seconds a check may take. Default 2.0.
+        rise: consecutive successes that mark a down server up. Default 2.
+        fall: consecutive failures that mark an up server down. Default 3.
+    """
+
+    type: Literal["tcp", "http"] = "http"
+    method: str = "GET"
+    path: str = "/"
+    host: str | None = None
+    expect_status: tuple[int, ...] = tuple(range(200, 400))
+    body_contains: str | None = None
+    interval: float = 5.0
+    timeout: float = 2.0
+    rise: int = 2
+    fall: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveHealthConfig:
+    """Passive health checks from live traffic (key ``upstreams.NAME.passive``), per worker.
+
+    Fields:
+        max_fails: consecutive failures (connect errors, timeouts, and 5xx answers when
+            ``on_5xx``) that eject a server; 0 disables passive checks. Default 3.
+        eject: seconds a server is first ejected for; doubled each time it fails again right
+            after coming back. Default 10.0.
+        max_eject: the longest ejection. Default 300.0.
+        on_5xx: count 5xx responses as failures. Default True.
+    """
+
+    max_fails: int = 3
+    eject: float = 10.0
+    max_eject: float = 300.0
+    on_5xx: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     """A group of interchangeable servers (a value of the ``upstreams`` mapping).
@@ -250,20 +514,39 @@ class UpstreamConfig:
     Fields:
         name: the group's name (its key in ``upstreams``), made of letters, digits, ``_``,
             ``.`` and ``-``.
-        servers: the ``(host, port)`` of each server; non-empty, no duplicates.
+        servers: the statically listed servers (with weights); no duplicates. Empty when
+            servers come from ``dns``, ``file`` or ``discovery``.
         timeouts: see ``UpstreamTimeouts``.
         tls: TLS settings, or None for plain HTTP. Default None.
         pool: see ``PoolConfig``.
         max_retries: how many times a failed request may be retried (on another server if
             there is one) when the failure is retryable. Default 1.
+        lb: the load-balancing algorithm. Default ``"round_robin"``.
+        hash_key: for ``hash``/``consistent``: ``"client_ip"``, ``"uri"``, ``"path"``,
+            ``"header:NAME"``, ``"cookie:NAME"`` or ``"python:module:function"`` (called
+            with the session, returns ``bytes``/``str``). Default ``"client_ip"``.
+        dns: servers from DNS, or None. Default None.
+        file: absolute path of a JSON/YAML file listing servers (same item syntax as
+            ``servers``), watched for changes, or None. Default None.
+        discovery: ``"module:Class"`` naming a ``ferryman.lb.ServiceDiscovery`` subclass, or
+            None. Default None. Exactly one of servers/dns/file/discovery is used.
+        health_check: active health checks, or None for none. Default None.
+        passive: passive health checks; see ``PassiveHealthConfig``.
     """
 
     name: str
-    servers: tuple[Address, ...]
+    servers: tuple[ServerEntry, ...]
     timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
     tls: UpstreamTls | None = None
     pool: PoolConfig = field(default_factory=PoolConfig)
     max_retries: int = 1
+    lb: LbAlgorithm = "round_robin"
+    hash_key: str = "client_ip"
+    dns: DnsDiscovery | None = None
+    file: str | None = None
+    discovery: str | None = None
+    health_check: HealthCheckConfig | None = None
+    passive: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ POSITIVE_SIZE = 'a positive size such as "8KiB", "512k" or "1m"'
 BIND_ADDRESS = 'an address such as "127.0.0.1:8080", "[::1]:8080" or ":8080"'
 SERVER_ADDRESS = 'a "host:port" address such as "127.0.0.1:9001" or "[::1]:9001"'
 READABLE_FILE = "a path to a readable file"
+READABLE_DIRECTORY = "a path to a readable directory"
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
@@ -237,6 +238,23 @@ class Reader:
             return full
         return None
 
+    def directory(self, node: Node, path: str) -> str | None:
+        """A path to an existing directory whose files can be read, returned absolute
+        (relative paths are taken from ``base_dir``; ``~`` is expanded)."""
+        text = self.string(node, path, READABLE_DIRECTORY)
+        if text is None:
+            return None
+        full = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(text)))
+        if not os.path.exists(full):
+            self.expected(node, path, READABLE_DIRECTORY, f"{full} does not exist")
+        elif not os.path.isdir(full):
+            self.expected(node, path, READABLE_DIRECTORY, f"{full} is not a directory")
+        elif not os.access(full, os.R_OK | os.X_OK):
+            self.expected(node, path, READABLE_DIRECTORY, f"{full} is not readable")
+        else:
+            return full
+        return None
+
     # -- collections -------------------------------------------------------------------------
 
     def sequence(
@@ -391,3 +409,8 @@ class Section:
         """An optional readable-file field, absolute."""
         node = self.get(key)
         return None if node is None else self.reader.file(node, self.path_of(key))
+
+    def directory(self, key: str) -> str | None:
+        """An optional readable-directory field, absolute."""
+        node = self.get(key)
+        return None if node is None else self.reader.directory(node, self.path_of(key))

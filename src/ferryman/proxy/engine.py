@@ -234,9 +234,15 @@ def begin(session: Session) -> None:
             if "early_request_filter" in overridden:
                 proxy.early_request_filter(session, ctx)
             if "request_filter" in overridden and proxy.request_filter(session, ctx):
+                if session._error is not None:
+                    raise session._error  # e.g. a body source failed while it was sent
                 if not session._done:
                     if session.response_header is None:
                         raise internal_error("request_filter returned True without a response")
+                    if session._source is not None:  # send_body_from: wait for its end
+                        session._phase = _PH_STREAMING
+                        step(session)
+                        return
                     session._finish_response()
                 _complete(session, None)
                 return
@@ -459,6 +465,7 @@ def _abandon_upstream(session: Session, error: ProxyError) -> None:
     session._up = None
     if up is not None:
         up.abort()
+    session._close_source()
     session._error = error
 
 
@@ -529,10 +536,15 @@ async def run_session(session: Session) -> None:
             if session.req_header.raw_method == b"CONNECT" and not session.allow_connect:
                 raise _method_not_allowed()
             await _proxy_upstream(session, ctx)
+        elif session._error is not None:
+            raise session._error  # e.g. a body source failed while it was sent
         elif not session._done:
             if session.response_header is None:
                 raise internal_error("request_filter returned True without a response")
-            session._finish_response()
+            if session._source is not None:  # send_body_from: wait for its end
+                await session._wait(_WAIT_END)
+            else:
+                session._finish_response()
     except asyncio.CancelledError:
         error = ProxyError(ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "cancelled")
     except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised

@@ -23,6 +23,7 @@ from ferryman.errors import ProxyError, status_for
 
 if TYPE_CHECKING:
     from ferryman.protocols.headers import RequestHeader, ResponseHeader
+    from ferryman.proxy.service import HttpProxyService
     from ferryman.proxy.session import Session
     from ferryman.upstream.peer import HttpPeer
 
@@ -84,6 +85,20 @@ class ProxyHttp:
     def from_config(cls, config: Any) -> ProxyHttp:
         """Build the proxy named by a config's ``app`` key. Default: ``cls()``."""
         return cls()
+
+    # lifecycle (not per request) ------------------------------------------------------
+    def worker_start(self, service: HttpProxyService) -> None:
+        """Runs once in each worker process when ``service`` starts, before any request.
+
+        ``service.loop`` is the worker's event loop and ``service.connector`` its upstream
+        pool. Start background work here (health checks, discovery, polling shared state)
+        with ``service.loop.create_task(...)``. Plain function. Default: nothing.
+        """
+
+    def worker_stop(self, service: HttpProxyService) -> None:
+        """Runs once in each worker when ``service`` begins to drain (shutdown). Stop
+        background work started in :meth:`worker_start`. Plain function. Default: nothing.
+        """
 
     # 1 -------------------------------------------------------------------------------
     def new_ctx(self) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,8 @@ from ferryman.upstream.connector import Connector
 
 if TYPE_CHECKING:
     from ferryman.server.listener import Listener
+
+log = logging.getLogger("ferryman.service")
 
 
 class HttpProxyService:
@@ -58,6 +61,7 @@ class HttpProxyService:
         self.sweep = sweep_for(loop)
         self.connector = Connector(loop)
         self.running = True
+        self.proxy.worker_start(self)
 
     def protocol_factory(self, listener: Listener | None = None) -> Callable[[], asyncio.Protocol]:
         """A factory of client-connection protocols for ``loop.create_server``."""
@@ -69,7 +73,12 @@ class HttpProxyService:
         Returns True if every connection finished within ``grace`` seconds; the rest are
         closed then.
         """
-        self.running = False
+        if self.running:
+            self.running = False
+            try:
+                self.proxy.worker_stop(self)
+            except Exception:  # noqa: BLE001 - shutdown goes on whatever the hook does
+                log.exception("worker_stop failed")
         for conn in list(self.connections):
             conn.start_draining()
         deadline = self.loop.time() + grace

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, chunk, last_chunk
@@ -35,7 +35,22 @@ _engine = _EngineHooks()
 #: Request bodies up to this size stay replayable for a retry after they were sent.
 RETRY_BUFFER = 64 * 1024
 
+#: How much :meth:`Session.send_body_from` reads from its source at a time.
+SOURCE_CHUNK = 64 * 1024
+#: Most bytes one pass of the body-source pump sends before yielding to the event loop.
+PUMP_BUDGET = 1024 * 1024
+
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class BodySource(Protocol):
+    """Where :meth:`Session.send_body_from` pulls a response body from (a binary file)."""
+
+    def read(self, size: int, /) -> bytes:
+        """Up to ``size`` bytes; ``b""`` at the end."""
+
+    def close(self) -> None:
+        """Release the source; called once, whatever happened."""
 
 # What the engine is waiting for.
 _WAIT_NONE = 0
@@ -115,6 +130,8 @@ class Session:
         "_request_number",
         "_resp_failed",
         "_head_only",
+        "_source",
+        "_pump_scheduled",
     )
 
     def __init__(
@@ -180,6 +197,8 @@ class Session:
         self._request_number = down.requests
         self._resp_failed = False
         self._head_only = False
+        self._source: BodySource | None = None
+        self._pump_scheduled = False
 
     # read-only views for hooks ----------------------------------------------------------
 
@@ -187,6 +206,11 @@ class Session:
     def client_addr(self) -> tuple[Any, ...] | None:
         """The client's socket address: ``(host, port)`` (IPv6: ``(host, port, flow, scope)``)."""
         return self._down.client_addr
+
+    @property
+    def client_ip(self) -> bytes:
+        """The client's IP address as ASCII bytes (``b""`` if unknown); cached per connection."""
+        return self._down.client_ip
 
     @property
     def server_addr(self) -> tuple[Any, ...] | None:
@@ -329,6 +353,100 @@ class Session:
         """Send a piece of the response body, then wait while the client is slow."""
         self.send_response_body(data, end_of_stream)
         await self._drain()
+
+    def send_body_from(self, source: BodySource) -> None:
+        """Stream the rest of the response body from ``source``, as fast as the client reads.
+
+        ``source`` is a file opened in binary mode, or anything with ``read(size)`` and
+        ``close()``; it is read in 64 KiB pieces only while the client connection can take
+        more (no whole-body buffering, even in sync mode), then the response is ended and
+        ``source`` closed — also when the client goes away or reading fails. Call it after
+        the response head (whose Content-Length should be the bytes ``source`` will give),
+        from ``request_filter``, and return ``True``: the request ends when the body does.
+        """
+        if self.response_header is None:
+            raise RuntimeError("the response header must be sent first")
+        if self._head_only or self._done:
+            source.close()  # HEAD, 204, 304: no body goes out
+            self._finish_response()
+            return
+        self._source = source
+        self._pump()
+
+    def _pump(self) -> None:
+        """Move body bytes from the source to the client until its write buffer is full.
+
+        At most :data:`PUMP_BUDGET` bytes per call: a fast client must not let one large
+        body monopolise the event loop, so the rest continues on the next loop turn.
+        """
+        source = self._source
+        down = self._down
+        budget = PUMP_BUDGET
+        while source is not None and not down.write_paused:
+            transport = down.transport
+            if down.closed or self._error is not None or transport is None or (
+                transport.is_closing()
+            ):
+                self._close_source()  # the client is gone: read no further
+                return
+            if budget <= 0 or down._out is not None:  # (corked: writes would only pile up)
+                if not self._pump_scheduled:
+                    self._pump_scheduled = True
+                    down.loop.call_soon(self._pump_later)
+                return
+            try:
+                data = source.read(SOURCE_CHUNK)
+            except Exception as exc:  # noqa: BLE001 - any source failure ends the response
+                self._source_failed(f"reading the response body failed: {exc!r}", exc)
+                return
+            if not data:
+                self._close_source()
+                missing = self._source_shortfall()
+                if missing:
+                    self._source_failed(
+                        f"the response body ended {missing} bytes short of its Content-Length"
+                    )
+                    return
+                self._finish_response()
+                self._wake(_WAIT_END)
+                return
+            budget -= len(data)
+            self._write_body(data)
+
+    def _pump_later(self) -> None:
+        self._pump_scheduled = False
+        self._pump()
+
+    def _source_shortfall(self) -> int:
+        """Bytes a finished body source left unsent of the announced Content-Length."""
+        resp = self.response_header
+        if resp is None or self._down_chunked:
+            return 0
+        value = resp.headers.get(b"content-length")
+        if value is None or not value.isdigit():
+            return 0
+        return max(int(value) - self.response_body_bytes, 0)
+
+    def _source_failed(self, detail: str, cause: BaseException | None = None) -> None:
+        """The body source broke: the response cannot be completed; close the connection."""
+        self._close_source()
+        self.keep_alive = False
+        self._resp_failed = True
+        self._fail_waiter(ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, detail, cause=cause))
+
+    def _close_source(self) -> None:
+        source = self._source
+        self._source = None
+        if source is not None:
+            try:
+                source.close()
+            except OSError:
+                pass
+
+    @property
+    def streaming_body(self) -> bool:
+        """Whether a body source (:meth:`send_body_from`) is still being sent."""
+        return self._source is not None
 
     async def _drain(self) -> None:
         if self._down.write_paused and not self._down.closed and not self._sync:
@@ -571,6 +689,8 @@ class Session:
         up = self._up
         if up is not None and up.transport is not None and not up.closed:
             up.transport.resume_reading()
+        if self._source is not None:
+            self._pump()
         self._wake(_WAIT_DRAIN)
 
     # writing to the client --------------------------------------------------------------
@@ -720,6 +840,7 @@ class Session:
         self._up = None
         if up is not None:
             up.abort()  # never reuse a connection mid-exchange
+        self._close_source()
         if not self._done:
             self._error = error
             self._fail_waiter(error)

@@ -64,7 +64,10 @@ class Server:
         self._sockets: list[tuple[Service, Listener, socket.socket]] = []
         self._children: dict[int, int] = {}
         self._stop: str | None = None
+        #: Functions each run in a process of its own next to the workers (the control
+        #: process running health checks, a demo origin...), restarted if they exit.
         self.extra_processes: list[Callable[[], None]] = []
+        self._helpers: dict[int, Callable[[], None]] = {}
 
     def add_service(self, service: Service) -> None:
         """Serve ``service`` on its listeners."""
@@ -101,12 +104,14 @@ class Server:
             scheme = "https" if listener.tls else "http"
             log.info("listening on %s://%s:%s", scheme, host, port)
             del service
-        helpers = [self._spawn_helper(fn) for fn in self.extra_processes]
+        for fn in self.extra_processes:
+            self._helpers[self._spawn_helper(fn)] = fn
         for index in range(self.workers):
             self._spawn(index)
         code = self._supervise()
-        for pid in helpers:
+        for pid in list(self._helpers):
             _kill_wait(pid, signal.SIGTERM, 2.0)
+        self._helpers.clear()
         for _, _, sock in self._sockets:
             sock.close()
         return code
@@ -143,10 +148,16 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             for _, _, sock in self._sockets:
                 sock.close()
+            code = 0
             try:
                 fn()
+            except BaseException:  # noqa: BLE001 - report and exit the child, never return
+                log.exception("helper process failed")
+                code = 1
             finally:
-                os._exit(0)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
         return pid
 
     def _supervise(self) -> int:
@@ -170,6 +181,16 @@ class Server:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 pid, status = 0, 0
+            if pid and pid in self._helpers:
+                fn = self._helpers.pop(pid)
+                if self._stop is None:
+                    log.warning(
+                        "helper process (pid %d) exited with %s; restarting",
+                        pid, os.waitstatus_to_exitcode(status),
+                    )
+                    time.sleep(0.5)
+                    self._helpers[self._spawn_helper(fn)] = fn
+                continue
             if pid:
                 index = self._children.pop(pid, None)
                 code = os.waitstatus_to_exitcode(status)

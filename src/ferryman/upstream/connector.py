@@ -120,6 +120,16 @@ class Connector:
             return len(self._idle.get(peer.key, ()))
         return sum(len(v) for v in self._idle.values())
 
+    def close_idle(self, peer: HttpPeer) -> int:
+        """Close the idle pooled connections of ``peer`` (e.g. a server removed from its
+        group); connections in use are not touched. Returns how many were closed."""
+        idle = self._idle.pop(peer.key, None)
+        if not idle:
+            return 0
+        for conn in idle:
+            conn.close()
+        return len(idle)
+
     def close_all(self) -> None:
         """Close every pooled and open connection (used at shutdown)."""
         for conn in list(self.open):
