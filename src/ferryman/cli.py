@@ -64,12 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = build_server(config, workers=args.workers)
         server.install_signal_handlers()
-        demo = getattr(config, "demo_origin", None)
-        if demo is not None:
-            from ferryman.app.demo_origin import serve_demo_origin
-
-            host, port = demo
-            server.extra_processes.append(lambda: serve_demo_origin(host, port))
         server.bind()
     except AppLoadError as exc:
         print(f"ferryman: {args.config}: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from ferryman.config import ConfigError, ConfigProblem, load_config, parse_confi
 # A valid listener and upstream group, for snippets that test another section.
 L = 'listeners: [{bind: ":8080", upstream: app}]\n'
 U = 'upstreams: {app: {servers: ["127.0.0.1:9001"]}}\n'
-TOP_KEYS = "app, server, listeners, upstreams, demo_origin"
+TOP_KEYS = "app, server, listeners, upstreams"
 DURATION = 'a duration such as "2s" or "500ms"'
 SIZE = 'a size such as "8KiB", "512k" or "1m"'
 BIND = 'an address such as "127.0.0.1:8080", "[::1]:8080" or ":8080"'

@@ -435,21 +435,3 @@ def test_config_error_pickles() -> None:
     assert str(copy) == str(info.value)
     assert copy.errors == info.value.errors
     assert copy.line == 1
-
-
-def test_demo_origin_is_parsed_and_checked() -> None:
-    from ferryman.config import ConfigError, parse_config
-
-    text = (
-        'demo_origin: "127.0.0.1:9001"\n'
-        "listeners: [{bind: '127.0.0.1:8080', upstream: app}]\n"
-        "upstreams: {app: {servers: ['127.0.0.1:9001']}}\n"
-    )
-    assert parse_config(text, "q.yaml").demo_origin == ("127.0.0.1", 9001)
-    bad = text.replace('"127.0.0.1:9001"', '"nowhere"', 1)
-    try:
-        parse_config(bad, "q.yaml")
-    except ConfigError as exc:
-        assert str(exc).startswith("q.yaml:1: demo_origin: expected")
-    else:
-        raise AssertionError("a bad demo_origin was accepted")

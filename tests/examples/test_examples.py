@@ -6,6 +6,7 @@ import http.client
 import importlib.util
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -102,3 +103,33 @@ def test_modify_response_json_to_yaml() -> None:
     finally:
         harness.stop()
         origin.stop()
+
+
+def test_health_checked_lb_skips_a_dead_server(
+    two_origins: tuple[OriginServer, OriginServer],
+) -> None:
+    a, b = two_origins
+    ex = load_example("health_checked_lb")
+    dead = ("127.0.0.1", free_port())
+    servers = [(("127.0.0.1", a.port), 1), (dead, 1), (("127.0.0.1", b.port), 1)]
+    proxy = ex.HealthCheckedBalancer(servers, interval=0.1)
+    harness = ProxyHarness(proxy).start()
+    try:
+        # failover covers the dead server before the checks have marked it down...
+        for _ in range(6):
+            status, _, body = get(harness.port, "/")
+            assert status == 200 and body == b"hello world\n"
+        # ...and once they have (fall=2 at 0.1 s), it gets no attempts at all
+        deadline = time.monotonic() + 5
+        dead_backend = proxy.lb.get(f"127.0.0.1:{dead[1]}")
+        while dead_backend.healthy and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not dead_backend.healthy and "refused" in dead_backend.reason
+        before = len(a.requests) + len(b.requests)
+        for _ in range(10):
+            assert get(harness.port, "/")[0] == 200
+        served = [p for _, p, _ in a.requests + b.requests if p == "/"]
+        assert len(a.requests) + len(b.requests) - before >= 10 and len(served) == 16
+        assert all(backend.inflight == 0 for backend in proxy.lb.backends)
+    finally:
+        harness.stop()

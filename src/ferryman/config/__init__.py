@@ -21,8 +21,6 @@ The smallest useful file proxies one port to a group of servers::
 
 Every key, with its default (all optional unless marked *required*)::
 
-    demo_origin: "127.0.0.1:9001"  # also run ferryman's tiny greeting origin there (for the
-                                   # quickstart); default: none
     app: mypkg.proxy:MyProxy     # a ProxyHttp subclass to run, "module:Class"; default: the
                                  # built-in proxy. With an app, listeners need no upstream
                                  # or routes.

@@ -561,8 +561,6 @@ class Config:
         server: process-wide settings; see ``ServerConfig``.
         listeners: the listening sockets, at least one when loaded from a file.
         upstreams: the upstream groups by name, in file order. Default empty.
-        demo_origin: ``(host, port)`` where ``ferryman run`` also starts its tiny built-in
-            greeting origin (for the quickstart), or None. Default None.
     """
 
     source: str
@@ -570,4 +568,3 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
-    demo_origin: Address | None = None

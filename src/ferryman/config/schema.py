@@ -35,7 +35,7 @@ from .upstreams import build_upstreams
 
 __all__ = ["build_config"]
 
-TOP_KEYS = ("app", "server", "listeners", "upstreams", "demo_origin")
+TOP_KEYS = ("app", "server", "listeners", "upstreams")
 SERVER_KEYS = ("workers", "grace_period", "timeouts", "limits", "forwarded")
 DOWNSTREAM_TIMEOUT_KEYS = ("header_read", "keepalive", "body_read", "body_write")
 LIMIT_KEYS = ("max_request_line", "max_header_bytes", "max_headers", "max_body")
@@ -78,11 +78,6 @@ def build_config(root: Node | None, reader: Reader) -> Config | None:
     if app_node is not None:
         app = reader.string(app_node, "app", APP_EXPECTED, check=lambda s: bool(APP.fullmatch(s)))
 
-    demo_origin = None
-    demo_node = top.get("demo_origin")
-    if demo_node is not None:
-        demo_origin = reader.address(demo_node, "demo_origin", require_host=True)
-
     server = _server(top, reader)
     upstreams, upstream_names = build_upstreams(top, reader)
     listeners = _listeners(top, reader, has_app="app" in top, upstream_names=upstream_names)
@@ -92,7 +87,6 @@ def build_config(root: Node | None, reader: Reader) -> Config | None:
         server=server,
         listeners=listeners,
         upstreams=upstreams,
-        demo_origin=demo_origin,
     )
 
 

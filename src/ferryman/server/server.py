@@ -65,7 +65,7 @@ class Server:
         self._children: dict[int, int] = {}
         self._stop: str | None = None
         #: Functions each run in a process of its own next to the workers (the control
-        #: process running health checks, a demo origin...), restarted if they exit.
+        #: process running health checks and discovery), restarted if they exit.
         self.extra_processes: list[Callable[[], None]] = []
         self._helpers: dict[int, Callable[[], None]] = {}
 
