@@ -4,7 +4,11 @@ Feeds a request into a client connection and the origin's answer into a pooled u
 connection, N times, and reports microseconds per request. This isolates the engine's
 own CPU cost from the kernel's, so an optimisation can be measured without noise.
 
-    python benchmarks/engine_micro.py [--n 200000] [--profile]
+    python benchmarks/engine_micro.py [--n 200000] [--profile] [--app config]
+
+``--app minimal`` (default) proxies with a one-hook ProxyHttp; ``--app config`` with the
+config-driven proxy of ``ferryman run`` (one catch-all route, a round-robin group with
+passive health), to show what routing and load balancing add.
 """
 
 from __future__ import annotations
@@ -74,16 +78,36 @@ class Proxy(ProxyHttp):
         return self.peer
 
 
+CONFIG = """
+listeners: [{bind: "127.0.0.1:8080", upstream: app}]
+upstreams: {app: {servers: ["127.0.0.1:9000"]}}
+"""
+
+
+def make_proxy(app: str) -> tuple[ProxyHttp, HttpPeer]:
+    if app == "config":
+        from ferryman.app import ConfigProxy
+        from ferryman.config import parse_config
+
+        proxy = ConfigProxy(parse_config(CONFIG))
+        peer = proxy.groups["app"].balancer.backends[0].peer
+        assert peer is not None
+        return proxy, peer
+    minimal = Proxy()
+    return minimal, minimal.peer
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--app", choices=["minimal", "config"], default="minimal")
     args = ap.parse_args()
     loop = uvloop.new_event_loop()
-    proxy = Proxy()
-    service = HttpProxyService(proxy, [Listener("127.0.0.1:0")])
+    proxy, peer = make_proxy(args.app)
+    service = HttpProxyService(proxy, [Listener("127.0.0.1:8080")])
     service.start(loop)
-    up = UpstreamConnection(proxy.peer, service.connector)
+    up = UpstreamConnection(peer, service.connector)
     up_t = FakeTransport()
     up.connection_made(up_t)  # type: ignore[arg-type]
     service.connector.release(up)

@@ -408,6 +408,26 @@ class ConfigProxy(ProxyHttp):
         self._monitors: list[GroupMonitor] = []
         self._service: HttpProxyService | None = None
         self._poll: Any = None
+        self._narrow_hooks()
+
+    def _narrow_hooks(self) -> None:
+        """Leave out of ``overridden`` the hooks of this class that this config does not
+        need (no route rewrites requests, say), so the engine does not call them at all.
+        A subclass's own override of such a hook is kept."""
+        actions = [r.action for router in self.routers.values() for r in router.routes]
+        needed = {
+            "upstream_request_filter": any(a.proxy and a.proxy.changes_request for a in actions),
+            "response_filter": any(a.proxy and a.edits_response for a in actions),
+        }
+        cls = type(self)
+        unused = {
+            name
+            for name, need in needed.items()
+            if not need and getattr(cls, name) is getattr(ConfigProxy, name)
+        }
+        if unused:
+            self.overridden = cls.overridden - unused
+            self.async_hooks = cls.async_hooks - unused
 
     @classmethod
     def from_config(cls, config: Any) -> ProxyHttp:
@@ -495,7 +515,9 @@ class ConfigProxy(ProxyHttp):
 
     def request_filter(self, session: Session, ctx: RequestState) -> bool:  # type: ignore[override]
         """Route the request; answer it here unless it is proxied."""
-        router = self.router_for(session)
+        router = self._only
+        if router is None:
+            router = self.router_for(session)
         route = router.route(session.req_header) if router is not None else None
         if route is None:
             session.send_response(404, _NOT_FOUND, content_type="text/plain; charset=utf-8")
@@ -568,7 +590,8 @@ class ConfigProxy(ProxyHttp):
         else:
             session.max_retries = group.max_retries
         try:
-            backend = group.select(session, ctx.tried)
+            key = group.key
+            backend = group.balancer.select(b"" if key is None else key(session), ctx.tried)
         except NoBackendError as exc:
             ctx.backend = None
             raise ProxyError(

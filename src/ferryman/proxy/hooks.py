@@ -17,7 +17,7 @@ Phase order per request (see docs for the chart)::
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from ferryman.errors import ProxyError, status_for
 
@@ -63,10 +63,12 @@ class ProxyHttp:
     ``session.send_response(...)`` family.
     """
 
-    #: Names of the hooks this class overrides (computed at class creation).
-    overridden: ClassVar[frozenset[str]] = frozenset()
+    #: Names of the hooks this class overrides (computed at class creation). The engine
+    #: reads it per request, so an instance may narrow it in ``__init__`` to leave out
+    #: overrides its configuration does not need; it must never add a hook.
+    overridden: frozenset[str] = frozenset()
     #: The overridden hooks defined with ``async def`` (awaited); the others are called.
-    async_hooks: ClassVar[frozenset[str]] = frozenset()
+    async_hooks: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
