@@ -32,12 +32,52 @@ class HealthCheck:
         timeout: seconds one check may take; longer counts as a failure.
         rise: consecutive successes that mark a down server up.
         fall: consecutive failures that mark an up server down.
+        tls: an SSL context to check over TLS, or None for plain TCP.
+        server_hostname: the name sent in SNI and checked against the certificate, or None
+            for the server's host.
+
+    A subclass may set any of them as class attributes; arguments given to the constructor
+    win.
     """
 
     interval: float = 5.0
     timeout: float = 2.0
     rise: int = 2
     fall: int = 3
+    tls: ssl.SSLContext | None = None
+    server_hostname: str | None = None
+
+    def __init__(
+        self,
+        *,
+        interval: float | None = None,
+        timeout: float | None = None,
+        rise: int | None = None,
+        fall: int | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> None:
+        if interval is not None:
+            self.interval = interval
+        if timeout is not None:
+            self.timeout = timeout
+        if rise is not None:
+            self.rise = rise
+        if fall is not None:
+            self.fall = fall
+        if tls is not None:
+            self.tls = tls
+        if server_hostname is not None:
+            self.server_hostname = server_hostname
+
+    async def _open(
+        self, address: tuple[str, int]
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        host, port = address
+        hostname = (self.server_hostname or host) if self.tls is not None else None
+        return await asyncio.open_connection(
+            host, port, ssl=self.tls, server_hostname=hostname
+        )
 
     async def check(self, address: tuple[str, int]) -> str | None:
         """Probe ``address``; None if healthy, else why not. Must not raise."""
@@ -65,31 +105,14 @@ def _os_reason(exc: OSError) -> str:
 
 
 class TcpHealthCheck(HealthCheck):
-    """Healthy when a TCP connection (and the TLS handshake, with ``tls``) succeeds."""
+    """Healthy when a TCP connection (and the TLS handshake, with ``tls``) succeeds.
 
-    def __init__(
-        self,
-        *,
-        interval: float = 5.0,
-        timeout: float = 2.0,
-        rise: int = 2,
-        fall: int = 3,
-        tls: ssl.SSLContext | None = None,
-        server_hostname: str | None = None,
-    ) -> None:
-        self.interval = interval
-        self.timeout = timeout
-        self.rise = rise
-        self.fall = fall
-        self.tls = tls
-        self.server_hostname = server_hostname
+    Takes the keyword arguments of :class:`HealthCheck`.
+    """
 
     async def check(self, address: tuple[str, int]) -> str | None:
         """Connect, then close at once."""
-        host, port = address
-        _, writer = await asyncio.open_connection(
-            host, port, ssl=self.tls, server_hostname=self.server_hostname if self.tls else None
-        )
+        _, writer = await self._open(address)
         writer.close()
         try:
             await writer.wait_closed()
@@ -126,8 +149,7 @@ class HttpHealthCheck(HealthCheck):
         host: the ``Host`` header; default the server's ``host:port``.
         expect_status: statuses that count as healthy. Default 200..399.
         body_contains: bytes the response body must contain, or None.
-        tls: an SSL context to check over TLS, or None for plain HTTP.
-        interval, timeout, rise, fall: see :class:`HealthCheck`.
+        interval, timeout, rise, fall, tls, server_hostname: see :class:`HealthCheck`.
     """
 
     def __init__(
@@ -145,17 +167,15 @@ class HttpHealthCheck(HealthCheck):
         tls: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
     ) -> None:
+        super().__init__(
+            interval=interval, timeout=timeout, rise=rise, fall=fall,
+            tls=tls, server_hostname=server_hostname,
+        )
         self.method = method
         self.path = path
         self.host = host
         self.expect_status = frozenset(expect_status)
         self.body_contains = body_contains
-        self.interval = interval
-        self.timeout = timeout
-        self.rise = rise
-        self.fall = fall
-        self.tls = tls
-        self.server_hostname = server_hostname
 
     def request_bytes(self, address: tuple[str, int]) -> bytes:
         """The request sent to ``address``."""
@@ -170,10 +190,7 @@ class HttpHealthCheck(HealthCheck):
 
     async def check(self, address: tuple[str, int]) -> str | None:
         """Send the request, read the response (status, and body when it is checked)."""
-        h, port = address
-        reader, writer = await asyncio.open_connection(
-            h, port, ssl=self.tls, server_hostname=self.server_hostname if self.tls else None
-        )
+        reader, writer = await self._open(address)
         try:
             writer.write(self.request_bytes(address))
             collector = _ResponseCollector()
