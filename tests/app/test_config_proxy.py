@@ -231,7 +231,7 @@ def test_no_route_is_404_and_local_actions(tmp_path: Path) -> None:
     )
     try:
         status, headers, _ = get(harness.port, "/r?q=1")
-        assert status == 308 and headers["location"] == "/new/r"
+        assert status == 308 and headers["location"] == "/new/r?q=1"
         status, headers, body = get(harness.port, "/f")
         assert (status, body, headers["x-a"]) == (418, b"tea\n", "1")
         assert headers["content-type"] == "text/plain; charset=utf-8"

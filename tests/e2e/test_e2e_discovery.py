@@ -197,16 +197,6 @@ def start_with_servers_file(procs: Procs, tmp_path: Path, members: str, port: in
     procs.ferryman(config(port, "file: servers.yaml", workers=2), port)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="startup race: a group with file/dns/discovery members starts empty in each worker "
-    "(UpstreamGroup: members=[] unless static), and ConfigProxy.worker_start only schedules "
-    "the first HealthBoard read BOARD_POLL_INTERVAL (0.1 s) later, without waiting for the "
-    "control process's first publication; meanwhile the listening socket (bound by the main "
-    "process) is already accepting, so the first requests after `ferryman run` listens get "
-    '502 \'upstream "app" has no servers (none discovered yet)\' although the servers file '
-    "lists a live server (measured: ~70 ms of 502s with 2 workers).",
-)
 def test_no_502_right_after_start_with_a_servers_file(procs: Procs, tmp_path: Path) -> None:
     a = procs.origin("A")
     port = free_port()
@@ -215,13 +205,6 @@ def test_no_502_right_after_start_with_a_servers_file(procs: Procs, tmp_path: Pa
     assert statuses == {200: 20}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ConfigProxy.fail_to_proxy writes 'upstream \"NAME\": ' + error.detail, and the "
-    "detail upstream_peer gives for an empty group already starts with 'upstream \"NAME\"', "
-    "so the body says 'upstream \"app\": upstream \"app\" has no servers (none discovered "
-    "yet)'; also 'none discovered yet' is wrong once discovery ran and found an empty list.",
-)
 def test_empty_group_error_names_the_group_once(procs: Procs, tmp_path: Path) -> None:
     port = free_port()
     start_with_servers_file(procs, tmp_path, "[]\n", port)

@@ -294,15 +294,6 @@ def test_templated_redirect(gateway: Gateway) -> None:
     assert headers["location"] == "https://docs.example.com/docs/intro?lang=en"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="src/ferryman/app/config_proxy.py RedirectResponder.location: when `to` uses $path "
-    "(templated) it returns the substitution and never looks at keep_query, so the query is "
-    "dropped; the config docs (ferryman.config, RedirectAction.keep_query) say keep_query "
-    "(default true) appends the query unless `to` has one or uses $query. (The in-process "
-    "test tests/app/test_config_proxy.py::test_no_route_is_404_and_local_actions asserts "
-    "the dropping: /r?q=1 -> /new/r.)",
-)
 def test_templated_redirect_with_path_only_keeps_the_query(gateway: Gateway) -> None:
     status, headers, _ = get(gateway.port, "/moved/page?a=1")
     assert status == 302

@@ -64,6 +64,8 @@ log = logging.getLogger("ferryman.app")
 
 #: How often a worker looks at the health board for news (seconds).
 BOARD_POLL_INTERVAL = 0.1
+#: How long a starting worker waits for the first discovery of its groups (seconds).
+DISCOVERY_WAIT = 5.0
 
 
 # --------------------------------------------------------------------------------------
@@ -312,11 +314,14 @@ class RedirectResponder:
     def location(self, req: RequestHeader) -> str:
         """The Location for ``req``."""
         path, q, query = req.raw_path.decode("latin-1").partition("?")
+        to = self.to
         if self.templated:
-            return self.to.replace("$path", path).replace("$query", q + query)
-        if self.keep_query and q and "?" not in self.to:
-            return f"{self.to}?{query}"
-        return self.to
+            if "$query" in to:
+                return to.replace("$path", path).replace("$query", q + query)
+            to = to.replace("$path", path)
+        if self.keep_query and q and "?" not in to:
+            return f"{to}?{query}"
+        return to
 
 
 class FixedResponder:
@@ -452,6 +457,7 @@ class ConfigProxy(ProxyHttp):
         """Follow the health board, or run discovery and checks in this worker."""
         self._service = service
         if self.board is not None:
+            self._await_discovery(self.board)
             self._poll = service.loop.call_later(BOARD_POLL_INTERVAL, self._poll_board)
             return
         for monitor in self.monitors():
@@ -467,6 +473,29 @@ class ConfigProxy(ProxyHttp):
         for monitor in self._monitors:
             monitor.stop()
         self._monitors.clear()
+
+    def _await_discovery(self, board: HealthBoard) -> None:
+        """Before serving, wait (a bounded time) for the control process's first word on
+        every group whose members are discovered, so that the first requests do not find
+        such a group empty. Runs before the worker's loop serves, so it may block."""
+        pending = {
+            name
+            for name, group in self.groups.items()
+            if not group.config.servers
+        }
+        deadline = time.monotonic() + DISCOVERY_WAIT
+        while pending and time.monotonic() < deadline:
+            state = board.read()
+            if state is not None:
+                self.apply_state(state)
+                pending -= state.keys()
+            if pending:
+                time.sleep(0.005)
+        if pending:
+            log.warning(
+                "no servers discovered yet for upstream(s) %s after %.0fs; serving anyway",
+                ", ".join(sorted(pending)), DISCOVERY_WAIT,
+            )
 
     def _applier(self, name: str) -> Callable[[list[dict[str, Any]]], None]:
         def apply(snapshot: list[dict[str, Any]]) -> None:
@@ -596,7 +625,7 @@ class ConfigProxy(ProxyHttp):
             ctx.backend = None
             raise ProxyError(
                 ErrorKind.NO_PEER, ErrorSource.UPSTREAM,
-                f'upstream "{group.name}" has no servers (none discovered yet)', cause=exc,
+                "no servers to send the request to (discovery has found none)", cause=exc,
             ) from None
         ctx.fail_open = group.balancer.last_fail_open
         ctx.backend = backend
@@ -702,7 +731,11 @@ class ConfigProxy(ProxyHttp):
             return  # no answer and no upstream error: the client left first
         balancer = group.balancer
         if group.on_5xx and status >= 500:
-            balancer.report_failure(backend, f"status {status}")
+            if balancer.report_failure(backend, f"status {status}"):
+                log.warning(
+                    "upstream %s: server %s ejected after failures (status %d)",
+                    group.name, backend.name, status,
+                )
             return
         if group.timed:
             balancer.selector.observe(backend, time.monotonic() - ctx.start, time.monotonic())

@@ -173,10 +173,18 @@ class LoadBalancer:
     # health -------------------------------------------------------------------------------
 
     def set_health(self, name: str, healthy: bool, reason: str = "") -> bool:
-        """Record the active checks' verdict on backend ``name``; False if not a member."""
+        """Record the active checks' verdict on backend ``name``; False if not a member.
+
+        A server the checks see coming back up also leaves passive ejection: the checks'
+        fresh evidence beats an ejection decided on older traffic.
+        """
         backend = self._by_name.get(name)
         if backend is None:
             return False
+        if healthy and not backend.healthy:
+            backend.fails = 0
+            backend.ejections = 0
+            backend.ejected_until = 0.0
         backend.healthy = healthy
         backend.reason = "" if healthy else reason
         self._recheck()

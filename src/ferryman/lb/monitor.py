@@ -44,11 +44,12 @@ def apply_snapshot(balancer: LoadBalancer, snapshot: GroupSnapshot) -> list[Any]
         [((str(m["host"]), int(m["port"])), int(m["weight"])) for m in snapshot]
     )
     for m in snapshot:
-        backend = balancer.get(_name(str(m["host"]), int(m["port"])))
+        name = _name(str(m["host"]), int(m["port"]))
+        backend = balancer.get(name)
         if backend is not None:
-            backend.healthy = bool(m["healthy"])
-            backend.reason = "" if backend.healthy else str(m.get("reason", ""))
-    balancer._recheck()
+            healthy = bool(m["healthy"])
+            if healthy != backend.healthy or (not healthy and backend.reason != m["reason"]):
+                balancer.set_health(name, healthy, str(m.get("reason", "")))
     return removed
 
 
@@ -127,6 +128,9 @@ class GroupMonitor:
                         "upstream %s: discovery (%s) failed, keeping %d server(s): %s",
                         self.name, self.discovery.describe(), len(self.members), exc,
                     )
+                    if not self.discovered.is_set():
+                        self.discovered.set()
+                        self._publish()  # say so: workers waiting for a first answer go on
                 else:
                     self.set_members(members)
                 await asyncio.sleep(max(self.discovery.next_refresh(), 0.05))
