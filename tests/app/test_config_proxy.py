@@ -251,3 +251,113 @@ def test_no_route_is_404_and_local_actions(tmp_path: Path) -> None:
         assert get(harness.port, "/only")[0] == 204
     finally:
         harness.stop()
+
+
+# -- review findings: routing cannot be bypassed, paths and Locations are normalised -------
+
+
+def raw_request(port: int, data: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        out = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            out += chunk
+
+
+def test_absolute_form_and_climbing_paths_cannot_bypass_a_route(
+    tmp_path: Path, origins: tuple[OriginServer, ...]
+) -> None:
+    port = free_port()
+    _, harness = run(
+        f'listeners: [{{bind: "127.0.0.1:{port}", routes: [\n'
+        '  {match: {path_prefix: "/admin"}, respond: {status: 403, body: "no\\n"}},\n'
+        '  {match: {host: "internal.example"}, respond: {status: 403, body: "internal\\n"}},\n'
+        f'  {{match: {{path_prefix: "/"}}, upstream: app}}]}}]\n'
+        f'upstreams: {{app: {{servers: ["{origins[0].address}"]}}}}\n',
+        tmp_path,
+    )
+    try:
+        def ask(target: bytes, host: bytes = b"x") -> bytes:
+            return raw_request(
+                harness.port,
+                b"GET " + target + b" HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n",
+            )
+
+        assert ask(b"http://a/admin").startswith(b"HTTP/1.1 403")
+        assert ask(b"http://internal.example/x").startswith(b"HTTP/1.1 403")
+        assert ask(b"/x/../admin").startswith(b"HTTP/1.1 403")
+        assert ask(b"/%61dmin").startswith(b"HTTP/1.1 403")
+        assert ask(b"/../admin").startswith(b"HTTP/1.1 400")
+        assert ask(b"/%2e%2e/admin").startswith(b"HTTP/1.1 400")
+        ok = ask(b"http://a/public?x=1")
+        assert ok.startswith(b"HTTP/1.1 200")
+        # the origin got origin-form with the URL's authority as Host
+        method, path, headers = origins[0].requests[-1]
+        assert path == "/public?x=1" and dict(headers)["Host"] == "a"
+        assert not any("admin" in p for _, p, _ in origins[0].requests)
+    finally:
+        harness.stop()
+
+
+def test_strip_prefix_works_on_the_normalised_path(
+    tmp_path: Path, origins: tuple[OriginServer, ...]
+) -> None:
+    port = free_port()
+    _, harness = run(
+        f'listeners: [{{bind: "127.0.0.1:{port}", routes: [\n'
+        '  {match: {path_prefix: "/api"}, upstream: app, strip_prefix: "/api"}]}]\n'
+        f'upstreams: {{app: {{servers: ["{origins[0].address}"]}}}}\n',
+        tmp_path,
+    )
+    try:
+        for target in (b"/api/x?q=1", b"/%61pi/x?q=1", b"/api/./x?q=1", b"/api//x?q=1"):
+            head = b" HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+            reply = raw_request(harness.port, b"GET " + target + head)
+            assert reply.startswith(b"HTTP/1.1 200"), target
+            assert origins[0].requests[-1][1] == "/x?q=1", target
+    finally:
+        harness.stop()
+
+
+def test_locations_never_point_to_another_host(tmp_path: Path) -> None:
+    port = free_port()
+    site = tmp_path / "site"
+    (site / "assets").mkdir(parents=True)
+    _, harness = run(
+        f'listeners: [{{bind: "127.0.0.1:{port}", routes: [\n'
+        '  {match: {path_prefix: "/go"}, redirect: {to: "/$path", status: 302}},\n'
+        '  {match: {path_prefix: "/"}, static: {root: site}}]}]\n',
+        tmp_path,
+    )
+    try:
+        reply = raw_request(
+            harness.port,
+            b"GET //evil.example/%2e%2e/assets HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        assert reply.startswith(b"HTTP/1.1 301")
+        assert b"\r\nLocation: /assets/\r\n" in reply
+        status, headers, _ = get(harness.port, "/go/x?a=1")
+        assert status == 302 and headers["location"] == "/go/x?a=1"
+    finally:
+        harness.stop()
+
+
+def test_204_has_no_content_length(tmp_path: Path) -> None:
+    port = free_port()
+    _, harness = run(
+        f'listeners: [{{bind: "127.0.0.1:{port}", routes: ['
+        '{match: {path: "/n"}, respond: {status: 204}}]}]\n',
+        tmp_path,
+    )
+    try:
+        head = b"GET /n HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        reply = raw_request(harness.port, head)
+        assert reply.startswith(b"HTTP/1.1 204")
+        assert b"content-length" not in reply.lower()
+    finally:
+        harness.stop()

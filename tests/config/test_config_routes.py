@@ -428,12 +428,47 @@ ACTION_CASES = [
     case(routes("- rewrite: {regex: a}\n  upstream: app\n"),
          f'{R}.rewrite: missing required key "to" (expected a replacement string such as '
          '"/v2/\\1")', "rewrite-no-to"),
+    case(routes("- redirect: {to: '/caf\u00e9'}\n"),
+         f"{R}.redirect.to: expected {REDIRECT_TO}, got '/caf\u00e9' (percent-encode "
+         "characters outside ASCII in a Location)", "redirect-not-ascii"),
+    case(routes("- match: {path_regex: '^/caf\\u00e9'}\n  upstream: app\n"),
+         f"{R}.match.path_regex: expected a regular expression, got '^/caf\\\\u00e9' (bad "
+         "escape \\u at position 5)", "regex-str-only-escape"),
+]
+
+FRAMING = (
+    "a header name other than Connection, Content-Length, Keep-Alive, Proxy-Connection, TE, "
+    "Trailer, Transfer-Encoding and Upgrade"
+)
+
+EDIT_SAFETY_CASES = [
+    case(routes("- upstream: app\n  response_headers: {set: {Content-Length: '5'}}\n"),
+         f"ferryman.yaml:6: listeners[0].routes[0].response_headers.set.Content-Length: "
+         f"expected {FRAMING}, got 'Content-Length' (ferryman sets framing and connection "
+         "headers itself)", "set-content-length"),
+    case(routes("- upstream: app\n  request_headers: {add: {transfer-encoding: chunked}}\n"),
+         f"ferryman.yaml:6: listeners[0].routes[0].request_headers.add.transfer-encoding: "
+         f"expected {FRAMING}, got 'transfer-encoding' (ferryman sets framing and connection "
+         "headers itself)", "add-transfer-encoding"),
+    case(routes("- upstream: app\n  request_headers: {remove: [Connection]}\n"),
+         f"ferryman.yaml:6: listeners[0].routes[0].request_headers.remove[0]: "
+         f"expected {FRAMING}, got 'Connection' (ferryman sets framing and connection "
+         "headers itself)", "remove-connection"),
+    case(routes("- respond: {status: 200, headers: {Connection: close}}\n"),
+         f"{R}.respond.headers.Connection: expected {FRAMING}, got 'Connection' (ferryman "
+         "sets framing and connection headers itself)", "respond-connection"),
+    case(routes("- upstream: app\n  response_headers: {set: {X-Name: 'caf\u20ac'}}\n"),
+         "ferryman.yaml:6: listeners[0].routes[0].response_headers.set.X-Name: expected a "
+         "header value: a string without CR, LF or NUL, got 'caf\u20ac' ('\u20ac' is not "
+         "Latin-1: header values are bytes; percent-encode other characters)",
+         "value-not-latin1"),
 ]
 
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    LISTENER_CASES + ROUTE_CASES + MATCH_CASES + HEADER_EDIT_CASES + ACTION_CASES,
+    LISTENER_CASES + ROUTE_CASES + MATCH_CASES + HEADER_EDIT_CASES + ACTION_CASES
+    + EDIT_SAFETY_CASES,
 )
 def test_error_message(error_text: ErrorText, text: str, message: str) -> None:
     assert error_text(text) == message

@@ -265,6 +265,10 @@ SOURCE_CASES = [
     case(group('dns: {name: a.b, resolver: "1.1.1.1"}'),
          f"{A}.dns.resolver: expected {SERVER}, got '1.1.1.1' (missing :port)",
          "dns-resolver-no-port"),
+    case(group('dns: {name: a.b, resolver: "dns.local:53"}'),
+         f"{A}.dns.resolver: expected the IP address and port of a DNS server, such as "
+         "\"127.0.0.53:53\", got 'dns.local:53' (a DNS server is named by its address, not "
+         "by a name it would have to resolve)", "dns-resolver-name"),
     case(group("dns: {name: a.b, ttl: 5}"),
          f'{A}.dns.ttl: unknown key "ttl"; expected one of: name, port, type, refresh, '
          "resolver", "dns-unknown-key"),

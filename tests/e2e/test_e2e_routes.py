@@ -346,26 +346,28 @@ def test_static_with_curl_and_max_age(gateway: Gateway) -> None:
 
 
 def test_static_traversal_is_refused(gateway: Gateway) -> None:
-    # the files route has no path condition, so these reach the static handler as sent
     host = b"Host: files.example.com\r\nConnection: close\r\n\r\n"
+    # paths climbing above the root are refused before routing (400, as nginx does)
     for target in (b"/../secret.txt", b"/static/../../secret.txt",
-                   b"/%2e%2e/secret.txt", b"/static/%2E%2E/%2e%2e/secret.txt",
-                   b"/static/link.txt"):
+                   b"/%2e%2e/secret.txt", b"/static/%2E%2E/%2e%2e/secret.txt"):
         resp, _ = raw_exchange(gateway.port, b"GET " + target + b" HTTP/1.1\r\n" + host)
-        assert resp.status == 404, target
+        assert resp.status == 400, target
         assert b"secret" not in resp.body, target
+    # a symbolic link leading out of the root is not followed
+    resp, _ = raw_exchange(gateway.port, b"GET /static/link.txt HTTP/1.1\r\n" + host)
+    assert resp.status == 404 and b"secret" not in resp.body
     # dot segments that stay inside the root are fine
     resp, _ = raw_exchange(
         gateway.port, b"GET /static/docs/../hello.txt HTTP/1.1\r\n" + host
     )
     assert resp.status == 200 and resp.body == HELLO
-    # through a route with a path condition, a path climbing above / matches no route
+    # on any host, whatever the routes' conditions
     resp, _ = raw_exchange(
         gateway.port,
         b"GET /static/../../secret.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     )
-    assert resp.status == 404
-    assert resp.body == b"404 Not Found: no route for this request\n"
+    assert resp.status == 400
+    assert resp.body == b"400 Bad Request: the path climbs above the root\n"
 
 
 def test_static_refuses_other_methods(gateway: Gateway) -> None:

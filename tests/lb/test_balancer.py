@@ -132,32 +132,22 @@ def test_exclude_skips_unhealthy_too(algorithm: str) -> None:
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_exclude_everything_is_ignored(algorithm: str) -> None:
+def test_no_retry_onto_a_down_server_while_one_is_up(algorithm: str) -> None:
+    """As nginx: once every available server was tried, a retry does not go to a server
+    known to be down; the caller answers with the last failure instead."""
     lb = make(algorithm)
     everything = list(lb.backends)
-    for i in range(50):
-        b = lb.select(key(i), exclude=everything)
-        assert b in everything
-        # health did not rule anything out: this is not failing open
-        assert not lb.last_fail_open
-    # exclude is ignored, health is still honoured
+    for i in range(5):
+        with pytest.raises(NoBackendError, match="every available server was tried"):
+            lb.select(key(i), exclude=everything)
     lb.set_health("10.0.0.1:80", False, "down")
     lb.set_health("10.0.0.2:80", False, "down")
-    for i in range(50):
-        assert lb.select(key(i), exclude=everything).name == "10.0.0.3:80"
-        assert not lb.last_fail_open
-
-
-@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
-def test_exclude_prefers_untried_over_health(algorithm: str) -> None:
-    """Health rules out every backend not excluded: one of those is tried anyway."""
-    lb = make(algorithm, n=2)
-    lb.set_health("10.0.0.2:80", False, "down")
-    one = lb.get("10.0.0.1:80")
-    for i in range(50):
-        b = lb.select(key(i), exclude=[one])  # type: ignore[list-item]
-        assert b.name == "10.0.0.2:80"
-        assert lb.last_fail_open
+    three = lb.get("10.0.0.3:80")
+    with pytest.raises(NoBackendError, match="every available server was tried"):
+        lb.select(b"k", exclude=[three])  # type: ignore[list-item]
+    lb.set_health("10.0.0.3:80", False, "down")  # now nothing is up: fail open
+    b = lb.select(b"k", exclude=[three])  # type: ignore[list-item]
+    assert b.name != "10.0.0.3:80" and lb.last_fail_open
 
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
@@ -420,3 +410,11 @@ def test_repr() -> None:
     lb = make(n=1)
     lb.set_health("10.0.0.1:80", False)
     assert repr(lb) == "LoadBalancer('api', round_robin, [Backend(10.0.0.1:80, weight=1, down)])"
+
+
+def test_ejection_backoff_never_overflows() -> None:
+    lb = make(passive=PassiveHealth(max_fails=1, eject=1.0, max_eject=5.0))
+    b = lb.backends[0]
+    b.ejections = 5000  # a server that has been failing for days
+    assert lb.report_failure(b, "refused")
+    assert 4.0 < b.ejected_until - time.monotonic() <= 5.0

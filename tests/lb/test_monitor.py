@@ -268,3 +268,52 @@ def test_apply_snapshot() -> None:
     assert kept is not None and kept.weight == 2 and not kept.healthy and kept.reason == "refused"
     assert all(balancer.select().name == "[::1]:81" for _ in range(5))
     assert not balancer.last_fail_open
+
+
+def test_invalid_discovered_members_are_dropped() -> None:
+    from ferryman.lb.monitor import valid_members
+
+    good = (("127.0.0.1", 80), 2)
+    bad: list[Any] = [
+        (("127.0.0.1", 80), 0),
+        (("127.0.0.1", 0), 1),
+        (("", 80), 1),
+        (("h", 80), 1001),
+        (("h", True), 1),
+        "127.0.0.1:80",
+        None,
+    ]
+    assert valid_members("g", [good, *bad]) == [good]
+
+    class Bad(ServiceDiscovery):
+        async def discover(self) -> list[Any]:
+            return [good, (("127.0.0.1", 81), 0), "nonsense"]
+
+    async def scenario() -> None:
+        seen: list[Any] = []
+        monitor = GroupMonitor("g", Bad(), None, seen.append)
+        monitor.start()
+        await until(lambda: bool(seen), what="first snapshot")
+        assert [(m["host"], m["port"], m["weight"]) for m in seen[-1]] == [("127.0.0.1", 80, 2)]
+        await stop_monitor(monitor)
+
+    run(scenario)
+
+
+def test_seeded_monitor_keeps_published_verdicts() -> None:
+    snapshot = [
+        {"host": "127.0.0.1", "port": 9, "weight": 1, "healthy": False, "reason": "refused"},
+    ]
+
+    async def scenario() -> None:
+        seen: list[Any] = []
+        monitor = GroupMonitor(
+            "g", StaticDiscovery([(("127.0.0.1", 9), 1)]), fast_check(), seen.append
+        )
+        monitor.seed(snapshot)
+        monitor.start()
+        await until(lambda: bool(seen), what="first snapshot")
+        assert seen[0][0]["healthy"] is False and seen[0][0]["reason"] == "refused"
+        await stop_monitor(monitor)
+
+    run(scenario)

@@ -148,6 +148,9 @@ class Streamer(ProxyHttp):
         elif path == "/short":
             source = ShortSource(self.files["small"], len(SMALL) - 10)
             length = len(SMALL)
+        elif path == "/long":  # a file that grew after its size was sent
+            source = Source(big)
+            length = len(SMALL)
         else:
             session.send_response(404)
             return True
@@ -381,7 +384,7 @@ def test_source_is_read_only_as_fast_as_the_client_reads(
         assert hasher.hexdigest() == big_digest(files)
         assert wait_for(lambda: source.closes == 1)
         # 64 KiB reads, plus the one that saw the end
-        assert source.reads == BIG_SIZE // (64 * 1024) + 1
+        assert source.reads == BIG_SIZE // (64 * 1024)  # stops at the Content-Length: no EOF read
     finally:
         client.close()
 
@@ -534,6 +537,23 @@ def test_source_shorter_than_content_length_closes_connection(streamer: ProxyHar
         assert client.at_eof(timeout=1)
     finally:
         client.close()
+
+
+def test_source_longer_than_content_length_is_cut_there(streamer: ProxyHarness) -> None:
+    proxy = proxy_of(streamer)
+    client = Client(streamer.port)
+    try:
+        client.get("/long")
+        head = client.head()
+        assert head["content-length"] == str(len(SMALL))
+        assert client.body(len(SMALL)) == len(SMALL)
+        client.get("/small")  # the connection is still in step: no stray body bytes
+        assert client.head()["status"] == "200"
+        assert client.body(len(SMALL)) == len(SMALL)
+    finally:
+        client.close()
+    assert proxy.sources[0].read_bytes == len(SMALL)
+    assert proxy.sources[0].closes == 1
 
 
 def test_head_closes_source_without_reading(streamer: ProxyHarness) -> None:

@@ -28,8 +28,9 @@ import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote_from_bytes
 
-from ferryman.app.routes import Route, Router
+from ferryman.app.routes import Route, Router, match_path, to_origin_form
 from ferryman.app.static import StaticFiles
 from ferryman.config.model import Config, HeaderEdits, RouteConfig, UpstreamConfig
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
@@ -249,17 +250,29 @@ class UpstreamGroup:
 # route actions
 
 
-def _edit(headers: Headers, edits: HeaderEdits) -> None:
-    for name in edits.remove:
-        headers.remove(name)
-    for name, value in edits.set:
-        headers.set(name, value)
-    for name, value in edits.add:
-        headers.add(name, value)
+class Edits:
+    """A route's header edits, encoded once: names and values as bytes."""
+
+    __slots__ = ("remove", "set", "add", "any")
+
+    def __init__(self, edits: HeaderEdits) -> None:
+        self.remove = tuple(n.encode("latin-1") for n in edits.remove)
+        self.set = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.set)
+        self.add = tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in edits.add)
+        self.any = bool(self.remove or self.set or self.add)
+
+    def apply(self, headers: Headers) -> None:
+        """Remove, then set, then add."""
+        for name in self.remove:
+            headers.remove(name)
+        for name, value in self.set:
+            headers.set(name, value)
+        for name, value in self.add:
+            headers.add(name, value)
 
 
-def _has_edits(edits: HeaderEdits) -> bool:
-    return bool(edits.remove or edits.set or edits.add)
+#: Characters left as they are when a normalised path is re-encoded for the upstream.
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"
 
 
 class ProxyAction:
@@ -268,21 +281,29 @@ class ProxyAction:
     __slots__ = ("group", "strip", "rewrite", "rewrite_to", "request_edits", "changes_request")
 
     def __init__(self, route: RouteConfig, group: UpstreamGroup) -> None:
+        #: the group requests are proxied to
         self.group = group
         self.strip = route.strip_prefix.encode() if route.strip_prefix else None
         if self.strip is not None and self.strip.endswith(b"/") and self.strip != b"/":
             self.strip = self.strip[:-1]
         self.rewrite = re.compile(route.rewrite.regex.encode()) if route.rewrite else None
         self.rewrite_to = route.rewrite.to.encode() if route.rewrite else b""
-        self.request_edits = route.request_headers
+        self.request_edits = Edits(route.request_headers)
         self.changes_request = (
-            self.strip is not None or self.rewrite is not None or _has_edits(route.request_headers)
+            self.strip is not None or self.rewrite is not None or self.request_edits.any
         )
 
-    def rewrite_request(self, req: RequestHeader) -> None:
-        """Apply strip_prefix, rewrite and request header edits to the upstream request."""
+    def rewrite_request(self, req: RequestHeader, normal: bytes | None) -> None:
+        """Apply strip_prefix, rewrite and request header edits to the upstream request.
+
+        ``normal`` is the path routing matched (decoded, dot segments resolved): the prefix
+        is stripped from that form, re-encoded, so ``/%61pi/x`` and ``/api/./x`` lose
+        ``/api`` just like ``/api/x`` does.
+        """
         if self.strip is not None or self.rewrite is not None:
             path, q, query = req.raw_path.partition(b"?")
+            if normal is not None and normal != path:
+                path = quote_from_bytes(normal, _PATH_SAFE).encode("ascii")
             strip = self.strip
             if strip is not None and path.startswith(strip):
                 rest = path[len(strip) :]
@@ -295,7 +316,7 @@ class ProxyAction:
                 if not path.startswith(b"/"):
                     path = b"/" + path
             req.raw_path = path + q + query
-        _edit(req.headers, self.request_edits)
+        self.request_edits.apply(req.headers)
 
 
 class RedirectResponder:
@@ -317,10 +338,14 @@ class RedirectResponder:
         to = self.to
         if self.templated:
             if "$query" in to:
-                return to.replace("$path", path).replace("$query", q + query)
-            to = to.replace("$path", path)
+                to = to.replace("$path", path).replace("$query", q + query)
+                q = ""
+            else:
+                to = to.replace("$path", path)
         if self.keep_query and q and "?" not in to:
-            return f"{to}?{query}"
+            to = f"{to}?{query}"
+        if to.startswith("//"):
+            to = "/" + to.lstrip("/")  # "//host/..." would send the client to another site
         return to
 
 
@@ -340,7 +365,7 @@ class FixedResponder:
         headers = list(r.headers)
         if content_type is not None:
             headers.append(("Content-Type", content_type))
-        self.headers = [(k.encode(), v.encode()) for k, v in headers]
+        self.headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
 
 
 class RouteAction:
@@ -348,14 +373,16 @@ class RouteAction:
 
     __slots__ = ("proxy", "redirect", "fixed", "static", "response_edits", "edits_response")
 
+    proxy: ProxyAction | None
+
     def __init__(self, route: RouteConfig, groups: dict[str, UpstreamGroup]) -> None:
         self.proxy = ProxyAction(route, groups[route.upstream]) if route.upstream else None
         self.redirect = RedirectResponder(route) if route.redirect else None
         self.fixed = FixedResponder(route) if route.respond else None
         s = route.static
         self.static = StaticFiles(s.root, s.index, s.max_age) if s is not None else None
-        self.response_edits = route.response_headers
-        self.edits_response = _has_edits(route.response_headers)
+        self.response_edits = Edits(route.response_headers)
+        self.edits_response = self.response_edits.any
 
 
 # --------------------------------------------------------------------------------------
@@ -373,12 +400,22 @@ class RequestState:
         reported: whether the current attempt's outcome was fed to passive health.
         start: when the current attempt was sent (monotonic), for latency.
         fail_open: whether health ruled out every server when choosing.
+        path: the normalised request path routing matched (see ``match_path``).
+        error: the failure of the last attempt, if it failed.
+        stale: the last attempt failed on a pooled connection the server had closed (not
+            the server's fault: it is not excluded from the retry, nor counted as failing).
     """
 
-    __slots__ = ("route", "group", "backend", "tried", "reported", "start", "fail_open")
+    __slots__ = (
+        "route", "group", "backend", "tried", "reported", "start", "fail_open", "path",
+        "error", "stale",
+    )
 
     def __init__(self) -> None:
         self.route: Route | None = None
+        self.path: bytes | None = None
+        self.error: ProxyError | None = None
+        self.stale = False
         self.group: UpstreamGroup | None = None
         self.backend: Backend | None = None
         self.tried: tuple[Backend, ...] = ()
@@ -388,6 +425,8 @@ class RequestState:
 
 
 _NOT_FOUND = b"404 Not Found: no route for this request\n"
+_BAD_TARGET = b"400 Bad Request: the request target is not a path or an http(s) URL\n"
+_BAD_PATH = b"400 Bad Request: the path climbs above the root\n"
 
 
 class ConfigProxy(ProxyHttp):
@@ -423,6 +462,7 @@ class ConfigProxy(ProxyHttp):
         needed = {
             "upstream_request_filter": any(a.proxy and a.proxy.changes_request for a in actions),
             "response_filter": any(a.proxy and a.edits_response for a in actions),
+            "upstream_response_filter": any(g.timed for g in self.groups.values()),
         }
         cls = type(self)
         unused = {
@@ -510,7 +550,12 @@ class ConfigProxy(ProxyHttp):
             group = self.groups.get(name)
             if group is None:
                 continue
-            for gone in apply_snapshot(group.balancer, snapshot):
+            try:
+                removed = apply_snapshot(group.balancer, snapshot)
+            except Exception:  # noqa: BLE001 - one bad group must not stop the others
+                log.exception("upstream %s: applying the published state failed", name)
+                continue
+            for gone in removed:
                 if gone.peer is not None and service is not None:
                     service.connector.close_idle(gone.peer)
 
@@ -544,10 +589,21 @@ class ConfigProxy(ProxyHttp):
 
     def request_filter(self, session: Session, ctx: RequestState) -> bool:  # type: ignore[override]
         """Route the request; answer it here unless it is proxied."""
+        req = session.req_header
+        if req.raw_method == b"CONNECT":
+            path = None  # authority-form: routed on host alone (tunnels need allow_connect)
+        elif not to_origin_form(req):
+            session.send_response(400, _BAD_TARGET, content_type="text/plain; charset=utf-8")
+            return True
+        else:
+            path = ctx.path = match_path(req.raw_path)
+        if path is None and req.raw_path != b"*" and req.raw_method != b"CONNECT":
+            session.send_response(400, _BAD_PATH, content_type="text/plain; charset=utf-8")
+            return True
         router = self._only
         if router is None:
             router = self.router_for(session)
-        route = router.route(session.req_header) if router is not None else None
+        route = router.route(req, path) if router is not None else None
         if route is None:
             session.send_response(404, _NOT_FOUND, content_type="text/plain; charset=utf-8")
             return True
@@ -591,7 +647,7 @@ class ConfigProxy(ProxyHttp):
         if not action.edits_response:
             return None
         edits = action.response_edits
-        return lambda resp: _edit(resp.headers, edits)
+        return lambda resp: edits.apply(resp.headers)
 
     @staticmethod
     def _send_local(
@@ -613,7 +669,10 @@ class ConfigProxy(ProxyHttp):
             group = self._late_route(session, ctx)
         previous = ctx.backend
         if previous is not None:  # a retry: the last attempt failed
-            ctx.tried += (previous,)
+            if ctx.stale:
+                ctx.stale = False  # a dead pooled connection: the server may be tried again
+            else:
+                ctx.tried += (previous,)
             if group.counted:
                 previous.inflight -= 1
         else:
@@ -623,6 +682,12 @@ class ConfigProxy(ProxyHttp):
             backend = group.balancer.select(b"" if key is None else key(session), ctx.tried)
         except NoBackendError as exc:
             ctx.backend = None
+            last = ctx.error
+            if ctx.tried and last is not None:
+                # every server still believed healthy was tried: answer with the failure
+                # of the last attempt rather than try a server known to be down
+                last.retryable = False
+                raise last from None
             raise ProxyError(
                 ErrorKind.NO_PEER, ErrorSource.UPSTREAM,
                 "no servers to send the request to (discovery has found none)", cause=exc,
@@ -646,7 +711,7 @@ class ConfigProxy(ProxyHttp):
         if route is not None:
             p = route.action.proxy
             if p is not None and p.changes_request:
-                p.rewrite_request(upstream_request)
+                p.rewrite_request(upstream_request, ctx.path)
 
     def response_filter(  # type: ignore[override]
         self, session: Session, response: ResponseHeader, ctx: RequestState
@@ -654,7 +719,18 @@ class ConfigProxy(ProxyHttp):
         """Response header edits of the route."""
         route = ctx.route
         if route is not None and route.action.edits_response:
-            _edit(response.headers, route.action.response_edits)
+            route.action.response_edits.apply(response.headers)
+
+    def upstream_response_filter(  # type: ignore[override]
+        self, session: Session, upstream_response: ResponseHeader, ctx: RequestState
+    ) -> None:
+        """Record the time to the response head for ``p2c_ewma`` (called only when some
+        group uses it): the client's own download time must not count."""
+        group = ctx.group
+        backend = ctx.backend
+        if group is not None and backend is not None and group.timed:
+            now = time.monotonic()
+            group.balancer.selector.observe(backend, now - ctx.start, now)
 
     def _failed(self, ctx: RequestState, error: ProxyError) -> None:
         backend = ctx.backend
@@ -662,6 +738,7 @@ class ConfigProxy(ProxyHttp):
         if backend is None or group is None or ctx.reported:
             return
         if error.source is ErrorSource.UPSTREAM:
+            ctx.error = error
             ctx.reported = True
             if group.balancer.report_failure(backend, error.detail or error.kind.value):
                 log.warning(
@@ -684,7 +761,12 @@ class ConfigProxy(ProxyHttp):
         error: ProxyError,
         client_reused: bool,
     ) -> ProxyError:
-        """Count the failure for passive health."""
+        """Count the failure for passive health — unless it is a pooled connection that
+        died before answering (the engine made that retryable): the server merely closed an
+        idle connection, so the retry may go to it again on a fresh one."""
+        if error.retryable and error.source is ErrorSource.UPSTREAM and not ctx.reported:
+            ctx.stale = True
+            return error
         self._failed(ctx, error)
         return error
 
@@ -737,7 +819,5 @@ class ConfigProxy(ProxyHttp):
                     group.name, backend.name, status,
                 )
             return
-        if group.timed:
-            balancer.selector.observe(backend, time.monotonic() - ctx.start, time.monotonic())
         if backend.fails or backend.ejections:
             balancer.report_success(backend)

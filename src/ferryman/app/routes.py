@@ -23,7 +23,7 @@ from ferryman.config.model import RouteConfig
 if TYPE_CHECKING:
     from ferryman.protocols.headers import RequestHeader
 
-__all__ = ["Route", "Router", "match_path", "request_host"]
+__all__ = ["Route", "Router", "host_name", "match_path", "request_host", "to_origin_form"]
 
 _PATH_NONE = 0
 _PATH_PREFIX = 1
@@ -32,6 +32,8 @@ _PATH_REGEX = 3
 
 #: Distinct Host values whose candidate lists are cached; beyond that the cache restarts.
 HOST_CACHE_SIZE = 4096
+#: Longer Host values (no valid name is) are matched without caching.
+MAX_CACHED_HOST = 255
 
 
 def match_path(raw_path: bytes) -> bytes | None:
@@ -58,11 +60,44 @@ def match_path(raw_path: bytes) -> bytes | None:
     return normal
 
 
+def to_origin_form(req: RequestHeader) -> bool:
+    """Turn an absolute-form target (``GET http://host/path``) into origin-form, moving its
+    authority into ``Host`` (RFC 9112 §3.2.2: it replaces any Host header), so that routing
+    and the upstream see one host and one path. Returns False for a target that is neither
+    (``*`` excepted), which the caller answers with 400."""
+    raw = req.raw_path
+    if raw[:1] == b"/" or raw == b"*":
+        return True
+    scheme_end = raw.find(b"://")
+    if scheme_end < 0 or raw[:scheme_end].lower() not in (b"http", b"https"):
+        return False
+    rest = raw[scheme_end + 3 :]
+    end = len(rest)
+    for stop in (b"/", b"?"):
+        i = rest.find(stop)
+        if 0 <= i < end:
+            end = i
+    authority = rest[:end]
+    if not authority or b"@" in authority:
+        return False
+    path = rest[end:]
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    req.raw_path = path
+    req.headers.set(b"Host", authority)
+    return True
+
+
 def request_host(req: RequestHeader) -> str:
     """The request's host name: ``Host`` lowercased, without port or trailing dot."""
     value = req.headers.get(b"host")
     if not value:
         return ""
+    return host_name(value)
+
+
+def host_name(value: bytes) -> str:
+    """A ``Host`` value as a name: lowercased, without port or trailing dot."""
     host = value.decode("latin-1").lower()
     if host.startswith("["):
         end = host.find("]")
@@ -183,7 +218,7 @@ class Route:
 class Router:
     """The ordered routes of one listener.
 
-    ``route(req)`` returns the first route accepting the request, or None.
+    ``route(req, path)`` returns the first route accepting the request, or None.
     """
 
     __slots__ = ("routes", "_host_free", "_only", "_by_host")
@@ -193,27 +228,35 @@ class Router:
         self._host_free = all(r._any_host for r in self.routes)
         first = self.routes[0] if self.routes else None
         self._only = first if first is not None and first._simple and first._any_host else None
-        self._by_host: dict[str, tuple[Route, ...]] = {}
+        self._by_host: dict[bytes, tuple[Route, ...]] = {}
 
-    def candidates(self, host: str) -> tuple[Route, ...]:
-        """The routes whose host condition accepts ``host``, in order (cached)."""
+    def candidates(self, host: bytes) -> tuple[Route, ...]:
+        """The routes whose host condition accepts the ``Host`` value ``host``, in order
+        (cached per distinct value, for values of a plausible length)."""
         found = self._by_host.get(host)
         if found is None:
-            found = tuple(r for r in self.routes if r.accepts_host(host))
-            if len(self._by_host) >= HOST_CACHE_SIZE:
-                self._by_host.clear()
-            self._by_host[host] = found
+            name = host_name(host) if host else ""
+            found = tuple(r for r in self.routes if r.accepts_host(name))
+            if len(host) <= MAX_CACHED_HOST:
+                if len(self._by_host) >= HOST_CACHE_SIZE:
+                    self._by_host.clear()
+                self._by_host[host] = found
         return found
 
-    def route(self, req: RequestHeader) -> Route | None:
-        """The route for ``req``, or None when no route accepts it."""
+    def route(self, req: RequestHeader, path: bytes | None = None) -> Route | None:
+        """The route for ``req``, or None when no route accepts it. ``path`` is
+        :func:`match_path` of its target, computed here if not given."""
         only = self._only
         if only is not None:
             return only  # a catch-all first route: nothing to compare
-        routes = self.routes if self._host_free else self.candidates(request_host(req))
+        if self._host_free:
+            routes = self.routes
+        else:
+            routes = self.candidates(req.headers.get(b"host") or b"")
         if not routes:
             return None
-        path = match_path(req.raw_path)
+        if path is None:
+            path = match_path(req.raw_path)
         for route in routes:
             if route.matches(req, path):
                 return route

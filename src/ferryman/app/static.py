@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from email.utils import formatdate, mktime_tz, parsedate_tz
 from typing import TYPE_CHECKING, Final
+from urllib.parse import quote_from_bytes
 
 from ferryman.protocols.headers import Headers, ResponseHeader
 
@@ -636,10 +637,22 @@ class StaticFiles:
             session.send_body_from(source)  # streams, then closes the file whatever happens
 
 
+#: Characters kept as they are when a normalised path is re-encoded for a Location.
+_LOCATION_SAFE = "/!$&'()*+,;=:@-._~"
+
+
 def _redirect(session: Session, edit: _Edit) -> None:
-    """301 to the request target's path plus ``/``, query kept."""
-    path, question, query = session.req_header.raw_path.partition(b"?")
-    _send_empty(session, 301, [(b"Location", path + b"/" + question + query)], edit)
+    """301 to the request's path plus ``/``, query kept. The path is the normalised one
+    (decoded, dot segments and repeated slashes resolved, re-encoded), as nginx does: the
+    raw target could start with ``//``, which a browser reads as another host."""
+    raw, question, query = session.req_header.raw_path.partition(b"?")
+    decoded = decode_path(raw)
+    normal = remove_dot_segments(decoded) if decoded is not None else None
+    if normal is None:
+        _send_empty(session, 404, [], edit)
+        return
+    location = quote_from_bytes(normal.rstrip(b"/"), _LOCATION_SAFE).encode("ascii") + b"/"
+    _send_empty(session, 301, [(b"Location", location + question + query)], edit)
 
 
 def _send_empty(

@@ -15,6 +15,8 @@ __all__ = [
     "APP_EXPECTED",
     "TOKEN",
     "check_upstream_ref",
+    "FRAMING_HEADERS",
+    "header_edit_name",
     "header_name",
     "header_value",
     "is_server_name",
@@ -32,6 +34,18 @@ TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 HEADER_NAME_EXPECTED = 'a header name (an HTTP token such as "X-Env")'
 HEADER_VALUE_EXPECTED = "a header value: a string without CR, LF or NUL"
+HEADER_EDIT_NAME_EXPECTED = (
+    "a header name other than Connection, Content-Length, Keep-Alive, Proxy-Connection, "
+    "TE, Trailer, Transfer-Encoding and Upgrade"
+)
+#: Headers that frame a message or describe one connection: ferryman sets these itself, so
+#: configured edits may not (a wrong Content-Length would desynchronise the connection).
+FRAMING_HEADERS = frozenset(
+    (
+        "connection", "content-length", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "upgrade",
+    )
+)
 REGEX_EXPECTED = "a regular expression"
 _BAD_VALUE_CHARS = re.compile(r"[\r\n\0]")
 
@@ -78,13 +92,17 @@ def regex_error(exc: BaseException) -> str:
 
 
 def regex(reader: Reader, node: Node, path: str) -> re.Pattern[str] | None:
-    """A regular expression that compiles (``re.compile``); the compile error and its
-    position are reported otherwise."""
+    """A regular expression that compiles (``re.compile``) — also as the bytes pattern
+    the proxy matches raw request bytes with (so ``\\u00e9``-style escapes, which only
+    ``str`` patterns know, are refused here rather than at start); the compile error and
+    its position are reported otherwise."""
     text = reader.string(node, path, REGEX_EXPECTED)
     if text is None:
         return None
     try:
-        return re.compile(text)
+        pattern = re.compile(text)
+        re.compile(text.encode("utf-8"))
+        return pattern
     except (re.error, RecursionError, OverflowError) as exc:
         reader.expected(node, path, REGEX_EXPECTED, regex_error(exc))
         return None
@@ -107,7 +125,28 @@ def header_value(reader: Reader, node: Node, path: str) -> str | None:
     if _BAD_VALUE_CHARS.search(value):
         reader.expected(node, path, HEADER_VALUE_EXPECTED)
         return None
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError as exc:
+        reader.expected(
+            node, path, HEADER_VALUE_EXPECTED,
+            f"{value[exc.start]!r} is not Latin-1: header values are bytes; "
+            "percent-encode other characters",
+        )
+        return None
     return value
+
+
+def header_edit_name(reader: Reader, node: Node, path: str, name: str) -> bool:
+    """Whether ``name`` may be edited by configuration (not a framing header); reports it
+    otherwise."""
+    if name.lower() in FRAMING_HEADERS:
+        reader.expected(
+            node, path, HEADER_EDIT_NAME_EXPECTED,
+            "ferryman sets framing and connection headers itself",
+        )
+        return False
+    return True
 
 
 def string_or_list(

@@ -16,6 +16,7 @@ from yaml.nodes import MappingNode, Node
 from .common import (
     TOKEN,
     check_upstream_ref,
+    header_edit_name,
     header_name,
     header_value,
     is_server_name,
@@ -390,7 +391,9 @@ def _header_edits(route: Section, key: str, reader: Reader) -> HeaderEdits:
             reader, remove_node, sec.path_of("remove"), HEADER_NAMES_EXPECTED,
             lambda n, p: header_name(reader, n, p),
         )
-        remove = () if values is None else tuple(v for _, _, v in values)
+        remove = () if values is None else tuple(
+            v for p, n, v in values if header_edit_name(reader, n, p, v)
+        )
     return HeaderEdits(
         remove=remove,
         set=_header_pairs(sec, "set", reader, unique=True),
@@ -416,6 +419,8 @@ def _header_pairs(
         item_path = child_path(path, name)
         if not TOKEN.fullmatch(name):
             reader.expected(key_node, item_path, HEADER_NAME_EXPECTED)
+            continue
+        if not header_edit_name(reader, key_node, item_path, name):
             continue
         value = header_value(reader, value_node, item_path)
         if unique and name.lower() in seen:
@@ -471,6 +476,12 @@ def _redirect(route: Section, reader: Reader) -> RedirectAction | None:
                 detail = 'browsers read "//name" as a host; write "https://name/..."'
             reader.expected(to_node, to_path, REDIRECT_TO_EXPECTED, detail)
             to = None
+        elif to is not None and not to.isascii():
+            reader.expected(
+                to_node, to_path, REDIRECT_TO_EXPECTED,
+                "percent-encode characters outside ASCII in a Location",
+            )
+            to = None
     d = RedirectAction(to="/")
     status = sec.read(
         "status",
@@ -516,7 +527,7 @@ def _respond(route: Section, reader: Reader) -> FixedResponse | None:
     if type_node is not None:
         content_type = reader.string(
             type_node, sec.path_of("content_type"), CONTENT_TYPE_EXPECTED,
-            lambda s: not _CONTROL.search(s),
+            lambda s: not _CONTROL.search(s) and s.isascii(),
         )
     return FixedResponse(
         status=status,

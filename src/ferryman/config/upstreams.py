@@ -8,6 +8,7 @@ server lists read at run time (``upstreams.NAME.file``) use the same syntax.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from dataclasses import replace
 from typing import Literal, cast, get_args
@@ -391,6 +392,13 @@ def _dns(upstream: Section, reader: Reader) -> DnsDiscovery | None:
     resolver = None
     if resolver_node is not None:
         resolver = reader.address(resolver_node, sec.path_of("resolver"), require_host=True)
+        if resolver is not None and not _is_ip(resolver[0]):
+            reader.expected(
+                resolver_node, sec.path_of("resolver"),
+                'the IP address and port of a DNS server, such as "127.0.0.53:53"',
+                "a DNS server is named by its address, not by a name it would have to resolve",
+            )
+            resolver = None
     if name is None:
         return None
     return DnsDiscovery(
@@ -684,3 +692,11 @@ def _upstream_tls(upstream: Section, reader: Reader) -> UpstreamTls | None:
         cert=cert,
         key=key,
     )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True

@@ -224,7 +224,7 @@ class LoadBalancer:
         if backend.fails < passive.max_fails and not backend.ejections:
             return False
         backend.fails = 0
-        duration = min(passive.eject * (2.0**backend.ejections), passive.max_eject)
+        duration = min(passive.eject * (2.0 ** min(backend.ejections, 32)), passive.max_eject)
         backend.ejections += 1
         backend.ejected_until = now + duration
         if reason:
@@ -237,10 +237,12 @@ class LoadBalancer:
     def select(self, key: bytes = b"", exclude: Sequence[Backend] = ()) -> Backend:
         """The backend for a request: healthy and not in ``exclude`` if possible.
 
-        ``key`` feeds the hashing algorithms. Failing open: when health rules out every
-        backend not excluded, one of those is picked anyway (``last_fail_open`` is set);
-        when ``exclude`` rules out everything, it is ignored (health still applies). Raises
-        :class:`NoBackendError` for an empty group.
+        ``key`` feeds the hashing algorithms; ``exclude`` lists the backends a request
+        already tried. As nginx does, a retry never goes to a server known to be down while
+        some server is up: when every available (healthy, not ejected) backend is excluded,
+        :class:`NoBackendError` is raised. Failing open: when *no* backend is available, one
+        is picked anyway, preferring those not excluded (``last_fail_open`` is set). Raises
+        :class:`NoBackendError` for an empty group too.
         """
         selector = self.selector
         if not self._degraded and not exclude:
@@ -264,14 +266,13 @@ class LoadBalancer:
             self.last_fail_open = False
             return backend
         if exclude:
+            if any(healthy(b, now) for b in self.backends):
+                raise NoBackendError(
+                    f'upstream "{self.name}": every available server was tried'
+                )
             backend = selector.select(key, lambda b: b not in exclude)
             if backend is not None:
                 self.last_fail_open = True
-                return backend
-            # exclude rules out everything: ignore it, but still prefer healthy backends
-            backend = selector.select(key, lambda b: healthy(b, now))
-            if backend is not None:
-                self.last_fail_open = False
                 return backend
         self.last_fail_open = True
         backend = selector.select(key, _accept_all)

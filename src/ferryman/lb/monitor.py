@@ -28,7 +28,7 @@ from ferryman.lb.balancer import LoadBalancer
 from ferryman.lb.discovery import Member, ServiceDiscovery
 from ferryman.lb.health import HealthCheck, HealthState
 
-__all__ = ["GroupMonitor", "GroupSnapshot", "apply_snapshot"]
+__all__ = ["GroupMonitor", "GroupSnapshot", "apply_snapshot", "valid_members"]
 
 log = logging.getLogger("ferryman.health")
 
@@ -51,6 +51,37 @@ def apply_snapshot(balancer: LoadBalancer, snapshot: GroupSnapshot) -> list[Any]
             if healthy != backend.healthy or (not healthy and backend.reason != m["reason"]):
                 balancer.set_health(name, healthy, str(m.get("reason", "")))
     return removed
+
+
+#: The largest weight a discovered member may have (as in the config).
+MAX_WEIGHT = 1000
+
+
+def valid_members(group: str, members: Sequence[Any]) -> list[Member]:
+    """The well-formed members of a discovery answer: ``((host, port), weight)`` with a
+    non-empty host, a port 1..65535 and a weight 1..1000; others are logged and dropped,
+    so a bad entry from a registry or a custom discovery never reaches the workers."""
+    out: list[Member] = []
+    for item in members:
+        try:
+            (host, port), weight = item
+            ok = (
+                isinstance(host, str) and bool(host) and isinstance(port, int)
+                and not isinstance(port, bool) and 1 <= port <= 65535
+                and isinstance(weight, int) and not isinstance(weight, bool)
+                and 1 <= weight <= MAX_WEIGHT
+            )
+        except (TypeError, ValueError):
+            ok = False
+        if ok:
+            out.append(((host, port), weight))
+        else:
+            log.warning(
+                "upstream %s: discovery gave an invalid member %r (expected ((host, port), "
+                "weight) with port 1..65535 and weight 1..%d); ignored",
+                group, item, MAX_WEIGHT,
+            )
+    return out
 
 
 def _name(host: str, port: int) -> str:
@@ -115,12 +146,32 @@ class GroupMonitor:
             task.cancel()
         self._probes.clear()
 
+    def seed(self, snapshot: GroupSnapshot) -> None:
+        """Start from a previously published state (a restarted control process): the
+        members and verdicts the workers already use, so that a restart does not briefly
+        declare every server healthy again."""
+        for m in snapshot:
+            try:
+                address = (str(m["host"]), int(m["port"]))
+                state = HealthState(
+                    rise=self.check.rise if self.check else 1,
+                    fall=self.check.fall if self.check else 1,
+                    healthy=bool(m["healthy"]),
+                    reason=str(m.get("reason", "")),
+                )
+            except (KeyError, TypeError, ValueError):
+                continue
+            self.states[address] = state
+
     async def run(self) -> None:
         """Discover forever; probes start and stop with membership."""
         try:
             while True:
                 try:
-                    members = list(await self.discovery.discover())
+                    members = valid_members(
+                        self.name, list(await self.discovery.discover())
+                    )
+                    self.set_members(members)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - keep the last members on any failure
@@ -131,8 +182,6 @@ class GroupMonitor:
                     if not self.discovered.is_set():
                         self.discovered.set()
                         self._publish()  # say so: workers waiting for a first answer go on
-                else:
-                    self.set_members(members)
                 await asyncio.sleep(max(self.discovery.next_refresh(), 0.05))
         finally:
             for task in self._probes.values():
@@ -151,7 +200,8 @@ class GroupMonitor:
                 unique.append((address, weight))
         if unique == self.members and not first:
             return
-        added = [a for a, _ in unique if a not in self.states]
+        current = {a for a, _ in self.members}
+        added = [a for a, _ in unique if a not in current]
         removed = [a for a in self.states if a not in seen]
         if added or removed:
             log.info(
@@ -166,10 +216,11 @@ class GroupMonitor:
                 task.cancel()
         check = self.check
         for address in added:
-            self.states[address] = HealthState(
-                rise=check.rise if check else 1, fall=check.fall if check else 1
-            )
-            if check is not None:
+            if address not in self.states:  # (seeded ones keep their verdict)
+                self.states[address] = HealthState(
+                    rise=check.rise if check else 1, fall=check.fall if check else 1
+                )
+            if check is not None and address not in self._probes:
                 self._probes[address] = asyncio.get_running_loop().create_task(
                     self._probe(address, check)
                 )

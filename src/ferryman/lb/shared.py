@@ -100,8 +100,14 @@ def run_control_process(
 
         return publish
 
+    previous = board.read()  # a restarted control process: go on from the last state
+    if previous:
+        state.update(previous)
+
     async def main() -> None:
         for monitor in monitors:
+            if monitor.name in state:
+                monitor.seed(state[monitor.name])
             monitor.on_change = publisher(monitor.name)
             monitor.start()
         while os.getppid() == parent:

@@ -373,8 +373,12 @@ def _replay_policy(session: Session, error: ProxyError) -> ProxyError:
 
 def _after_error_hook(session: Session, error: ProxyError) -> ProxyError:
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    if "error_while_proxy" in proxy.overridden and error.source is not ErrorSource.DOWNSTREAM:
-        peer = session.peer
+    peer = session.peer
+    if (
+        peer is not None
+        and "error_while_proxy" in proxy.overridden
+        and error.source is not ErrorSource.DOWNSTREAM
+    ):
         return proxy.error_while_proxy(
             session, peer, session.ctx, error, session.downstream_reused
         )

@@ -132,6 +132,7 @@ class Session:
         "_head_only",
         "_source",
         "_pump_scheduled",
+        "_source_left",
     )
 
     def __init__(
@@ -199,6 +200,7 @@ class Session:
         self._head_only = False
         self._source: BodySource | None = None
         self._pump_scheduled = False
+        self._source_left = -1
 
     # read-only views for hooks ----------------------------------------------------------
 
@@ -319,14 +321,17 @@ class Session:
         """Send ``response`` as the response head, without waiting.
 
         The body framing follows its Content-Length if set (or ``length``), else chunked
-        (close-delimited for HTTP/1.0 clients).
+        (close-delimited for HTTP/1.0 clients). Responses that never have a body (1xx, 204,
+        304) get no Content-Length from ``length`` or ``end_of_stream``.
         """
         if self.response_header is not None:
             raise RuntimeError("response header already sent")
         self._from_hook = True  # written by a hook: no response_body_filter, no re-framing
-        if length is not None:
+        status = response.status
+        bodiless = status < 200 or status == 204 or status == 304
+        if length is not None and not bodiless:
             response.headers.set(b"Content-Length", str(length))
-        if end_of_stream and length is None and b"content-length" not in response.headers:
+        elif end_of_stream and not bodiless and b"content-length" not in response.headers:
             response.headers.set(b"Content-Length", b"0")
         kind = BODY_LENGTH if b"content-length" in response.headers else BODY_CHUNKED
         self._write_head(response, kind)
@@ -361,15 +366,25 @@ class Session:
         ``close()``; it is read in 64 KiB pieces only while the client connection can take
         more (no whole-body buffering, even in sync mode), then the response is ended and
         ``source`` closed — also when the client goes away or reading fails. Call it after
-        the response head (whose Content-Length should be the bytes ``source`` will give),
-        from ``request_filter``, and return ``True``: the request ends when the body does.
+        the response head, from ``request_filter``, and return ``True``: the request ends
+        when the body does. With a Content-Length, exactly that many bytes are sent: a
+        source that gives more is cut there, one that gives fewer ends the connection.
         """
-        if self.response_header is None:
+        resp = self.response_header
+        if resp is None:
             raise RuntimeError("the response header must be sent first")
         if self._head_only or self._done:
-            source.close()  # HEAD, 204, 304: no body goes out
+            try:
+                source.close()  # HEAD, 204, 304: no body goes out
+            except Exception:  # noqa: BLE001 - the response is complete whatever close does
+                pass
             self._finish_response()
             return
+        self._source_left = -1
+        if not self._down_chunked:
+            value = resp.headers.get(b"content-length")
+            if value is not None and value.isdigit():
+                self._source_left = max(int(value) - self.response_body_bytes, 0)
         self._source = source
         self._pump()
 
@@ -394,17 +409,22 @@ class Session:
                     self._pump_scheduled = True
                     down.loop.call_soon(self._pump_later)
                 return
+            left = self._source_left
             try:
-                data = source.read(SOURCE_CHUNK)
+                data = source.read(SOURCE_CHUNK if left < 0 else min(SOURCE_CHUNK, left))
             except Exception as exc:  # noqa: BLE001 - any source failure ends the response
                 self._source_failed(f"reading the response body failed: {exc!r}", exc)
                 return
+            if left >= 0:
+                if len(data) > left:
+                    data = data[:left]  # never past the Content-Length sent
+                left -= len(data)
+                self._source_left = left
             if not data:
                 self._close_source()
-                missing = self._source_shortfall()
-                if missing:
+                if left > 0:
                     self._source_failed(
-                        f"the response body ended {missing} bytes short of its Content-Length"
+                        f"the response body ended {left} bytes short of its Content-Length"
                     )
                     return
                 self._finish_response()
@@ -412,20 +432,15 @@ class Session:
                 return
             budget -= len(data)
             self._write_body(data)
+            if left == 0:
+                self._close_source()
+                self._finish_response()
+                self._wake(_WAIT_END)
+                return
 
     def _pump_later(self) -> None:
         self._pump_scheduled = False
         self._pump()
-
-    def _source_shortfall(self) -> int:
-        """Bytes a finished body source left unsent of the announced Content-Length."""
-        resp = self.response_header
-        if resp is None or self._down_chunked:
-            return 0
-        value = resp.headers.get(b"content-length")
-        if value is None or not value.isdigit():
-            return 0
-        return max(int(value) - self.response_body_bytes, 0)
 
     def _source_failed(self, detail: str, cause: BaseException | None = None) -> None:
         """The body source broke: the response cannot be completed; close the connection."""
@@ -440,7 +455,7 @@ class Session:
         if source is not None:
             try:
                 source.close()
-            except OSError:
+            except Exception:  # noqa: BLE001 - a failing close must not break the connection
                 pass
 
     @property

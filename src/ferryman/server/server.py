@@ -67,7 +67,10 @@ class Server:
         #: Functions each run in a process of its own next to the workers (the control
         #: process running health checks and discovery), restarted if they exit.
         self.extra_processes: list[Callable[[], None]] = []
-        self._helpers: dict[int, Callable[[], None]] = {}
+        self._helpers: dict[int, tuple[Callable[[], None], float]] = {}
+        # helpers waiting to be restarted: (when, function, consecutive quick failures)
+        self._helper_restarts: list[tuple[float, Callable[[], None], int]] = []
+        self._helper_failures: dict[Callable[[], None], int] = {}
 
     def add_service(self, service: Service) -> None:
         """Serve ``service`` on its listeners."""
@@ -105,7 +108,7 @@ class Server:
             log.info("listening on %s://%s:%s", scheme, host, port)
             del service
         for fn in self.extra_processes:
-            self._helpers[self._spawn_helper(fn)] = fn
+            self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
         for index in range(self.workers):
             self._spawn(index)
         code = self._supervise()
@@ -182,15 +185,26 @@ class Server:
             except ChildProcessError:
                 pid, status = 0, 0
             if pid and pid in self._helpers:
-                fn = self._helpers.pop(pid)
+                fn, started = self._helpers.pop(pid)
                 if self._stop is None:
+                    # back off while it keeps dying young: 0.5 s, 1 s, 2 s ... 30 s
+                    quick = time.monotonic() - started < 30.0
+                    failures = self._helper_failures.get(fn, 0) + 1 if quick else 1
+                    self._helper_failures[fn] = failures
+                    delay = min(0.5 * 2 ** (failures - 1), 30.0)
                     log.warning(
-                        "helper process (pid %d) exited with %s; restarting",
-                        pid, os.waitstatus_to_exitcode(status),
+                        "helper process (pid %d) exited with %s; restarting in %.1fs",
+                        pid, os.waitstatus_to_exitcode(status), delay,
                     )
-                    time.sleep(0.5)
-                    self._helpers[self._spawn_helper(fn)] = fn
+                    self._helper_restarts.append((time.monotonic() + delay, fn, failures))
                 continue
+            if self._helper_restarts and self._stop is None:
+                now = time.monotonic()
+                due = [r for r in self._helper_restarts if r[0] <= now]
+                if due:
+                    self._helper_restarts = [r for r in self._helper_restarts if r[0] > now]
+                    for _, fn, _ in due:
+                        self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
             if pid:
                 index = self._children.pop(pid, None)
                 code = os.waitstatus_to_exitcode(status)
