@@ -361,3 +361,68 @@ def test_204_has_no_content_length(tmp_path: Path) -> None:
         assert b"content-length" not in reply.lower()
     finally:
         harness.stop()
+
+
+class HangUp:
+    """Accepts, reads a request, closes without answering (a server dying mid-request)."""
+
+    def __init__(self) -> None:
+        import socket
+        import threading
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(5)
+                try:
+                    if conn.recv(65536):
+                        self.requests += 1
+                except OSError:
+                    pass
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+def test_idempotent_request_moves_on_when_a_server_fails_before_answering(
+    tmp_path: Path, origins: tuple[OriginServer, ...]
+) -> None:
+    hangup = HangUp()
+    port = free_port()
+    proxy, harness = run(
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
+        "upstreams: {app: {max_retries: 1, passive: {max_fails: 0}, "
+        f'servers: ["127.0.0.1:{hangup.port}", "{origins[0].address}"]}}}}\n',
+        tmp_path,
+    )
+    try:
+        for _ in range(4):  # round robin: the hanging server is tried first in turn
+            assert get(harness.port)[0] == 200
+        assert hangup.requests >= 2  # ...and each time the request moved on to the origin
+        before_hangup = hangup.requests
+        posts_before = sum(1 for m, _, _ in origins[0].requests if m == "POST")
+        statuses = []
+        for _ in range(4):  # a POST may have been acted on: never sent twice
+            conn = http.client.HTTPConnection("127.0.0.1", harness.port, timeout=10)
+            conn.request("POST", "/echo", body=b"x")
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+            conn.close()
+        posts = sum(1 for m, _, _ in origins[0].requests if m == "POST") - posts_before
+        failed = hangup.requests - before_hangup
+        assert failed >= 1 and posts + failed == 4
+        assert statuses.count(502) == failed and statuses.count(200) == posts
+    finally:
+        harness.stop()
+        hangup.stop()

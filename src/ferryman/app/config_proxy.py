@@ -51,6 +51,7 @@ from ferryman.lb import (
     apply_snapshot,
 )
 from ferryman.protocols.headers import Headers, ResponseHeader, reason_phrase
+from ferryman.proxy.engine import IDEMPOTENT_METHODS
 from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.session import Session
 from ferryman.upstream.peer import HttpPeer
@@ -424,6 +425,12 @@ class RequestState:
         self.fail_open = False
 
 
+#: Failures before the response head after which an idempotent request is retried on
+#: another server (nginx's default ``proxy_next_upstream error timeout``).
+_NEXT_UPSTREAM = frozenset(
+    (ErrorKind.UPSTREAM_CLOSED, ErrorKind.READ_TIMEOUT, ErrorKind.UPSTREAM_WRITE_TIMEOUT)
+)
+
 _NOT_FOUND = b"404 Not Found: no route for this request\n"
 _BAD_TARGET = b"400 Bad Request: the request target is not a path or an http(s) URL\n"
 _BAD_PATH = b"400 Bad Request: the path climbs above the root\n"
@@ -773,6 +780,14 @@ class ConfigProxy(ProxyHttp):
             ctx.stale = True
             return error
         self._failed(ctx, error)
+        if (
+            error.kind in _NEXT_UPSTREAM
+            and not session.response_started
+            and session.req_header.raw_method in IDEMPOTENT_METHODS
+        ):
+            # like nginx's default "proxy_next_upstream error timeout": an idempotent
+            # request whose server failed before answering goes to another server
+            error.retryable = True
         return error
 
     def fail_to_proxy(  # type: ignore[override]
