@@ -539,3 +539,19 @@ def test_p2c_rejects_and_falls_back_to_accepted() -> None:
     allowed = {backends[2].name, backends[3].name}
     got = Counter(selector.select(accept=lambda b: b.name in allowed) for _ in range(500))
     assert got == {backends[2]: 500}  # always both drawn; the fast one wins
+
+
+def test_long_hash_keys_are_condensed_before_fnv() -> None:
+    from hashlib import blake2b
+
+    from ferryman.lb.algorithms import MAX_FNV_KEY, Hash
+
+    hash_lb = Hash([Backend(("10.0.0.1", 80)), Backend(("10.0.0.2", 80), weight=3)])
+    long_key = b"x" * 32768
+    condensed = blake2b(long_key, digest_size=16).digest()
+    assert hash_lb.select(long_key) is hash_lb.select(condensed)
+    short = b"k" * MAX_FNV_KEY  # at the threshold: hashed as it is
+    assert hash_lb.select(short) is hash_lb.backends[hash_lb._index(fnv1a_64(short))]
+    # keys that differ only past the threshold still spread
+    spread = {hash_lb.select(b"k" * 100 + b"%d" % i).name for i in range(50)}
+    assert len(spread) == 2

@@ -27,6 +27,7 @@ import time
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
+from hashlib import blake2b
 from random import random
 from typing import ClassVar
 
@@ -52,6 +53,8 @@ _FNV_OFFSET = 0xCBF29CE484222325
 _FNV_PRIME = 0x100000001B3
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
+#: Keys longer than this are condensed with BLAKE2b before FNV-1a (see ``Hash.select``).
+MAX_FNV_KEY = 64
 #: nginx's limit on rehash / ring-walk attempts before it gives up on the key.
 _HASH_TRIES = 20
 #: Ring points per unit of weight (nginx and Cache::Memcached::Fast use 160).
@@ -307,7 +310,9 @@ class Hash(Selector):
     is used (nginx switches to round robin there; the scan keeps the choice stable per key).
     Keys of accepted backends never move when other backends are rejected.
 
-    An empty key means "no key" (nginx behaviour): smooth weighted round robin.
+    An empty key means "no key" (nginx behaviour): smooth weighted round robin. Keys longer
+    than ``MAX_FNV_KEY`` bytes are condensed with BLAKE2b first (FNV-1a costs a Python step
+    per byte), so a long key costs no more than a short one.
     """
 
     __slots__ = ("_cum", "_total", "_equal", "_wrr")
@@ -337,6 +342,10 @@ class Hash(Selector):
         if not key:
             i = self._wrr.pick(backends, accept)
             return backends[i] if i >= 0 else None
+        if len(key) > MAX_FNV_KEY:
+            # FNV-1a runs a Python step per byte: a long (possibly attacker-sized) key is
+            # first condensed at C speed, so every key costs about the same
+            key = blake2b(key, digest_size=16).digest()
         first = self._index(fnv1a_64(key))
         b = backends[first]
         if accept is None or accept(b):
