@@ -144,7 +144,11 @@ Every key, with its default (all optional unless marked *required*)::
         pool:
           max_idle: 128          # idle connections kept per server; 0 = no reuse
           idle_timeout: 60s      # same setting as timeouts.idle: set either one
-        max_retries: 1           # retries of a retryable failure (another server if any)
+        max_retries: 1           # retries of a failed attempt, on a server not tried yet:
+                                 # after a connect failure, or (GET/HEAD/PUT/DELETE/...)
+                                 # when the server closed or timed out before answering,
+                                 # as nginx's default proxy_next_upstream; never onto a
+                                 # server marked down while another is up
         tls:                     # the key turns TLS on; `tls: true` = all defaults
           sni: app.internal      # default: the host of each server address
           verify: true           # verify the certificate chain
