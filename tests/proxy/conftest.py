@@ -9,40 +9,12 @@ engine modes through the ``mode`` fixture.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
-from proxy_util import MODES, HangupServer, TcpServer, echo_handler, start_origin
+from proxy_util import HangupServer, TcpServer, echo_handler, start_origin
 
-from ferryman import ProxyHttp, ProxyOptions
-from harness import ProxyHarness
 from origin import OriginServer, free_port
-
-
-@pytest.fixture(params=MODES)
-def mode(request: pytest.FixtureRequest) -> str:
-    """``"sync"`` (plain-function hooks) or ``"async"`` (``async def`` hooks)."""
-    return str(request.param)
-
-
-StartProxy = Callable[..., ProxyHarness]
-
-
-@pytest.fixture
-def start_proxy() -> Iterator[StartProxy]:
-    """``start_proxy(proxy, options=None)`` runs a proxy; every one is stopped at teardown."""
-    started: list[ProxyHarness] = []
-
-    def start(proxy: ProxyHttp, options: ProxyOptions | None = None) -> ProxyHarness:
-        harness = ProxyHarness(proxy, options)
-        started.append(harness)
-        harness.start()
-        assert harness._ready.is_set(), "proxy did not start"
-        return harness
-
-    yield start
-    for harness in reversed(started):
-        harness.stop()
 
 
 @pytest.fixture

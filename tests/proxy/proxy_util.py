@@ -23,7 +23,6 @@ from origin import OriginServer
 from rawhttp import RawSocket, TcpServer
 
 IO_TIMEOUT = 5.0
-MODES = ("sync", "async")
 _SYNC_ONLY = ("new_ctx", "request_body_filter", "response_body_filter")
 
 

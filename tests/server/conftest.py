@@ -7,32 +7,11 @@ from pathlib import Path
 
 import pytest
 import trustme
-from server_util import ServerPki, StartHarness
+from server_util import ServerPki
 
-from ferryman import Listener, ProxyHttp, ProxyOptions
-from harness import ProxyHarness
 from origin import OriginServer
 from pki import write_leaf
 from rawhttp import QuietOrigin
-
-
-@pytest.fixture
-def start_proxy() -> Iterator[StartHarness]:
-    """``start_proxy(proxy, options=None, listeners=None)`` runs a proxy until teardown."""
-    started: list[ProxyHarness] = []
-
-    def start(
-        proxy: ProxyHttp,
-        options: ProxyOptions | None = None,
-        listeners: list[Listener] | None = None,
-    ) -> ProxyHarness:
-        harness = ProxyHarness(proxy, options, listeners).start()
-        started.append(harness)
-        return harness
-
-    yield start
-    for harness in started:
-        harness.stop()
 
 
 @pytest.fixture(scope="session")

@@ -12,32 +12,14 @@ import trustme
 from upstream_util import (
     Pki,
     RawOrigin,
-    StartHarness,
     StartRawOrigin,
     StartTlsOrigin,
     TlsOriginServer,
 )
 
-from ferryman import ProxyHttp, ProxyOptions
-from harness import ProxyHarness
 from origin import OriginServer
 from pki import write_leaf
 from rawhttp import QuietOrigin
-
-
-@pytest.fixture
-def start_proxy() -> Iterator[StartHarness]:
-    """``start_proxy(proxy, options=None)`` runs a proxy in a thread until teardown."""
-    started: list[ProxyHarness] = []
-
-    def start(proxy: ProxyHttp, options: ProxyOptions | None = None) -> ProxyHarness:
-        harness = ProxyHarness(proxy, options).start()
-        started.append(harness)
-        return harness
-
-    yield start
-    for harness in started:
-        harness.stop()
 
 
 @pytest.fixture
