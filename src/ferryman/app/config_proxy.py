@@ -478,8 +478,8 @@ class ConfigProxy(ProxyHttp):
             if not need and getattr(cls, name) is getattr(ConfigProxy, name)
         }
         if unused:
-            self.overridden = cls.overridden - unused
-            self.async_hooks = cls.async_hooks - unused
+            self.overridden = self.overridden - unused  # (the class's set, narrowed)
+            self.async_hooks = self.async_hooks - unused
 
     @classmethod
     def from_config(cls, config: Any) -> ProxyHttp:
