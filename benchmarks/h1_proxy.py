@@ -29,12 +29,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import http.client
 import json
 import os
 import platform
-import re
-import resource
 import shutil
 import signal
 import socket
@@ -43,532 +40,43 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO_ROOT = BENCH_DIR.parent
-CONFIG_DIR = BENCH_DIR / "configs"
-OUT_DIR = BENCH_DIR / "out"
-
-PROXIES: tuple[str, ...] = ("nginx", "haproxy", "ferryman")
-CLK_TCK: int = os.sysconf("SC_CLK_TCK")
-EXPECTED_BODY = b"hello world\n"
-IDLE_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
-
-# Timeouts (seconds). Every wait in this script is bounded by one of these.
-READY_TIMEOUT_NATIVE = 10.0
-READY_TIMEOUT_FERRYMAN = 30.0
-STOP_TIMEOUT = 5.0
-PROBE_TIMEOUT = 2.0
-WRK_EXTRA_TIMEOUT = 30.0
-IDLE_SOCKET_TIMEOUT = 10.0
-IDLE_OPEN_DEADLINE = 120.0
-IDLE_SETTLE = 1.0
-IDLE_BATCH = 100
-
-# Helper processes a Python supervisor may fork besides its worker(s); never the server.
-_HELPER_MARKERS = ("resource_tracker", "semaphore_tracker", "forkserver")
-
-
-class BenchError(Exception):
-    """A failure with a message meant for the user (no traceback needed)."""
-
-
-# --------------------------------------------------------------------------------------------
-# Process management
-# --------------------------------------------------------------------------------------------
-
-
-class Managed:
-    """A child process started in its own session, logged to a file, killed by group id."""
-
-    registry: list[Managed] = []
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        log_dir: Path,
-        cwd: Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        """Start ``argv``; stdout+stderr go to ``<log_dir>/<name>.log``."""
-        self.name = name
-        self.argv = list(argv)
-        self.log_path = log_dir / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # closed in stop()
-        try:
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                cwd=str(cwd) if cwd else None,
-                env=env,
-                start_new_session=True,
-            )
-        except OSError:
-            self._log.close()
-            raise
-        Managed.registry.append(self)
-
-    @property
-    def pid(self) -> int:
-        """PID of the started process (after ``taskset`` exec'd the real program)."""
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        """True while the started process has not exited."""
-        return self.proc.poll() is None
-
-    def log_tail(self, lines: int = 15) -> str:
-        """The last ``lines`` lines of the process's combined output."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.strip().splitlines()[-lines:])
-
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM the process group, then SIGKILL it if it outlives ``timeout``."""
-        pgid = self.proc.pid  # start_new_session=True: the group id is our child's pid
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, timeout)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None and not _group_alive(pgid):
-                    break
-                time.sleep(0.05)
-            else:
-                continue
-            break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=1.0)
-        self._log.close()
-        if self in Managed.registry:
-            Managed.registry.remove(self)
-
-    @classmethod
-    def stop_all(cls) -> None:
-        """Stop every process still registered (newest first)."""
-        for managed in reversed(list(cls.registry)):
-            with contextlib.suppress(Exception):
-                managed.stop()
-
-
-def _group_alive(pgid: int) -> bool:
-    """True if any process is still in process group ``pgid``."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # Zombies still count for killpg(…, 0); ignore our own reaped/unreaped direct child.
-    for pid in _all_pids():
-        stat = _read_stat(pid)
-        if stat is not None and int(stat[2]) == pgid and stat[0] != "Z":
-            return True
-    return False
-
-
-def _raise_on_sigterm(signum: int, _frame: object) -> None:
-    """Turn SIGTERM/SIGHUP into an exception so ``finally`` blocks run."""
-    raise SystemExit(128 + signum)
-
-
-# --------------------------------------------------------------------------------------------
-# /proc helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _all_pids() -> Iterator[int]:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            yield int(entry)
-
-
-def _read_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat *after* the comm field (so index 0 is field 3, state)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return raw[raw.rindex(")") + 2 :].split()
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime + stime (fields 14 and 15 of /proc/PID/stat) in SC_CLK_TCK ticks."""
-    fields = _read_stat(pid)
-    if fields is None:
-        raise BenchError(f"process {pid} vanished while reading its CPU time")
-    return int(fields[11]) + int(fields[12])
-
-
-def cpu_split(pid: int) -> tuple[int, int]:
-    """(utime, stime) of ``pid`` in SC_CLK_TCK ticks."""
-    fields = _read_stat(pid)
-    if fields is None:
-        raise BenchError(f"process {pid} vanished while reading its CPU time")
-    return int(fields[11]), int(fields[12])
-
-
-def rss_bytes(pid: int) -> int:
-    """VmRSS of ``pid`` in bytes."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError as exc:
-        raise BenchError(f"process {pid} vanished while reading its RSS") from exc
-    raise BenchError(f"no VmRSS for process {pid}")
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (via /proc/PID/task/*/children, else a ppid scan)."""
-    kids: set[int] = set()
-    task_dir = Path(f"/proc/{pid}/task")
-    found_interface = False
-    try:
-        tasks = list(task_dir.iterdir())
-    except OSError:
-        return []
-    for task in tasks:
-        try:
-            text = (task / "children").read_text()
-        except OSError:
-            continue
-        found_interface = True
-        kids.update(int(x) for x in text.split())
-    if not found_interface:  # kernel without CONFIG_PROC_CHILDREN
-        for other in _all_pids():
-            stat = _read_stat(other)
-            if stat is not None and int(stat[1]) == pid:
-                kids.add(other)
-    return sorted(kids)
-
-
-def cmdline(pid: int) -> str:
-    """The command line of ``pid`` as one space-separated string ('' if gone)."""
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        return ""
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    out, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        out.append(current)
-        todo.extend(children(current))
-    return out
-
-
-def serving_pid(pid: int) -> tuple[int, str]:
-    """The process that actually serves traffic for a proxy started as ``pid``.
-
-    Rule: while the process has exactly one child (ignoring Python multiprocessing helper
-    processes such as ``resource_tracker``), descend into that child. This picks the nginx
-    worker under its master, HAProxy itself (``-db``: no children) and ferryman's single
-    worker under its supervisor, or the main process if ferryman serves in-process or has
-    several children.
-    """
-    current, how = pid, "main process"
-    for _ in range(4):
-        kids = [k for k in children(current) if not any(m in cmdline(k) for m in _HELPER_MARKERS)]
-        if len(kids) != 1:
-            if len(kids) > 1:
-                how += f" ({len(kids)} children: measuring the parent)"
-            break
-        current, how = kids[0], "only child" if current == pid else how + " -> only child"
-    return current, how
-
-
-def tree_ticks(pid: int) -> int:
-    """CPU ticks of ``pid`` plus all its live descendants."""
-    total = 0
-    for member in process_tree(pid):
-        with contextlib.suppress(BenchError):
-            total += cpu_ticks(member)
-    return total
-
-
-# --------------------------------------------------------------------------------------------
-# Small utilities
-# --------------------------------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (held open together while chosen)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def render_config(template: Path, dest: Path, proxy_port: int, origin_port: int) -> Path:
-    """Copy ``template`` to ``dest`` substituting the two port placeholders."""
-    text = template.read_text()
-    text = text.replace("@PROXY_PORT@", str(proxy_port)).replace("@ORIGIN_PORT@", str(origin_port))
-    if "@" in re.sub(r"#.*", "", text):
-        raise BenchError(f"unsubstituted placeholder left in {template}")
-    dest.write_text(text)
-    return dest
-
-
-def probe(port: int, timeout: float = PROBE_TIMEOUT) -> str | None:
-    """GET / on 127.0.0.1:port. None if it answered 200 'hello world', else the problem."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", "/", headers={"Host": "bench"})
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200 or body != EXPECTED_BODY:
-            return f"HTTP {resp.status} body={body[:60]!r}"
-        return None
-    except (OSError, http.client.HTTPException) as exc:
-        return f"{type(exc).__name__}: {exc}"
-    finally:
-        conn.close()
-
-
-def wait_ready(proc: Managed, port: int, timeout: float) -> None:
-    """Poll until ``proc`` answers on ``port`` correctly; raise BenchError otherwise."""
-    deadline = time.monotonic() + timeout
-    last = "no attempt"
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            tail = proc.log_tail()
-            last = tail.splitlines()[-1] if tail else "(no output)"
-            raise BenchError(
-                f"{proc.name} exited with code {proc.proc.returncode} before answering: "
-                f"{last}\noutput:\n{tail}"
-            )
-        last = probe(port) or ""
-        if not last:
-            return
-        time.sleep(0.1)
-    raise BenchError(
-        f"{proc.name} did not answer correctly on 127.0.0.1:{port} within {timeout:.0f}s "
-        f"(last: {last})\noutput:\n{proc.log_tail()}"
-    )
-
-
-def taskset(cpu: int, argv: Sequence[str]) -> list[str]:
-    """Prefix ``argv`` with ``taskset -c <cpu>``."""
-    return ["taskset", "-c", str(cpu), *argv]
-
-
-def _version(argv: Sequence[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"unknown ({exc})"
-    text = (out.stdout + out.stderr).strip()
-    return text.splitlines()[0] if text else "unknown"
-
-
-# --------------------------------------------------------------------------------------------
-# wrk
-# --------------------------------------------------------------------------------------------
-
-_UNIT_US = {"us": 1.0, "ms": 1e3, "s": 1e6, "m": 60e6, "h": 3600e6}
-
-
-def _to_us(value: str, unit: str) -> float:
-    return float(value) * _UNIT_US[unit]
-
-
-@dataclass
-class WrkResult:
-    """What we keep from one wrk run."""
-
-    requests: int
-    seconds: float
-    rps: float
-    p50_us: float
-    p99_us: float
-    non_2xx_3xx: int
-    socket_errors: dict[str, int]
-
-    @property
-    def error_count(self) -> int:
-        """Non-2xx/3xx responses plus all socket errors."""
-        return self.non_2xx_3xx + sum(self.socket_errors.values())
-
-
-def parse_wrk(output: str) -> WrkResult:
-    """Parse ``wrk --latency`` text output."""
-    m = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m|h),", output)
-    rps = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    lat = {
-        pct: _to_us(value, unit)
-        for pct, value, unit in re.findall(
-            r"^\s+(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m|h)\s*$", output, re.M
-        )
-    }
-    if not m or not rps or "50" not in lat or "99" not in lat:
-        raise BenchError(f"could not parse wrk output:\n{output}")
-    sock = re.search(
-        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
-    )
-    socket_errors = (
-        dict(zip(("connect", "read", "write", "timeout"), map(int, sock.groups()), strict=True))
-        if sock
-        else {"connect": 0, "read": 0, "write": 0, "timeout": 0}
-    )
-    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    return WrkResult(
-        requests=int(m.group(1)),
-        seconds=_to_us(m.group(2), m.group(3)) / 1e6,
-        rps=float(rps.group(1)),
-        p50_us=lat["50"],
-        p99_us=lat["99"],
-        non_2xx_3xx=int(non2xx.group(1)) if non2xx else 0,
-        socket_errors=socket_errors,
-    )
-
-
-def run_wrk(cpu: int, port: int, connections: int, duration: int) -> tuple[WrkResult, str]:
-    """Run wrk pinned to ``cpu`` against 127.0.0.1:port; return parsed result and raw text."""
-    argv = taskset(
-        cpu,
-        [
-            "wrk",
-            "-t1",
-            f"-c{connections}",
-            f"-d{duration}s",
-            "--latency",
-            f"http://127.0.0.1:{port}/",
-        ],
-    )
-    try:
-        out = subprocess.run(
-            argv, capture_output=True, text=True, timeout=duration + WRK_EXTRA_TIMEOUT
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"wrk did not finish within {duration + WRK_EXTRA_TIMEOUT:.0f}s") from exc
-    if out.returncode != 0:
-        raise BenchError(f"wrk failed (exit {out.returncode}): {out.stderr.strip() or out.stdout}")
-    return parse_wrk(out.stdout), out.stdout
-
-
-# --------------------------------------------------------------------------------------------
-# Idle keep-alive connections
-# --------------------------------------------------------------------------------------------
-
-
-def _read_response(sock: socket.socket) -> None:
-    """Read one complete HTTP/1.1 response (Content-Length or chunked) and check it."""
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise BenchError("connection closed before response headers")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    if not lines[0].startswith("HTTP/1.1 200"):
-        raise BenchError(f"unexpected status line {lines[0]!r}")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip().lower()
-    if "close" in headers.get("connection", ""):
-        raise BenchError("proxy answered 'Connection: close' (not keep-alive)")
-
-    def fill(min_len: int = 0, needle: bytes = b"") -> bytes:
-        """Receive into ``body`` until it has ``min_len`` bytes and contains ``needle``."""
-        nonlocal body
-        while len(body) < min_len or needle not in body:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise BenchError("connection closed mid-body")
-            body += chunk
-        return body
-
-    if "chunked" in headers.get("transfer-encoding", ""):
-        payload = b""
-        while True:
-            size_line, _, body = fill(needle=b"\r\n").partition(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            if size == 0:
-                fill(needle=b"\r\n")  # final CRLF (no trailers expected)
-                break
-            fill(min_len=size + 2)
-            payload, body = payload + body[:size], body[size + 2 :]
-    else:
-        length = int(headers.get("content-length", "-1"))
-        if length < 0:
-            raise BenchError("response without Content-Length or chunked encoding")
-        payload = fill(min_len=length)[:length]
-    if payload != EXPECTED_BODY:
-        raise BenchError(f"unexpected body {payload[:60]!r}")
-
-
-def open_idle_connections(port: int, count: int) -> list[socket.socket]:
-    """Open ``count`` keep-alive connections, each after one full GET exchange."""
-    socks: list[socket.socket] = []
-    deadline = time.monotonic() + IDLE_OPEN_DEADLINE
-    try:
-        while len(socks) < count:
-            if time.monotonic() > deadline:
-                raise BenchError(
-                    f"opening {count} idle connections took over {IDLE_OPEN_DEADLINE:.0f}s "
-                    f"({len(socks)} done)"
-                )
-            batch: list[socket.socket] = []
-            for _ in range(min(IDLE_BATCH, count - len(socks))):
-                s = socket.create_connection(("127.0.0.1", port), timeout=IDLE_SOCKET_TIMEOUT)
-                socks.append(s)
-                batch.append(s)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for s in batch:
-                s.sendall(IDLE_REQUEST)
-            for s in batch:
-                _read_response(s)
-    except (OSError, ValueError, BenchError) as exc:
-        close_all(socks)
-        raise BenchError(f"idle connection #{len(socks)}: {exc}") from exc
-    return socks
-
-
-def close_all(socks: list[socket.socket]) -> None:
-    """Close every socket, ignoring errors."""
-    for s in socks:
-        with contextlib.suppress(OSError):
-            s.close()
-    socks.clear()
-
-
-def ensure_nofile(needed: int) -> None:
-    """Raise RLIMIT_NOFILE (soft, and hard if permitted) to at least ``needed``."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft >= needed:
-        return
-    if hard != resource.RLIM_INFINITY and hard < needed:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, needed))
-            return
-        except (ValueError, OSError) as exc:
-            raise BenchError(
-                f"need {needed} open files for the idle-connection test but the hard limit "
-                f"is {hard} and cannot be raised ({exc}); use --idle-conns or ulimit -Hn"
-            ) from exc
-    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
-
+from benchlib import (
+    CLK_TCK,
+    CONFIG_DIR,
+    IDLE_SETTLE,
+    OUT_DIR,
+    PROXIES,
+    READY_TIMEOUT_FERRYMAN,
+    READY_TIMEOUT_NATIVE,
+    BenchError,
+    Managed,
+    close_all,
+    cpu_split,
+    cpu_ticks,
+    ensure_nofile,
+    ferryman_command,
+    fmt_lat,
+    free_ports,
+    log,
+    one_line,
+    open_idle_connections,
+    raise_on_sigterm,
+    ratio,
+    render_config,
+    rss_bytes,
+    run_wrk,
+    serving_pid,
+    still_open,
+    taskset,
+    tool_version,
+    tree_ticks,
+    wait_ready,
+)
 
 # --------------------------------------------------------------------------------------------
 # Proxies
@@ -597,23 +105,10 @@ class Unavailable(Exception):
 
 def _ferryman_command(env: Env, config: Path) -> tuple[list[str], dict[str, str]]:
     """argv/env for ferryman: ``--ferryman-bin``, else ``ferryman`` on PATH, else ``-m``."""
-    child_env = dict(os.environ)
-    if env.ferryman_bin:
-        return [env.ferryman_bin, "run", "-c", str(config)], child_env
-    exe = shutil.which("ferryman")
-    if exe:
-        return [exe, "run", "-c", str(config)], child_env
-    src = REPO_ROOT / "src"
-    child_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(src), os.environ.get("PYTHONPATH", "")) if p
-    )
-    if (src / "ferryman" / "__main__.py").exists():
-        return [sys.executable, "-m", "ferryman", "run", "-c", str(config)], child_env
-    if (src / "ferryman" / "cli.py").exists():  # the console-script target, not installed
-        shim = "import sys; from ferryman.cli import main; sys.argv[0] = 'ferryman'; "
-        shim += "sys.exit(main())"
-        return [sys.executable, "-c", shim, "run", "-c", str(config)], child_env
-    raise Unavailable("no 'ferryman' on PATH and src/ferryman has no __main__.py or cli.py")
+    try:
+        return ferryman_command(env.ferryman_bin, ["run", "-c", str(config)])
+    except BenchError as exc:
+        raise Unavailable(str(exc)) from exc
 
 
 FERRYMAN_YAML = """\
@@ -772,7 +267,7 @@ def measure_idle_rss(pid: int, port: int, count: int) -> tuple[int, int, float |
         time.sleep(IDLE_SETTLE)
         after = rss_bytes(pid)
         # The connections must still be open (not closed by the proxy) at measurement time.
-        alive = sum(1 for s in socks if _still_open(s))
+        alive = sum(1 for s in socks if still_open(s))
         if alive < count:
             return before, after, None, f"proxy closed {count - alive}/{count} idle connections"
         return before, after, (after - before) / count, ""
@@ -782,37 +277,11 @@ def measure_idle_rss(pid: int, port: int, count: int) -> tuple[int, int, float |
         close_all(socks)
 
 
-def _still_open(sock: socket.socket) -> bool:
-    """True if the peer has not closed ``sock`` (non-blocking peek)."""
-    try:
-        sock.setblocking(False)
-        data = sock.recv(1, socket.MSG_PEEK)
-        return bool(data)  # b"" = EOF; unexpected data still means "open"
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-
 
 # --------------------------------------------------------------------------------------------
 # Reporting
 # --------------------------------------------------------------------------------------------
 
-
-def log(msg: str) -> None:
-    """Progress output (stderr, so the tables on stdout stay clean)."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-def fmt_lat(us: float) -> str:
-    """Latency in µs, rendered as us or ms."""
-    return f"{us:.0f} us" if us < 1000 else f"{us / 1000:.2f} ms"
-
-
-def _ratio(value: float | None, base: float | None) -> str:
-    if value is None or not base:
-        return "n/a"
-    return f"{value / base:.2f}x"
 
 
 def table(results: list[ProxyResult], title: str) -> str:
@@ -826,12 +295,12 @@ def table(results: list[ProxyResult], title: str) -> str:
     lines = [f"### {title}", "", header, "|" + "---|" * ncols]
     for r in results:
         if r.status != "ok":
-            lines.append(f"| {r.proxy} | {r.status}: {_one_line(r.reason)} |" + " |" * (ncols - 2))
+            lines.append(f"| {r.proxy} | {r.status}: {one_line(r.reason)} |" + " |" * (ncols - 2))
             continue
         rss = (
             f"{r.rss_per_conn / 1024:.2f} KiB ({r.rss_per_conn:,.0f} B)"
             if r.rss_per_conn is not None
-            else f"n/a ({_one_line(r.rss_error)})"
+            else f"n/a ({one_line(r.rss_error)})"
         )
         if r.errors:
             errs = (
@@ -847,14 +316,14 @@ def table(results: list[ProxyResult], title: str) -> str:
                 [
                     r.proxy,
                     f"{r.rps:,.0f}",
-                    _ratio(r.rps, base.rps if base else None),
+                    ratio(r.rps, base.rps if base else None),
                     f"{r.cpu_us_per_req:.1f}",
-                    _ratio(r.cpu_us_per_req, base.cpu_us_per_req if base else None),
+                    ratio(r.cpu_us_per_req, base.cpu_us_per_req if base else None),
                     f"{r.core_utilisation * 100:.0f}%",
                     fmt_lat(r.p50_us),
                     fmt_lat(r.p99_us),
                     rss,
-                    _ratio(r.rss_per_conn, base.rss_per_conn if base else None),
+                    ratio(r.rss_per_conn, base.rss_per_conn if base else None),
                     errs,
                 ]
             )
@@ -865,12 +334,6 @@ def table(results: list[ProxyResult], title: str) -> str:
         lines += ["", *notes]
     return "\n".join(lines)
 
-
-def _one_line(text: str, limit: int = 160) -> str:
-    """First line of ``text``, shortened and made safe for a Markdown table cell."""
-    lines = text.strip().splitlines()
-    flat = " ".join(lines[0].split()).replace("|", "/") if lines else ""
-    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
 def median_results(rounds: list[list[ProxyResult]], names: Sequence[str]) -> list[ProxyResult]:
@@ -1013,9 +476,9 @@ def metadata(args: argparse.Namespace, env: Env) -> dict[str, Any]:
         "clk_tck": CLK_TCK,
         "python": platform.python_version(),
         "versions": {
-            "nginx": _version(["nginx", "-v"]),
-            "haproxy": _version(["haproxy", "-v"]) if shutil.which("haproxy") else "absent",
-            "wrk": _version(["wrk", "-v"]),
+            "nginx": tool_version(["nginx", "-v"]),
+            "haproxy": tool_version(["haproxy", "-v"]) if shutil.which("haproxy") else "absent",
+            "wrk": tool_version(["wrk", "-v"]),
         },
         "params": {
             "duration_s": env.duration,
@@ -1123,9 +586,9 @@ def _jsonable(r: ProxyResult) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse options, install signal handlers, run, map errors to exit codes."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
-        signal.signal(signal.SIGHUP, _raise_on_sigterm)
+        signal.signal(signal.SIGHUP, raise_on_sigterm)
     try:
         return run(args)
     except BenchError as exc:
