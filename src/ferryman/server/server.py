@@ -27,6 +27,7 @@ from typing import Any, Protocol
 import uvloop
 
 from ferryman.server.listener import Listener
+from ferryman.server.memory import tune_malloc
 from ferryman.server.tls import server_ssl_context
 
 log = logging.getLogger("ferryman.server")
@@ -228,6 +229,7 @@ class Server:
     def _worker_main(self) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        tune_malloc()
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         try:
