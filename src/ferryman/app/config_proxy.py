@@ -564,7 +564,7 @@ class ConfigProxy(ProxyHttp):
                 continue
             for gone in removed:
                 if gone.peer is not None and service is not None:
-                    service.connector.close_idle(gone.peer)
+                    service.connector.retire(gone.peer)
 
     def _poll_board(self) -> None:
         service = self._service

@@ -97,6 +97,9 @@ class Connector:
     def release(self, conn: UpstreamConnection) -> None:
         """Put a clean connection back in the pool, or close it if the pool is full."""
         peer = conn.peer
+        if peer.retired:
+            conn.close()  # its server left its group: never reused
+            return
         idle = self._idle.get(peer.key)
         if idle is None:
             idle = self._idle[peer.key] = []
@@ -120,15 +123,21 @@ class Connector:
             return len(self._idle.get(peer.key, ()))
         return sum(len(v) for v in self._idle.values())
 
-    def close_idle(self, peer: HttpPeer) -> int:
-        """Close the idle pooled connections of ``peer`` (e.g. a server removed from its
-        group); connections in use are not touched. Returns how many were closed."""
-        idle = self._idle.pop(peer.key, None)
+    def retire(self, peer: HttpPeer) -> int:
+        """``peer``'s server left its group: close its idle pooled connections now, and
+        its connections in use when they are released (``peer.retired``). Connections
+        made for another peer object with the same pool key (the same server in another
+        group) are kept. Returns how many idle connections were closed."""
+        peer.retired = True
+        idle = self._idle.get(peer.key)
         if not idle:
             return 0
-        for conn in idle:
-            conn.close()
-        return len(idle)
+        mine = [conn for conn in idle if conn.peer is peer]
+        if mine:
+            idle[:] = [conn for conn in idle if conn.peer is not peer]
+            for conn in mine:
+                conn.close()
+        return len(mine)
 
     def close_all(self) -> None:
         """Close every pooled and open connection (used at shutdown)."""

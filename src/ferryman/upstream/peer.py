@@ -45,6 +45,8 @@ class HttpPeer:
         write_timeout: longest a write to the upstream may stay blocked.
         idle_timeout: how long an idle pooled connection is kept.
         max_idle: how many idle connections to this peer the pool keeps at most.
+        retired: set by :meth:`Connector.retire` when the server left its group: its
+            connections are closed when released instead of pooled.
 
     Everything that makes a connection distinct (address and TLS settings) goes into
     :attr:`key`, the pool key: two peers with equal keys share pooled connections.
@@ -67,6 +69,7 @@ class HttpPeer:
         "max_idle",
         "key",
         "name",
+        "retired",
     )
 
     def __init__(
@@ -111,6 +114,7 @@ class HttpPeer:
             client_key,
         )
         self.name = f"{self.host}:{self.port}"
+        self.retired = False
 
     def __repr__(self) -> str:
         return f"HttpPeer({self.name}, tls={self.tls})"
