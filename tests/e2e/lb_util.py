@@ -25,33 +25,13 @@ from pathlib import Path
 from e2e_util import ProxyProcess, start_ferryman
 
 from origin import free_port
+from procs import alive, child_pids
 
 ORIGIN_SCRIPT = Path(__file__).with_name("origin_proc.py")
 
 
-def child_pids(parent: int) -> set[int]:
-    """Live (non-zombie) processes whose parent is ``parent``, read from /proc."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == parent and fields[0] != "Z":
-            out.add(int(entry))
-    return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for_address(
@@ -174,9 +154,9 @@ class Procs:
             code = proxy.stop(signal.SIGINT)
             deadline = time.monotonic() + 5
             for pid in children:
-                while _alive(pid) and time.monotonic() < deadline:
+                while alive(pid) and time.monotonic() < deadline:
                     time.sleep(0.02)
-                if _alive(pid):
+                if alive(pid):
                     try:
                         os.kill(pid, signal.SIGKILL)
                     except ProcessLookupError:

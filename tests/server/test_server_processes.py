@@ -18,6 +18,7 @@ import pytest
 from server_util import RawClient, get, request_bytes
 
 from origin import OriginServer, free_port
+from procs import alive, child_pids
 
 APP_MODULE = '''
 import os
@@ -52,30 +53,8 @@ def ferryman(*args: str) -> list[str]:
     return [sys.executable, "-m", "ferryman", *args]
 
 
-def child_pids(parent: int) -> set[int]:
-    """Live (non-zombie) processes whose parent is ``parent``, read from /proc."""
-    out = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        state, ppid = fields[0], int(fields[1])
-        if ppid == parent and state != "Z":
-            out.add(int(entry))
-    return out
 
 
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_for(predicate, timeout: float = 10.0, step: float = 0.05):  # type: ignore[no-untyped-def]

@@ -231,21 +231,6 @@ class UpstreamGroup:
         self.timed = upstream.lb == "p2c_ewma"
         self.counted = upstream.lb in ("least_conn", "p2c_ewma")
 
-    @classmethod
-    def from_config(cls, upstream: UpstreamConfig) -> UpstreamGroup:
-        """Build the group for one ``upstreams`` entry."""
-        return cls(upstream)
-
-    @property
-    def peers(self) -> list[HttpPeer]:
-        """The peers of the current members."""
-        return [b.peer for b in self.balancer.backends if b.peer is not None]
-
-    def select(self, session: Session | None = None, exclude: tuple[Backend, ...] = ()) -> Backend:
-        """Choose a backend (see :meth:`LoadBalancer.select`)."""
-        key = self.key(session) if self.key is not None and session is not None else b""
-        return self.balancer.select(key, exclude)
-
 
 # --------------------------------------------------------------------------------------
 # route actions
@@ -594,8 +579,9 @@ class ConfigProxy(ProxyHttp):
             return None
         return self.routers.get(listener.address)
 
-    def request_filter(self, session: Session, ctx: RequestState) -> bool:  # type: ignore[override]
-        """Route the request; answer it here unless it is proxied."""
+    def _find_route(self, session: Session, ctx: RequestState) -> Route | bytes | None:
+        """The route for the request (recording the matched path in ``ctx``); bytes: why
+        the target is refused with 400; None: no route accepts it."""
         req = session.req_header
         raw = req.raw_path
         if raw[:1] == b"/" and b"%" not in raw and b"/." not in raw and b"//" not in raw:
@@ -604,20 +590,25 @@ class ConfigProxy(ProxyHttp):
         elif req.raw_method == b"CONNECT":
             path = None  # authority-form: routed on host alone (tunnels need allow_connect)
         elif not to_origin_form(req):
-            session.send_response(400, _BAD_TARGET, content_type="text/plain; charset=utf-8")
-            return True
+            return _BAD_TARGET
         else:
             path = match_path(req.raw_path)
         ctx.path = path
         if path is None and req.raw_path != b"*" and req.raw_method != b"CONNECT":
-            session.send_response(400, _BAD_PATH, content_type="text/plain; charset=utf-8")
-            return True
+            return _BAD_PATH
         router = self._only
         if router is None:
             router = self.router_for(session)
-        route = router.route(req, path) if router is not None else None
-        if route is None:
-            session.send_response(404, _NOT_FOUND, content_type="text/plain; charset=utf-8")
+        return router.route(req, path) if router is not None else None
+
+    def request_filter(self, session: Session, ctx: RequestState) -> bool:  # type: ignore[override]
+        """Route the request; answer it here unless it is proxied."""
+        route = self._find_route(session, ctx)
+        if not isinstance(route, Route):
+            if route is None:
+                session.send_response(404, _NOT_FOUND, content_type="text/plain; charset=utf-8")
+            else:
+                session.send_response(400, route, content_type="text/plain; charset=utf-8")
             return True
         ctx.route = route
         action: RouteAction = route.action
@@ -642,9 +633,10 @@ class ConfigProxy(ProxyHttp):
 
     def _late_route(self, session: Session, ctx: RequestState) -> UpstreamGroup:
         """Route in ``upstream_peer`` when a subclass's ``request_filter`` did not call
-        this class's (so ``ctx.group`` is unset)."""
-        router = self.router_for(session)
-        route = router.route(session.req_header) if router is not None else None
+        this class's (so ``ctx.group`` is unset), with the same path checks."""
+        route = self._find_route(session, ctx)
+        if isinstance(route, bytes):
+            raise ProxyError(ErrorKind.BAD_REQUEST, ErrorSource.DOWNSTREAM, route.decode().strip())
         proxy = route.action.proxy if route is not None else None
         if route is None or proxy is None:
             raise ProxyError(

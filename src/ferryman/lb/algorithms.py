@@ -173,7 +173,7 @@ class Selector:
     * Selectors are not thread-safe; use one per event loop / thread.
     """
 
-    __slots__ = ("backends",)
+    __slots__ = ("backends", "_weights", "_cum", "_total", "_equal")
 
     #: The algorithm's name in configuration files.
     name: ClassVar[str] = ""
@@ -182,11 +182,16 @@ class Selector:
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         self.backends: tuple[Backend, ...] = tuple(backends)
+        # the weight tables most algorithms draw on, built once
+        self._weights = [b.weight for b in self.backends]
+        self._cum = _cumulative(self._weights)
+        self._total = sum(self._weights)
+        self._equal = len(set(self._weights)) <= 1
 
     def select(self, key: bytes = b"", accept: Accept | None = None) -> Backend | None:
         """Return a backend with ``accept(b)`` true (``accept`` None = every backend), or None
-        when no backend is accepted (or the list is empty)."""
-        raise NotImplementedError
+        when no backend is accepted (or the list is empty). Each algorithm provides it."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement select()")
 
     def observe(self, backend: Backend, latency: float, now: float) -> None:
         """Record that a request to ``backend`` took ``latency`` seconds, finishing at ``now``
@@ -214,17 +219,15 @@ class RoundRobin(Selector):
     chosen one, which is what the smooth algorithm does with equal weights.
     """
 
-    __slots__ = ("_equal", "_next", "_wrr")
+    __slots__ = ("_next", "_wrr")
 
     name: ClassVar[str] = "round_robin"
     uses_key: ClassVar[bool] = False
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         super().__init__(backends)
-        weights = [b.weight for b in self.backends]
-        self._equal = len(set(weights)) <= 1
         self._next = 0
-        self._wrr = _SmoothWRR(weights)
+        self._wrr = _SmoothWRR(self._weights)
 
     def select(self, key: bytes = b"", accept: Accept | None = None) -> Backend | None:
         """The next backend in smooth weighted round-robin order that ``accept`` allows."""
@@ -257,17 +260,10 @@ class Random(Selector):
     (so the distribution stays proportional among them, and None means none is accepted).
     """
 
-    __slots__ = ("_cum", "_total", "_equal")
+    __slots__ = ()
 
     name: ClassVar[str] = "random"
     uses_key: ClassVar[bool] = False
-
-    def __init__(self, backends: Sequence[Backend]) -> None:
-        super().__init__(backends)
-        weights = [b.weight for b in self.backends]
-        self._cum = _cumulative(weights)
-        self._total = sum(weights)
-        self._equal = len(set(weights)) <= 1
 
     def select(self, key: bytes = b"", accept: Accept | None = None) -> Backend | None:
         """A random backend, by weight, among those ``accept`` allows."""
@@ -315,18 +311,14 @@ class Hash(Selector):
     per byte), so a long key costs no more than a short one.
     """
 
-    __slots__ = ("_cum", "_total", "_equal", "_wrr")
+    __slots__ = ("_wrr",)
 
     name: ClassVar[str] = "hash"
     uses_key: ClassVar[bool] = True
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         super().__init__(backends)
-        weights = [b.weight for b in self.backends]
-        self._cum = _cumulative(weights)
-        self._total = sum(weights)
-        self._equal = len(set(weights)) <= 1
-        self._wrr = _SmoothWRR(weights)
+        self._wrr = _SmoothWRR(self._weights)
 
     def _index(self, h: int) -> int:
         if self._equal:
@@ -455,7 +447,7 @@ class Consistent(Selector):
         self._hashes, self._owners = chash_points(
             [(b.name.encode(), b.weight) for b in self.backends]
         )
-        self._wrr = _SmoothWRR([b.weight for b in self.backends])
+        self._wrr = _SmoothWRR(self._weights)
 
     def select(self, key: bytes = b"", accept: Accept | None = None) -> Backend | None:
         """The owner of the first ring point at or after ``crc32(key)`` that ``accept`` allows."""
@@ -511,14 +503,13 @@ class LeastConn(Selector):
     sent, decrement when it ends).
     """
 
-    __slots__ = ("_weights", "_wrr")
+    __slots__ = ("_wrr",)
 
     name: ClassVar[str] = "least_conn"
     uses_key: ClassVar[bool] = False
 
     def __init__(self, backends: Sequence[Backend]) -> None:
         super().__init__(backends)
-        self._weights = [b.weight for b in self.backends]
         self._wrr = _SmoothWRR(self._weights)
 
     def select(self, key: bytes = b"", accept: Accept | None = None) -> Backend | None:
@@ -577,7 +568,7 @@ class P2CEwma(Selector):
     among the accepted backends only.
     """
 
-    __slots__ = ("_cum", "_total", "_weights", "decay", "default_ewma", "clock")
+    __slots__ = ("decay", "default_ewma", "clock")
 
     name: ClassVar[str] = "p2c_ewma"
     uses_key: ClassVar[bool] = False
@@ -596,9 +587,6 @@ class P2CEwma(Selector):
         super().__init__(backends)
         if decay <= 0:
             raise ValueError(f"decay must be > 0, got {decay}")
-        self._weights = [b.weight for b in self.backends]
-        self._cum = _cumulative(self._weights)
-        self._total = sum(self._weights)
         self.decay = decay
         self.default_ewma = default_ewma
         self.clock = clock

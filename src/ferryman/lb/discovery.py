@@ -88,8 +88,9 @@ class ServiceDiscovery:
     refresh: float = 5.0
 
     async def discover(self) -> Sequence[Member]:
-        """The current members. Raise to keep the previous ones (the error is logged)."""
-        raise NotImplementedError
+        """The current members. Raise to keep the previous ones (the error is logged).
+        Subclasses must provide it; the base class knows no registry to ask."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement discover()")
 
     def next_refresh(self) -> float:
         """Seconds to wait before calling :meth:`discover` again."""

@@ -80,8 +80,9 @@ class HealthCheck:
         )
 
     async def check(self, address: tuple[str, int]) -> str | None:
-        """Probe ``address``; None if healthy, else why not. Must not raise."""
-        raise NotImplementedError
+        """Probe ``address``; None if healthy, else why not (an exception counts as a
+        failure too). Subclasses must provide it; the base class has no probe to run."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement check()")
 
     async def run(self, address: tuple[str, int]) -> str | None:
         """:meth:`check` bounded by ``timeout``, any exception turned into a reason."""

@@ -458,11 +458,6 @@ class Session:
             except Exception:  # noqa: BLE001 - a failing close must not break the connection
                 pass
 
-    @property
-    def streaming_body(self) -> bool:
-        """Whether a body source (:meth:`send_body_from`) is still being sent."""
-        return self._source is not None
-
     async def _drain(self) -> None:
         if self._down.write_paused and not self._down.closed and not self._sync:
             await self._wait(_WAIT_DRAIN)
