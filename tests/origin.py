@@ -2,7 +2,7 @@
 
 Paths:
   /                 ``hello world\\n``
-  /echo             echoes the request body; headers as X-Echo-* response headers
+  /echo             echoes the request body (X-Echo-Method, X-Body-Length headers)
   /headers          JSON object of the request headers as received (list of pairs)
   /slow?ms=N        sleeps N ms, then answers ``slow``
   /big?size=N       N bytes of a repeating pattern, Content-Length framed

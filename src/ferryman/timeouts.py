@@ -10,6 +10,7 @@ makes the same trade).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -25,13 +26,14 @@ class Expirable(Protocol):
 class DeadlineSweep:
     """Checks the deadlines of registered objects every ``tick`` seconds."""
 
-    __slots__ = ("_loop", "_items", "_tick", "_handle", "now")
+    __slots__ = ("_loop", "_items", "_tick", "_handle", "_on_tick", "now")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick: float = 0.1) -> None:
         self._loop = loop
         self._items: set[Expirable] = set()
         self._tick = tick
         self._handle: asyncio.TimerHandle | None = None
+        self._on_tick: list[Callable[[], None]] = []
         #: ``loop.time()`` as of the last sweep (at most one tick old): the hot path sets
         #: deadlines from it instead of asking the loop for the time
         self.now = loop.time()
@@ -47,6 +49,10 @@ class DeadlineSweep:
         """Stop watching ``item`` (no error if it was not watched)."""
         self._items.discard(item)
 
+    def on_tick(self, callback: Callable[[], None]) -> None:
+        """Also call ``callback`` at every sweep (while any object is watched)."""
+        self._on_tick.append(callback)
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -58,6 +64,11 @@ class DeadlineSweep:
             try:
                 item.on_deadline()
             except Exception:  # noqa: BLE001 - one bad connection must not stop the sweep
+                pass
+        for callback in self._on_tick:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - nor one bad callback
                 pass
         self._handle = self._loop.call_later(self._tick, self._sweep) if self._items else None
 

@@ -11,7 +11,7 @@ The serializers at the bottom build request/response heads and chunked framing.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 import httptools
 
@@ -27,7 +27,7 @@ BODY_CLOSE = 3  #: delimited by the connection closing (responses only)
 _BODY_METHODS_NO_RESPONSE_BODY = (b"HEAD",)
 
 
-_NO_HEADERS: list[HeaderPair] = []  # shared placeholder, never appended to
+_NO_HEADERS: Final[list[HeaderPair]] = []  # shared placeholder, never appended to
 _OWS = (0x20, 0x09)
 
 
@@ -104,6 +104,7 @@ class RequestParser:
         "_held",
         "_head_limit",
         "_manual_body",
+        "_feeding",
     )
 
     def __init__(self, handler: RequestHandler, limits: RequestLimits | None = None) -> None:
@@ -128,6 +129,9 @@ class RequestParser:
         # request that asks for an Upgrade, so for one that has a body (h2c upgrades from
         # curl do) the upgrade is ignored and its body counted out here
         self._manual_body = 0
+        # inside feed(): a handler that completes a response from a callback must not
+        # hand this parser on while the rest of the bytes are still being parsed
+        self._feeding = False
 
     @property
     def in_message(self) -> bool:
@@ -139,8 +143,34 @@ class RequestParser:
         """True while a request head is partially received."""
         return self._in_head
 
+    @property
+    def reusable(self) -> bool:
+        """True between two messages: nothing pending, no error, no upgrade.
+
+        If the last message was a keep-alive one, such a parser can go on with another
+        connection's stream (see :class:`RequestParserPool`). After a message that
+        closes the connection llhttp refuses further bytes, and that is not tracked
+        here: the caller knows (``should_keep_alive()`` at the head).
+        """
+        return not (
+            self._feeding
+            or self._in_head
+            or self._in_body
+            or self._upgraded
+            or self._manual_body
+            or self._held
+            or self._error is not None
+        )
+
     def feed(self, data: bytes) -> None:
         """Parse ``data``; report events to the handler; raise ``ProxyError`` on bad input."""
+        self._feeding = True
+        try:
+            self._feed(data)
+        finally:
+            self._feeding = False
+
+    def _feed(self, data: bytes) -> None:
         if self._upgraded:
             if self._held is None:
                 self._held = []
@@ -160,7 +190,7 @@ class RequestParser:
             rest = data[upgrade.args[0] :]
             if self._manual_body:  # not an upgrade after all: the rest is its body
                 if rest:
-                    self.feed(rest)
+                    self._feed(rest)
                 return
             self._upgraded = True
             self._handler.on_request_upgrade(rest)
@@ -326,6 +356,74 @@ class RequestParser:
             self._header_bytes = 0
         self._body_bytes = 0
         self._handler.on_request_end(Headers._wrap(trailers) if trailers else None)
+
+
+class _NoHandler:
+    """The handler of a pooled parser: no connection is listening to it."""
+
+    def on_request_head(self, head: RequestHeader, body_kind: int, content_length: int) -> None:
+        raise AssertionError("a pooled RequestParser was fed")
+
+    def on_request_body(self, data: bytes) -> None:
+        raise AssertionError("a pooled RequestParser was fed")
+
+    def on_request_end(self, trailers: Headers | None) -> None:
+        raise AssertionError("a pooled RequestParser was fed")
+
+    def on_request_upgrade(self, rest: bytes) -> None:
+        raise AssertionError("a pooled RequestParser was fed")
+
+
+_NO_HANDLER: Final = _NoHandler()
+
+
+class RequestParserPool:
+    """Request parsers lent to client connections while they have a request to read.
+
+    An idle keep-alive connection needs no parser: between two requests the parser holds
+    no state that the next request depends on. A parser with its llhttp state and bound
+    callbacks is about 1.1 KiB, over a third of an idle connection's memory, so a
+    connection gives its parser back here when it goes idle and takes one (this one or
+    another) when bytes arrive. At most ``cap`` parsers are kept; more are dropped.
+    """
+
+    __slots__ = ("_free", "_limits", "_cap", "made")
+
+    def __init__(self, limits: RequestLimits | None = None, cap: int = 256) -> None:
+        self._free: list[RequestParser] = []
+        self._limits = limits or RequestLimits()
+        self._cap = cap
+        #: parsers made so far (lent ones are reused first)
+        self.made = 0
+
+    def take(self, handler: RequestHandler) -> RequestParser:
+        """A parser at a message boundary, reporting to ``handler``."""
+        free = self._free
+        if free:
+            parser = free.pop()
+            parser._handler = handler
+            return parser
+        self.made += 1
+        return RequestParser(handler, self._limits)
+
+    def give(self, parser: RequestParser) -> bool:
+        """Take ``parser`` back if it is between messages; False if it was not taken.
+
+        Give back only a parser whose last message was a keep-alive one (llhttp refuses
+        bytes after a ``Connection: close`` message); one inside a message, after an
+        error or an upgrade is refused here.
+        """
+        if not parser.reusable:
+            return False
+        parser._handler = _NO_HANDLER
+        parser._url = b""
+        parser._headers = _NO_HEADERS
+        if len(self._free) < self._cap:
+            self._free.append(parser)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._free)
 
 
 class ResponseHandler(Protocol):

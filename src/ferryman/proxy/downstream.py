@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
-from ferryman.protocols.h1 import BODY_NONE, RequestParser
+from ferryman.protocols.h1 import BODY_NONE, RequestLimits, RequestParser, RequestParserPool
 from ferryman.protocols.headers import Headers, RequestHeader, reason_phrase
 from ferryman.proxy.engine import start_session
 from ferryman.proxy.session import Session, client_closed_error
@@ -52,6 +52,61 @@ def _error_response(status: int) -> bytes:
     )
 
 
+class ParserLender:
+    """Lends request parsers to client connections, and takes them back from idle ones.
+
+    A connection takes a parser when bytes arrive and it has none. When a response
+    completes and the connection goes idle it is listed here, and at the next sweep
+    (:meth:`reclaim`, at most a tick later), or sooner when the pool runs empty, its
+    parser goes back to the pool if it is still idle. Giving back at once would cost
+    every keep-alive request a give and a take (measured: +0.17 us per request in
+    ``benchmarks/engine_micro.py``); this way a busy connection keeps its parser and an
+    idle one loses it.
+    """
+
+    __slots__ = ("pool", "_idle")
+
+    def __init__(self, limits: RequestLimits | None = None) -> None:
+        self.pool = RequestParserPool(limits)
+        self._idle: list[H1Downstream] = []
+
+    def take(self, conn: H1Downstream) -> RequestParser:
+        """A parser for ``conn``, which has bytes to parse and no parser.
+
+        With the pool empty, the listed idle connections give theirs back first: a
+        burst of new connections then shares a few parsers instead of each making one.
+        """
+        pool = self.pool
+        if self._idle and not len(pool):
+            self.reclaim()
+        return pool.take(conn)
+
+    def went_idle(self, conn: H1Downstream) -> None:
+        """``conn`` finished a response and waits for the next request."""
+        self._idle.append(conn)
+
+    def reclaim(self) -> None:
+        """Take back the parsers of the connections listed idle that still are."""
+        idle, self._idle = self._idle, []
+        pool = self.pool
+        for conn in idle:
+            conn._idle_listed = False
+            parser = conn.parser
+            # no request active or queued: the last one completed with keep-alive
+            # (the connection is closed otherwise), so llhttp takes further messages
+            if (
+                parser is not None
+                and conn.active is None
+                and not conn.queue
+                and not conn.closed
+                and pool.give(parser)
+            ):
+                conn.parser = None
+
+    def __len__(self) -> int:
+        return len(self.pool)
+
+
 class H1Downstream(asyncio.Protocol):
     """One client connection speaking HTTP/1.0 or HTTP/1.1."""
 
@@ -86,6 +141,8 @@ class H1Downstream(asyncio.Protocol):
         "_to_start",
         "_client_ip",
         "_sweep",
+        "_parsers",
+        "_idle_listed",
     )
 
     def __init__(self, service: HttpProxyService, listener: Listener | None = None) -> None:
@@ -94,7 +151,10 @@ class H1Downstream(asyncio.Protocol):
         self.loop = service.loop
         self._options = service.options
         self.transport: asyncio.Transport | None = None
-        self.parser = RequestParser(self, service.options.limits)
+        #: lent by the service's pool while a request is being read; None while idle
+        self.parser: RequestParser | None = None
+        self._parsers: ParserLender = service.parsers
+        self._idle_listed = False
         self.active: Session | None = None
         self.receiving: Session | None = None
         #: pipelined requests waiting for the active one (a list: usually empty, and an
@@ -134,10 +194,15 @@ class H1Downstream(asyncio.Protocol):
         if tunnel is not None:
             tunnel._on_client_tunnel_data(data)
             return
-        if self.active is None and not (self.parser._in_head or self.parser._in_body):
+        parser = self.parser
+        if parser is None:
+            parser = self.parser = self._parsers.take(self)
+            if self.active is None:
+                self.deadline = self._sweep.now + self._options.header_read_timeout
+        elif self.active is None and not (parser._in_head or parser._in_body):
             self.deadline = self._sweep.now + self._options.header_read_timeout
         try:
-            self.parser.feed(data)
+            parser.feed(data)
         except ProxyError as exc:
             self._bad_request(exc)
         session = self._to_start
@@ -153,7 +218,8 @@ class H1Downstream(asyncio.Protocol):
         if tunnel is not None:
             tunnel._on_client_tunnel_eof()
             return True
-        if self.parser.in_message:
+        parser = self.parser
+        if parser is not None and parser.in_message:
             receiving = self.receiving or self.active
             if receiving is not None:
                 receiving._on_client_error(client_closed_error())
@@ -193,7 +259,9 @@ class H1Downstream(asyncio.Protocol):
 
     def on_request_head(self, head: RequestHeader, body_kind: int, content_length: int) -> None:
         self.requests += 1
-        keep_alive = self.parser._parser.should_keep_alive()
+        parser = self.parser
+        # (only the parser calls this: it is lent to this connection now)
+        keep_alive = parser is not None and bool(parser._parser.should_keep_alive())
         session = Session(self, head, body_kind, keep_alive)
         if body_kind != BODY_NONE:
             self.receiving = session
@@ -306,7 +374,8 @@ class H1Downstream(asyncio.Protocol):
         """Switch to raw byte splicing for ``session``; returns bytes already read."""
         self._tunnel = session
         self.deadline = 0.0
-        early = self.parser.take_buffer()
+        parser = self.parser
+        early = parser.take_buffer() if parser is not None else b""
         self.resume(self.PAUSE_TUNNEL | self.PAUSE_PIPELINE | self.PAUSE_BODY)
         return early
 
@@ -327,8 +396,10 @@ class H1Downstream(asyncio.Protocol):
         if self._pause_mask & self.PAUSE_TUNNEL:
             # the upgrade was refused: what followed the head is HTTP again; parse it
             self.resume(self.PAUSE_TUNNEL)
+            parser = self.parser
             try:
-                self.parser.resume(session._upgrade_rest)
+                if parser is not None:  # (an upgraded parser is never given back)
+                    parser.resume(session._upgrade_rest)
             except ProxyError as exc:
                 self._bad_request(exc)
             if self.closed:
@@ -349,8 +420,15 @@ class H1Downstream(asyncio.Protocol):
         if self._reject is not None:
             self._send_reject(self._reject)
             return
-        if not self.parser.in_message:
+        parser = self.parser
+        if parser is None:
             self.deadline = self._sweep.now + self._options.keepalive_timeout
+        elif not parser.in_message:
+            self.deadline = self._sweep.now + self._options.keepalive_timeout
+            if not self._idle_listed:
+                # if still idle at the next sweep, its parser goes back to the pool
+                self._idle_listed = True
+                self._parsers.went_idle(self)
 
     def close(self) -> None:
         """Close after flushing what was written."""
@@ -363,7 +441,8 @@ class H1Downstream(asyncio.Protocol):
     def start_draining(self) -> None:
         """Graceful shutdown: close now if idle, else after the current response."""
         self.draining = True
-        if self.active is None and not (self.parser._in_head or self.parser._in_body):
+        parser = self.parser
+        if self.active is None and (parser is None or not parser.in_message):
             self.close()
 
     @property
@@ -416,7 +495,8 @@ class H1Downstream(asyncio.Protocol):
                 )
             )
             return
-        if self.parser.head_started:
+        parser = self.parser
+        if parser is not None and parser.head_started:
             self._send_reject(
                 ProxyError(
                     ErrorKind.HEADER_READ_TIMEOUT,

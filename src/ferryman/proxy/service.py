@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ferryman.proxy.downstream import H1Downstream
+from ferryman.proxy.downstream import H1Downstream, ParserLender
 from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.options import ProxyOptions
 from ferryman.timeouts import DeadlineSweep, sweep_for
@@ -41,6 +41,8 @@ class HttpProxyService:
         self.listeners = listeners
         self.options = options or ProxyOptions()
         self.connections: set[H1Downstream] = set()
+        #: request parsers lent to client connections while they read a request
+        self.parsers = ParserLender(self.options.limits)
         self.running = False
         # Set by start(), in the worker (plain attributes: read on every request).
         #: the worker's event loop
@@ -60,6 +62,7 @@ class HttpProxyService:
         self.loop = loop
         self.sweep = sweep_for(loop)
         self.connector = Connector(loop)
+        self.sweep.on_tick(self.parsers.reclaim)
         self.running = True
         self.proxy.worker_start(self)
 
