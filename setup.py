@@ -13,7 +13,9 @@ from typing import Any
 
 from setuptools import setup
 
-#: Modules on the per-request hot path that mypyc compiles.
+#: Modules on the per-request hot path that mypyc compiles. Classes users may subclass
+#: (ConfigProxy, Selector and its algorithms, LoadBalancer, Backend) are marked
+#: ``@mypyc_attr(allow_interpreted_subclasses=True)``.
 COMPILED = [
     "src/ferryman/errors.py",
     "src/ferryman/timeouts.py",
@@ -25,6 +27,11 @@ COMPILED = [
     "src/ferryman/proxy/session.py",
     "src/ferryman/proxy/engine.py",
     "src/ferryman/proxy/downstream.py",
+    "src/ferryman/lb/backend.py",
+    "src/ferryman/lb/algorithms.py",
+    "src/ferryman/lb/balancer.py",
+    "src/ferryman/app/routes.py",
+    "src/ferryman/app/config_proxy.py",
 ]
 
 

@@ -30,6 +30,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote_from_bytes
 
+from mypy_extensions import mypyc_attr
+
 from ferryman.app.routes import Route, Router, match_path, to_origin_form
 from ferryman.app.static import StaticFiles
 from ferryman.config.model import Config, HeaderEdits, RouteConfig, UpstreamConfig
@@ -421,6 +423,7 @@ _BAD_TARGET = b"400 Bad Request: the request target is not a path or an http(s) 
 _BAD_PATH = b"400 Bad Request: the path climbs above the root\n"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class ConfigProxy(ProxyHttp):
     """Routes requests per listener, load-balances proxied ones, serves local actions.
 

@@ -31,6 +31,8 @@ from hashlib import blake2b
 from random import random
 from typing import ClassVar
 
+from mypy_extensions import mypyc_attr
+
 from ferryman.lb.backend import Backend
 
 __all__ = [
@@ -149,6 +151,7 @@ def _cumulative(weights: list[int]) -> list[int]:
     return out
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Selector:
     """Base class: chooses one backend among a fixed list.
 
@@ -201,6 +204,7 @@ class Selector:
         return f"{type(self).__name__}({', '.join(b.name for b in self.backends)})"
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RoundRobin(Selector):
     """nginx's smooth weighted round robin.
 
@@ -251,6 +255,7 @@ class RoundRobin(Selector):
         return None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Random(Selector):
     """Weighted random choice.
 
@@ -292,6 +297,7 @@ class Random(Selector):
         return ok[-1]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Hash(Selector):
     """Hashing of a caller-supplied key: the same key goes to the same backend.
 
@@ -415,6 +421,7 @@ def chash_points(servers: Sequence[tuple[bytes, int]]) -> tuple[list[int], list[
     return hashes, owners
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Consistent(Selector):
     """Consistent hashing on a Ketama ring compatible with nginx's ``hash $key consistent``.
 
@@ -492,6 +499,7 @@ class Consistent(Selector):
         return None
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LeastConn(Selector):
     """nginx's least_conn: the backend with the fewest in-flight requests per unit of weight.
 
@@ -540,6 +548,7 @@ class LeastConn(Selector):
         return backends[best]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class P2CEwma(Selector):
     """Power of two choices over a peak-EWMA of latency (Finagle's / Linkerd's balancer).
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from ferryman.upstream.peer import HttpPeer
 
 __all__ = ["Backend"]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Backend:
     """One server of an upstream group as the balancer sees it.
 

@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from mypy_extensions import mypyc_attr
+
 from ferryman.lb.algorithms import ALGORITHMS, Selector
 from ferryman.lb.backend import Backend
 from ferryman.upstream.peer import HttpPeer
@@ -57,6 +59,7 @@ def _accept_all(backend: Backend) -> bool:
     return True
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class LoadBalancer:
     """Selects a backend of one upstream group for each request.
 
