@@ -24,6 +24,8 @@ COMPILED = [
     "src/ferryman/upstream/peer.py",
     "src/ferryman/upstream/connection.py",
     "src/ferryman/upstream/connector.py",
+    "src/ferryman/proxy/options.py",
+    "src/ferryman/proxy/plan.py",
     "src/ferryman/proxy/session.py",
     "src/ferryman/proxy/engine.py",
     "src/ferryman/proxy/downstream.py",

@@ -15,6 +15,7 @@ client; hooks such as ``fail_to_proxy`` use it by default.
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 
 class ErrorSource(enum.Enum):
@@ -100,7 +101,7 @@ def internal_error(detail: str, cause: BaseException | None = None) -> ProxyErro
     return ProxyError(ErrorKind.INTERNAL, ErrorSource.INTERNAL, detail, cause=cause)
 
 
-_STATUS: dict[ErrorKind, int] = {
+_STATUS: Final[dict[ErrorKind, int]] = {
     ErrorKind.BAD_REQUEST: 400,
     ErrorKind.REQUEST_LINE_TOO_LONG: 414,
     ErrorKind.HEADERS_TOO_LARGE: 431,

@@ -29,7 +29,7 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Sequence
 from hashlib import blake2b
 from random import random
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from mypy_extensions import mypyc_attr
 
@@ -51,20 +51,20 @@ __all__ = [
 
 Accept = Callable[[Backend], bool]
 
-_FNV_OFFSET = 0xCBF29CE484222325
-_FNV_PRIME = 0x100000001B3
-_MASK64 = 0xFFFFFFFFFFFFFFFF
+_FNV_OFFSET: Final = 0xCBF29CE484222325
+_FNV_PRIME: Final = 0x100000001B3
+_MASK64: Final = 0xFFFFFFFFFFFFFFFF
 
 #: Keys longer than this are condensed with BLAKE2b before FNV-1a (see ``Hash.select``).
-MAX_FNV_KEY = 64
+MAX_FNV_KEY: Final = 64
 #: nginx's limit on rehash / ring-walk attempts before it gives up on the key.
-_HASH_TRIES = 20
+_HASH_TRIES: Final = 20
 #: Ring points per unit of weight (nginx and Cache::Memcached::Fast use 160).
-_POINTS_PER_WEIGHT = 160
+_POINTS_PER_WEIGHT: Final = 160
 #: Random draws tried before falling back to a scan of the accepted backends.
-_RANDOM_TRIES = 3
+_RANDOM_TRIES: Final = 3
 #: p2c: a cost must be below this fraction of the other's to win (float rounding is a tie).
-_TIE = 1.0 - 1e-9
+_TIE: Final = 1.0 - 1e-9
 
 
 def fnv1a_64(data: bytes) -> int:

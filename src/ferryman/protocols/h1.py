@@ -19,16 +19,16 @@ from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.headers import HeaderPair, Headers, RequestHeader, ResponseHeader
 
 # Body framing of one message.
-BODY_NONE = 0  #: no body (GET without length, HEAD response, 204, 304, 1xx)
-BODY_LENGTH = 1  #: Content-Length delimited
-BODY_CHUNKED = 2  #: chunked transfer coding
-BODY_CLOSE = 3  #: delimited by the connection closing (responses only)
+BODY_NONE: Final = 0  #: no body (GET without length, HEAD response, 204, 304, 1xx)
+BODY_LENGTH: Final = 1  #: Content-Length delimited
+BODY_CHUNKED: Final = 2  #: chunked transfer coding
+BODY_CLOSE: Final = 3  #: delimited by the connection closing (responses only)
 
-_BODY_METHODS_NO_RESPONSE_BODY = (b"HEAD",)
+_BODY_METHODS_NO_RESPONSE_BODY: Final = (b"HEAD",)
 
 
 _NO_HEADERS: Final[list[HeaderPair]] = []  # shared placeholder, never appended to
-_OWS = (0x20, 0x09)
+_OWS: Final = (0x20, 0x09)
 
 
 def _bad(detail: str, kind: ErrorKind = ErrorKind.BAD_REQUEST) -> ProxyError:
@@ -688,8 +688,8 @@ class _HeadCollector:
 
 # Serializers --------------------------------------------------------------------------
 
-CHUNK_END = b"0\r\n\r\n"
-CRLF = b"\r\n"
+CHUNK_END: Final = b"0\r\n\r\n"
+CRLF: Final = b"\r\n"
 
 
 def chunk(data: bytes) -> list[bytes]:

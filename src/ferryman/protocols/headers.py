@@ -8,10 +8,11 @@ dropped on every mutation. Serialization is one ``b"".join`` per header block.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import Final
 
 HeaderPair = tuple[bytes, bytes]
 
-_REASONS: dict[int, bytes] = {
+_REASONS: Final[dict[int, bytes]] = {
     100: b"Continue",
     101: b"Switching Protocols",
     200: b"OK",
@@ -49,12 +50,17 @@ _REASONS: dict[int, bytes] = {
 }
 
 
+#: status lines with the standard reason phrase, built once
+_STATUS_LINES: Final[dict[int, bytes]] = {
+    status: b"HTTP/1.1 %d %s\r\n" % (status, reason) for status, reason in _REASONS.items()
+}
+
+
 def reason_phrase(status: int) -> bytes:
     """The standard reason phrase for ``status`` (``b"Unknown"`` when there is none)."""
     return _REASONS.get(status, b"Unknown")
 
 
-_join_pair = b": ".join  # (name, value) -> b"name: value", in C
 
 
 def _b(value: str | bytes) -> bytes:
@@ -162,9 +168,11 @@ class Headers:
 
     def append_block(self, parts: list[bytes]) -> None:
         """Append ``name: value\\r\\n`` lines to ``parts`` (for one join by the caller)."""
-        items = self._items
-        if items:
-            parts.append(b"\r\n".join(map(_join_pair, items)))
+        # one list of pieces and one join: measured faster than joining per pair
+        for name, value in self._items:
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
             parts.append(b"\r\n")
 
 
@@ -224,11 +232,16 @@ class RequestHeader:
 
     def to_bytes(self) -> bytes:
         """Serialize as an HTTP/1.x request head, ending with the blank line."""
-        items = self.headers._items
-        line = b"%s %s HTTP/%s\r\n" % (self.raw_method, self.raw_path, self.version.encode())
-        if not items:
-            return line + b"\r\n"
-        return b"".join((line, b"\r\n".join(map(_join_pair, items)), b"\r\n\r\n"))
+        version = self.version
+        parts = [
+            self.raw_method,
+            b" ",
+            self.raw_path,
+            b" HTTP/1.1\r\n" if version == "1.1" else b" HTTP/" + version.encode() + b"\r\n",
+        ]
+        self.headers.append_block(parts)
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def __repr__(self) -> str:
         return f"RequestHeader({self.method} {self.path} HTTP/{self.version}, {self.headers!r})"
@@ -280,12 +293,17 @@ class ResponseHeader:
     def to_bytes(self) -> bytes:
         """Serialize as an HTTP/1.1 status line and header block."""
         status = self.status
-        reason = self._reason if self._reason_status == status else reason_phrase(status)
-        items = self.headers._items
-        line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
-        if not items:
-            return line + b"\r\n"
-        return b"".join((line, b"\r\n".join(map(_join_pair, items)), b"\r\n\r\n"))
+        line = _STATUS_LINES.get(status)
+        if self._reason_status == status:
+            reason = self._reason
+            if line is None or reason != _REASONS[status]:
+                line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        elif line is None:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason_phrase(status))
+        parts = [line]
+        self.headers.append_block(parts)
+        parts.append(b"\r\n")
+        return b"".join(parts)
 
     def __repr__(self) -> str:
         return f"ResponseHeader({self.status}, {self.headers!r})"

@@ -12,20 +12,21 @@ from __future__ import annotations
 import asyncio
 import ssl
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
 from ferryman.protocols.h1 import BODY_NONE, RequestLimits, RequestParser, RequestParserPool
 from ferryman.protocols.headers import Headers, RequestHeader, reason_phrase
 from ferryman.proxy.engine import start_session
+from ferryman.proxy.plan import RequestPlan
 from ferryman.proxy.session import Session, client_closed_error
 
 if TYPE_CHECKING:
     from ferryman.proxy.service import HttpProxyService
     from ferryman.server.listener import Listener
 
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -143,6 +144,7 @@ class H1Downstream(asyncio.Protocol):
         "_sweep",
         "_parsers",
         "_idle_listed",
+        "_plan",
     )
 
     def __init__(self, service: HttpProxyService, listener: Listener | None = None) -> None:
@@ -155,6 +157,7 @@ class H1Downstream(asyncio.Protocol):
         self.parser: RequestParser | None = None
         self._parsers: ParserLender = service.parsers
         self._idle_listed = False
+        self._plan: RequestPlan = service.plan
         self.active: Session | None = None
         self.receiving: Session | None = None
         #: pipelined requests waiting for the active one (a list: usually empty, and an

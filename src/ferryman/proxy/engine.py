@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, internal_error, status_for
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_NONE
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ferryman.engine")
 
 #: Headers that describe one connection only; never forwarded (RFC 9110 §7.6.1).
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     (
         b"connection",
         b"keep-alive",
@@ -49,8 +49,9 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     )
 )
-_HOP_LENS = frozenset(len(n) for n in HOP_BY_HOP)
-_REQ_SPECIAL = HOP_BY_HOP | {
+#: bit n set: some hop-by-hop name is n bytes long (most headers are skipped by length)
+_HOP_LENS: Final = sum({1 << len(n) for n in HOP_BY_HOP})
+_REQ_SPECIAL: Final = HOP_BY_HOP | {
     b"expect",
     b"host",
     b"x-forwarded-for",
@@ -58,18 +59,17 @@ _REQ_SPECIAL = HOP_BY_HOP | {
     b"x-forwarded-host",
     b"via",
 }
-_REQ_LENS = frozenset(len(n) for n in _REQ_SPECIAL)
-_RESPONSE_HOOKS = frozenset(("upstream_response_filter", "response_filter"))
+_REQ_LENS: Final = sum({1 << len(n) for n in _REQ_SPECIAL})
 #: Methods whose request may be sent again after a failure (RFC 9110 §9.2.2).
-IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+IDEMPOTENT_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
 # sync-mode phases
-_PH_BUSY = 0  #: pipeline code is running; events are examined when it returns
-_PH_CONNECTING = 1  #: a task is opening the upstream connection
-_PH_WAIT_HEAD = 2  #: request sent, waiting for the response head
-_PH_STREAMING = 3  #: response head sent, body flowing
-_PH_TUNNEL = 4  #: bytes spliced both ways
-_PH_DONE = 5
+_PH_BUSY: Final = 0  #: pipeline code is running; events are examined when it returns
+_PH_CONNECTING: Final = 1  #: a task is opening the upstream connection
+_PH_WAIT_HEAD: Final = 2  #: request sent, waiting for the response head
+_PH_STREAMING: Final = 3  #: response head sent, body flowing
+_PH_TUNNEL: Final = 4  #: bytes spliced both ways
+_PH_DONE: Final = 5
 
 
 def _method_not_allowed() -> ProxyError:
@@ -78,7 +78,7 @@ def _method_not_allowed() -> ProxyError:
 
 def start_session(session: Session) -> None:
     """Begin processing ``session``: sync mode when its proxy allows it, else a task."""
-    if session._proxy.async_hooks:
+    if session._plan.any_async:
         session._down.loop.create_task(run_session(session))
     else:
         session._sync = True
@@ -89,10 +89,10 @@ def start_session(session: Session) -> None:
 # headers
 
 
-_NOT_HEADER_TOKENS = HOP_BY_HOP | {b"close"}
+_NOT_HEADER_TOKENS: Final = HOP_BY_HOP | {b"close"}
 
 
-_NO_TOKENS: frozenset[bytes] = frozenset()
+_NO_TOKENS: Final[frozenset[bytes]] = frozenset()
 
 
 def _connection_tokens(value: bytes) -> set[bytes] | frozenset[bytes]:
@@ -109,7 +109,7 @@ def build_upstream_request(session: Session) -> RequestHeader:
     """The request head to send upstream: the client's minus hop-by-hop, plus forwarding."""
     req = session.req_header
     down = session._down
-    options = down.service.options
+    options = session._plan
     out: list[tuple[bytes, bytes]] = []
     named: set[bytes] | frozenset[bytes] | None = None
     xff: bytes | None = None
@@ -117,7 +117,7 @@ def build_upstream_request(session: Session) -> RequestHeader:
     host: bytes | None = None
     for pair in req.headers._items:
         name = pair[0]
-        if len(name) in _REQ_LENS:
+        if (_REQ_LENS >> len(name)) & 1:
             lname = name.lower()
             if lname in _REQ_SPECIAL:
                 if lname == b"host":
@@ -161,7 +161,7 @@ def build_upstream_request(session: Session) -> RequestHeader:
         if peer is not None:
             out.append((b"Host", peer.name.encode()))
     if options.via:
-        mine = b"1.1 " + options.via_name.encode()
+        mine = options.via_value
         out.append((b"Via", via + b", " + mine if via else mine))
     body_kind = session._body_kind
     if body_kind != BODY_NONE and (body_kind == BODY_CHUNKED or session._body_filter):
@@ -186,7 +186,7 @@ def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
     named: set[bytes] | frozenset[bytes] | None = None
     upgrade: bytes | None = None
     for pair in items:
-        if len(pair[0]) in _HOP_LENS:
+        if (_HOP_LENS >> len(pair[0])) & 1:
             break
     else:
         items = None  # type: ignore[assignment]  # nothing to strip: the common case
@@ -194,7 +194,7 @@ def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
         out = []
         for pair in items:
             name = pair[0]
-            if len(name) in _HOP_LENS:
+            if (_HOP_LENS >> len(name)) & 1:
                 lname = name.lower()
                 if lname == b"connection":
                     named = _connection_tokens(pair[1]) | (named or set())
@@ -210,9 +210,9 @@ def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
             out.append((b"Upgrade", upgrade))
         headers._items = out
         headers._index = None
-    options = session._down.service.options
-    if options.via:
-        mine = b"1.1 " + options.via_name.encode()
+    plan = session._plan
+    if plan.via:
+        mine = plan.via_value
         prior = headers.get(b"via")
         headers.set(b"Via", prior + b", " + mine if prior else mine)
 
@@ -224,16 +224,16 @@ def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
 def begin(session: Session) -> None:
     """Sync mode: request hooks, then choose the peer and send the request."""
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    overridden = proxy.overridden
+    plan = session._plan
     session._phase = _PH_BUSY
     try:
-        ctx = session.ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
+        ctx = session.ctx = proxy.new_ctx() if plan.new_ctx else {}
         if session._error is not None:  # its body was malformed before it started
             raise session._error
-        if overridden:
-            if "early_request_filter" in overridden:
+        if plan.early_request_filter or plan.request_filter:
+            if plan.early_request_filter:
                 proxy.early_request_filter(session, ctx)
-            if "request_filter" in overridden and proxy.request_filter(session, ctx):
+            if plan.request_filter and proxy.request_filter(session, ctx):
                 if session._error is not None:
                     raise session._error  # e.g. a body source failed while it was sent
                 if not session._done:
@@ -261,7 +261,7 @@ def _choose_peer(session: Session) -> None:
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     peer: HttpPeer = proxy.upstream_peer(session, session.ctx)
     session.peer = peer
-    up = session._down.service.connector.get_idle(peer)
+    up = session._plan.connector.get_idle(peer)
     if up is None:
         session._phase = _PH_CONNECTING
         session._down.loop.create_task(_connect_then_send(session, peer))
@@ -272,7 +272,8 @@ def _choose_peer(session: Session) -> None:
 async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
     """Sync mode's one wait: open a connection (with fail_to_connect and retries)."""
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    connector = session._down.service.connector
+    plan = session._plan
+    connector = plan.connector
     try:
         while True:
             try:
@@ -280,7 +281,7 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
                 break
             except ProxyError as failure:
                 err = failure
-                if "fail_to_connect" in proxy.overridden:
+                if plan.fail_to_connect:
                     err = proxy.fail_to_connect(session, peer, session.ctx, err)
                 if not (err.retryable and session.retries < session.max_retries):
                     raise err from None
@@ -303,19 +304,19 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
 def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> None:
     """Sync mode: hooks around the connection, then send head and buffered body."""
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    overridden = proxy.overridden
+    plan = session._plan
     ctx = session.ctx
     session._up = up
     session._phase = _PH_BUSY
     try:
-        if "connected_to_upstream" in overridden:
+        if plan.connected_to_upstream:
             proxy.connected_to_upstream(session, reused, up.peer, ctx)
         if session.req_header.raw_method == b"CONNECT":
             _start_connect_tunnel(session, up)
             session._phase = _PH_TUNNEL
             return
         up_req = build_upstream_request(session)
-        if "upstream_request_filter" in overridden:
+        if plan.upstream_request_filter:
             proxy.upstream_request_filter(session, up_req, ctx)
         up.start(session, up_req.raw_method, up.peer.read_timeout)
         session._send_request(up, up_req.to_bytes())
@@ -376,7 +377,7 @@ def _after_error_hook(session: Session, error: ProxyError) -> ProxyError:
     peer = session.peer
     if (
         peer is not None
-        and "error_while_proxy" in proxy.overridden
+        and session._plan.error_while_proxy
         and error.source is not ErrorSource.DOWNSTREAM
     ):
         return proxy.error_while_proxy(
@@ -388,16 +389,16 @@ def _after_error_hook(session: Session, error: ProxyError) -> ProxyError:
 def _on_head(session: Session) -> None:
     """Sync mode: the response head arrived: response hooks, then send it downstream."""
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    overridden = proxy.overridden
+    plan = session._plan
     resp = session._up_resp
     assert resp is not None
     session._phase = _PH_BUSY
     try:
         prepare_downstream_response(session, resp)
-        if overridden:
-            if "upstream_response_filter" in overridden:
+        if not plan.trust_length:
+            if plan.upstream_response_filter:
                 proxy.upstream_response_filter(session, resp, session.ctx)
-            if "response_filter" in overridden:
+            if plan.response_filter:
                 proxy.response_filter(session, resp, session.ctx)
         if resp.status == 101 and session._upgrade:
             _start_upgrade_tunnel(session, resp)
@@ -420,7 +421,7 @@ def _fail_sync(session: Session, error: ProxyError) -> None:
     if not session._down.closed:
         if session.response_header is None:
             try:
-                if "fail_to_proxy" in proxy.overridden:
+                if session._plan.fail_to_proxy:
                     proxy.fail_to_proxy(session, error, session.ctx)
                 else:
                     session.send_error(status_for(error))
@@ -443,8 +444,8 @@ def _complete(session: Session, error: ProxyError | None) -> None:
         session.keep_alive = False
         session._done = True
     session._down.request_done(session)
-    proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    if "logging" in proxy.overridden:
+    if session._plan.logging:
+        proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
         try:
             proxy.logging(session, error, session.ctx)
         except Exception:  # noqa: BLE001 - a logging hook must never break the connection
@@ -479,7 +480,7 @@ def _send_response_start(session: Session, resp: ResponseHeader) -> None:
     down.cork()
     # the parser framed the body by Content-Length: trust it unless a hook could have
     # removed that header
-    session._trust_length = not (_RESPONSE_HOOKS & session._proxy.overridden)
+    session._trust_length = session._plan.trust_length
     session._write_head(resp, session._up_body_kind)
     session._flush_pending()
     down.uncork()
@@ -521,19 +522,19 @@ def _start_connect_tunnel(session: Session, up: UpstreamConnection) -> None:
 async def run_session(session: Session) -> None:
     """Task mode: one request as one task (some hook is ``async def``)."""
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    overridden = proxy.overridden
+    plan = session._plan
     async_hooks = proxy.async_hooks
-    ctx = session.ctx = proxy.new_ctx() if "new_ctx" in overridden else {}
+    ctx = session.ctx = proxy.new_ctx() if plan.new_ctx else {}
     error: ProxyError | None = None
     try:
         if session._error is not None:  # its body was malformed before it started
             raise session._error
-        if "early_request_filter" in overridden:
+        if plan.early_request_filter:
             r = proxy.early_request_filter(session, ctx)
             if "early_request_filter" in async_hooks:
                 await r
         handled = False
-        if "request_filter" in overridden:
+        if plan.request_filter:
             r = proxy.request_filter(session, ctx)
             handled = (await r) if "request_filter" in async_hooks else r
         if not handled:
@@ -559,7 +560,7 @@ async def run_session(session: Session) -> None:
         session.keep_alive = False
         session._done = True
     session._down.request_done(session)
-    if "logging" in overridden:
+    if plan.logging:
         try:
             r = proxy.logging(session, error, ctx)
             if "logging" in async_hooks:
@@ -576,7 +577,7 @@ async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
         if session._down.closed:
             pass
         elif session.response_header is None:
-            if "fail_to_proxy" in proxy.overridden:
+            if session._plan.fail_to_proxy:
                 r = proxy.fail_to_proxy(session, error, ctx)
                 if "fail_to_proxy" in proxy.async_hooks:
                     await r
@@ -593,9 +594,9 @@ async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
 
 async def _proxy_upstream(session: Session, ctx: Any) -> None:
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
-    overridden = proxy.overridden
+    plan = session._plan
     async_hooks = proxy.async_hooks
-    connector = session._down.service.connector
+    connector = plan.connector
     is_connect = session.req_header.raw_method == b"CONNECT"
     if not is_connect:
         session._send_continue()
@@ -610,7 +611,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
                 up = await connector.connect(peer)
             except ProxyError as exc:
                 err = exc
-                if "fail_to_connect" in overridden:
+                if plan.fail_to_connect:
                     r = proxy.fail_to_connect(session, peer, ctx, err)
                     err = (await r) if "fail_to_connect" in async_hooks else r
                 if err.retryable and session.retries < session.max_retries:
@@ -621,7 +622,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             up.release()
             raise session._error
         session._up = up
-        if "connected_to_upstream" in overridden:
+        if plan.connected_to_upstream:
             r = proxy.connected_to_upstream(session, reused, peer, ctx)
             if "connected_to_upstream" in async_hooks:
                 await r
@@ -631,7 +632,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
                 await session._wait(_WAIT_END)
             return
         up_req = build_upstream_request(session)
-        if "upstream_request_filter" in overridden:
+        if plan.upstream_request_filter:
             r = proxy.upstream_request_filter(session, up_req, ctx)
             if "upstream_request_filter" in async_hooks:
                 await r
@@ -647,7 +648,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             if err.source is not ErrorSource.UPSTREAM:
                 raise
             err = _replay_policy(session, err)
-            if "error_while_proxy" in overridden:
+            if plan.error_while_proxy:
                 r = proxy.error_while_proxy(session, peer, ctx, err, session.downstream_reused)
                 err = (await r) if "error_while_proxy" in async_hooks else r
             if err.retryable and session.retries < session.max_retries and session._replayable:
@@ -659,11 +660,11 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
     resp = session._up_resp
     assert resp is not None
     prepare_downstream_response(session, resp)
-    if "upstream_response_filter" in overridden:
+    if plan.upstream_response_filter:
         r = proxy.upstream_response_filter(session, resp, ctx)
         if "upstream_response_filter" in async_hooks:
             await r
-    if "response_filter" in overridden:
+    if plan.response_filter:
         r = proxy.response_filter(session, resp, ctx)
         if "response_filter" in async_hooks:
             await r
@@ -678,7 +679,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             await session._wait(_WAIT_END)
         except ProxyError as exc:
             err = exc
-            if err.source is not ErrorSource.DOWNSTREAM and "error_while_proxy" in overridden:
+            if err.source is not ErrorSource.DOWNSTREAM and plan.error_while_proxy:
                 r = proxy.error_while_proxy(session, peer, ctx, err, session.downstream_reused)
                 err = (await r) if "error_while_proxy" in async_hooks else r
             raise err from None

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from ferryman.proxy.downstream import H1Downstream, ParserLender
 from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.options import ProxyOptions
+from ferryman.proxy.plan import RequestPlan
 from ferryman.timeouts import DeadlineSweep, sweep_for
 from ferryman.upstream.connector import Connector
 
@@ -51,6 +52,8 @@ class HttpProxyService:
         self.connector: Connector
         #: the worker loop's deadline sweep
         self.sweep: DeadlineSweep
+        #: what the engine does for each request (hooks, forwarding), decided at start
+        self.plan: RequestPlan
 
     @property
     def handshake_timeout(self) -> float:
@@ -62,6 +65,7 @@ class HttpProxyService:
         self.loop = loop
         self.sweep = sweep_for(loop)
         self.connector = Connector(loop)
+        self.plan = RequestPlan(self.proxy, self.options, self.connector)
         self.sweep.on_tick(self.parsers.reclaim)
         self.running = True
         self.proxy.worker_start(self)

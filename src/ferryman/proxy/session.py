@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, chunk, last_chunk
@@ -33,14 +33,14 @@ class _EngineHooks:
 _engine = _EngineHooks()
 
 #: Request bodies up to this size stay replayable for a retry after they were sent.
-RETRY_BUFFER = 64 * 1024
+RETRY_BUFFER: Final = 64 * 1024
 
 #: How much :meth:`Session.send_body_from` reads from its source at a time.
-SOURCE_CHUNK = 64 * 1024
+SOURCE_CHUNK: Final = 64 * 1024
 #: Most bytes one pass of the body-source pump sends before yielding to the event loop.
-PUMP_BUDGET = 1024 * 1024
+PUMP_BUDGET: Final = 1024 * 1024
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class BodySource(Protocol):
@@ -53,10 +53,10 @@ class BodySource(Protocol):
         """Release the source; called once, whatever happened."""
 
 # What the engine is waiting for.
-_WAIT_NONE = 0
-_WAIT_HEAD = 1
-_WAIT_END = 2
-_WAIT_DRAIN = 3
+_WAIT_NONE: Final = 0
+_WAIT_HEAD: Final = 1
+_WAIT_END: Final = 2
+_WAIT_DRAIN: Final = 3
 
 
 class Session:
@@ -76,6 +76,7 @@ class Session:
     """
 
     __slots__ = (
+        "_plan",
         "req_header",
         "response_header",
         "retries",
@@ -143,12 +144,13 @@ class Session:
         keep_alive: bool,
     ) -> None:
         self._down = down
-        proxy = down.service.proxy
-        self._proxy = proxy
+        plan = down._plan
+        self._plan = plan
+        self._proxy = plan.proxy
         self.req_header = head
         self.response_header: ResponseHeader | None = None
         self.retries = 0
-        self.max_retries = down.service.options.max_retries
+        self.max_retries = plan.max_retries
         self.allow_connect = False
         self.request_body_bytes = 0
         self.response_body_bytes = 0
@@ -180,9 +182,8 @@ class Session:
         self._done = False
         self._waiter: asyncio.Future[None] | None = None
         self._wait_for = _WAIT_NONE
-        overridden = proxy.overridden
-        self._body_filter = "request_body_filter" in overridden
-        self._resp_body_filter = "response_body_filter" in overridden
+        self._body_filter = plan.request_body_filter
+        self._resp_body_filter = plan.response_body_filter
         self._tunnel = False
         self._tunnel_client_eof = False
         self._tunnel_up_eof = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import ResponseParser
@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from ferryman.upstream.connector import Connector
     from ferryman.upstream.peer import HttpPeer
 
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
+WRITE_HIGH_WATER: Final = 256 * 1024
+WRITE_LOW_WATER: Final = 64 * 1024
 
 
 class UpstreamSink(Protocol):
