@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, chunk, last_chunk
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader, reason_phrase
+from ferryman.upstream.connection import UpstreamConnection, UpstreamSink
 
 if TYPE_CHECKING:
     from ferryman.proxy.downstream import H1Downstream, TlsInfo
     from ferryman.server.listener import Listener
-    from ferryman.upstream.connection import UpstreamConnection
     from ferryman.upstream.peer import HttpPeer
 
 class _EngineHooks:
@@ -59,7 +59,7 @@ _WAIT_END: Final = 2
 _WAIT_DRAIN: Final = 3
 
 
-class Session:
+class Session(UpstreamSink):
     """One HTTP request/response exchange, as seen by the hooks.
 
     Attributes most hooks use:
