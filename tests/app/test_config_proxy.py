@@ -4,6 +4,7 @@ messages and in-flight accounting (real origins and clients on 127.0.0.1)."""
 from __future__ import annotations
 
 import http.client
+import random
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from ferryman import Listener
 from ferryman.app import ConfigProxy
-from ferryman.app.routes import Route, Router, match_path, request_host
+from ferryman.app.routes import Route, Router, match_path, plain_path_end, request_host
 from ferryman.config import RouteConfig, RouteMatch, parse_config
 from ferryman.protocols.headers import Headers, RequestHeader
 from harness import ProxyHarness
@@ -426,3 +427,24 @@ def test_idempotent_request_moves_on_when_a_server_fails_before_answering(
     finally:
         harness.stop()
         hangup.stop()
+
+
+def _plain_path_end_by_find(raw: bytes) -> int:
+    """The definition plain_path_end implements, spelled with bytes.find."""
+    if raw[:1] != b"/":
+        return -1
+    q = raw.find(b"?")
+    path = raw if q < 0 else raw[:q]
+    if path.find(b"%") >= 0 or path.find(b"/.") >= 0 or path.find(b"//") >= 0:
+        return -1
+    return len(path)
+
+
+def test_plain_path_end_agrees_with_its_definition() -> None:
+    rng = random.Random(7)
+    alphabet = b"/.%?ab=&"
+    cases = [b"", b"/", b"*", b"a/b", b"/?", b"/a?b/../c", b"/a//b", b"/a/.b", b"/%2e", b"//"]
+    for _ in range(5000):
+        cases.append(bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12))))
+    for raw in cases:
+        assert plain_path_end(raw) == _plain_path_end_by_find(raw), raw

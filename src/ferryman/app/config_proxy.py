@@ -32,7 +32,7 @@ from urllib.parse import quote_from_bytes
 
 from mypy_extensions import mypyc_attr
 
-from ferryman.app.routes import Route, Router, match_path, to_origin_form
+from ferryman.app.routes import Route, Router, match_path, plain_path_end, to_origin_form
 from ferryman.app.static import StaticFiles
 from ferryman.config.model import Config, HeaderEdits, RouteConfig, UpstreamConfig
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
@@ -587,16 +587,10 @@ class ConfigProxy(ProxyHttp):
         the target is refused with 400; None: no route accepts it."""
         req = session.req_header
         raw = req.raw_path
-        # (find, not `in`: bytes.__contains__ first tries its argument as an int, and
-        # the TypeError it raises and clears costs more than the search)
-        if (
-            raw[:1] == b"/"
-            and raw.find(b"%") < 0
-            and raw.find(b"/.") < 0
-            and raw.find(b"//") < 0
-        ):
-            q = raw.find(b"?")  # the common case, match_path's fast path inlined
-            path: bytes | None = raw if q < 0 else raw[:q]
+        end = plain_path_end(raw)
+        path: bytes | None
+        if end >= 0:  # the common case, match_path's fast path inlined
+            path = raw if end == len(raw) else raw[:end]
         elif req.raw_method == b"CONNECT":
             path = None  # authority-form: routed on host alone (tunnels need allow_connect)
         elif not to_origin_form(req):
