@@ -614,3 +614,42 @@ def test_oversized_head_pipelined_after_a_small_one_in_one_read_is_431() -> None
         parser.feed(small + big)
     assert status_for(info.value) == 431
     assert len(rec.heads) == 1
+
+
+# The version is read from the bytes a request arrived in when its line starts them,
+# else asked of llhttp: both must agree, whatever the feeding pattern.
+@pytest.mark.parametrize(
+    "data, versions",
+    [
+        (b"GET / HTTP/1.0\r\n\r\n", ["1.0"]),
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", ["1.1"]),
+        # a target that spells a version itself
+        (b"GET /HTTP/1.1 HTTP/1.0\r\n\r\n", ["1.0"]),
+        (b"GET /x?v=HTTP/1.0 HTTP/1.1\r\nHost: a\r\n\r\n", ["1.1"]),
+        # blank lines before the request line (allowed between requests)
+        (b"\r\n\r\nGET / HTTP/1.0\r\n\r\n", ["1.0"]),
+        # pipelined: the second line is not at the start of the read
+        (b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /b HTTP/1.0\r\n\r\n", ["1.1", "1.0"]),
+        (b"GET /a HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n",
+         ["1.0", "1.1"]),
+        (b"OPTIONS * HTTP/1.0\r\n\r\n", ["1.0"]),
+        (b"GET http://a.example/p HTTP/1.0\r\n\r\n", ["1.0"]),
+    ],
+)
+@pytest.mark.parametrize("pattern", ["whole", "split", "bytewise"])
+def test_request_version_whatever_the_reads(data: bytes, versions: list[str], pattern: str) -> None:
+    if pattern == "whole":
+        chunks = [data]
+    elif pattern == "split":
+        chunks = [data[:9], data[9:20], data[20:]]
+    else:
+        chunks = bytewise(data)
+    _, rec = feed_request(chunks)
+    assert [h.version for h in rec.heads] == versions
+
+
+def test_an_unsupported_version_is_still_refused_on_the_fast_path() -> None:
+    err, _ = request_error([b"GET / HTTP/1.2\r\nHost: a\r\n\r\n"])
+    assert status_for(err) == 505
+    err, _ = request_error([b"GET / HTTP/0.9\r\nHost: a\r\n\r\n"])
+    assert status_for(err) == 400

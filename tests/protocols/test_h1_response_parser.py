@@ -356,3 +356,30 @@ def test_reason_phrase_and_header_case_are_kept() -> None:
     assert head.reason == b"I'm A Teapot"
     assert list(head.headers)[:3] == [(b"x-lower", b"1"), (b"X-UPPER", b"2"), (b"x-lower", b"3")]
     assert head.headers.get_all("X-Lower") == [b"1", b"3"]
+
+
+@pytest.mark.parametrize(
+    "data, version",
+    [
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "1.0"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", "1.1"),
+        # an interim response first: the final head is not at the start of the read
+        (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok", "1.0"),
+    ],
+)
+@pytest.mark.parametrize("pattern", ["whole", "split", "bytewise"])
+def test_response_version_whatever_the_reads(data: bytes, version: str, pattern: str) -> None:
+    # read from the first bytes of the response when its status line starts them, else
+    # asked of llhttp: both must agree
+    chunks = {"whole": [data], "split": [data[:5], data[5:]], "bytewise": bytewise(data)}
+    _, rec = feed_response(chunks[pattern])
+    assert [h.version for h in rec.heads] == [version]
+
+
+def test_the_version_of_each_response_on_a_reused_parser() -> None:
+    rec = ResponseRecorder()
+    parser = ResponseParser(rec)
+    for version in ("1.1", "1.0", "1.1"):
+        parser.expect(b"GET")
+        parser.feed(f"HTTP/{version} 204 No Content\r\nConnection: keep-alive\r\n\r\n".encode())
+    assert [h.version for h in rec.heads] == ["1.1", "1.0", "1.1"]

@@ -39,6 +39,37 @@ def _bad_upstream(detail: str) -> ProxyError:
     return ProxyError(ErrorKind.INVALID_RESPONSE, ErrorSource.UPSTREAM, detail)
 
 
+def _version_at(src: bytes, pos: int, after: int) -> str | None:
+    """``"1.1"`` or ``"1.0"`` if ``src`` holds ``HTTP/1.1`` or ``HTTP/1.0`` at ``pos``,
+    followed by the byte ``after``; else None.
+
+    The parsers read a message's version from the bytes it arrived in when they can:
+    httptools' ``get_http_version()`` formats a new string on every call (~0.13 us).
+    Only a start line llhttp accepted gets here, so a misplaced ``pos`` fails the check:
+    a request line is ``METHOD SP target SP version CR`` and no CR precedes its end; a
+    status line starts with its version (``pos`` 0), which no other byte sequence of an
+    accepted line matches at offset 0 but itself.
+    """
+    if pos < 0 or pos + 9 > len(src) or src[pos + 8] != after:
+        return None
+    if (
+        src[pos] != 0x48  # H
+        or src[pos + 1] != 0x54  # T
+        or src[pos + 2] != 0x54  # T
+        or src[pos + 3] != 0x50  # P
+        or src[pos + 4] != 0x2F  # /
+        or src[pos + 5] != 0x31  # 1
+        or src[pos + 6] != 0x2E  # .
+    ):
+        return None
+    minor = src[pos + 7]
+    if minor == 0x31:
+        return "1.1"
+    if minor == 0x30:
+        return "1.0"
+    return None
+
+
 class RequestHandler(Protocol):
     """What a :class:`RequestParser` reports to."""
 
@@ -105,6 +136,7 @@ class RequestParser:
         "_head_limit",
         "_manual_body",
         "_feeding",
+        "_line_src",
     )
 
     def __init__(self, handler: RequestHandler, limits: RequestLimits | None = None) -> None:
@@ -132,6 +164,9 @@ class RequestParser:
         # inside feed(): a handler that completes a response from a callback must not
         # hand this parser on while the rest of the bytes are still being parsed
         self._feeding = False
+        # the bytes the current message began in, when it began at their start: its
+        # request line (and so its version) is usually there
+        self._line_src: bytes | None = None
 
     @property
     def in_message(self) -> bool:
@@ -184,6 +219,8 @@ class RequestParser:
         self._bound = partial + len(data)
         if not self._in_body:
             self._head_bytes = partial + len(data)
+            if not self._in_head:
+                self._line_src = data
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -272,7 +309,13 @@ class RequestParser:
         head_bytes = self._bound
         self._head_bytes = 0
         parser = self._parser
-        version = parser.get_http_version()
+        method = parser.get_method()
+        src = self._line_src
+        self._line_src = None
+        found = None
+        if src is not None:  # "METHOD SP target SP HTTP/1.1 CR LF" from its start
+            found = _version_at(src, len(method) + len(self._url) + 2, 0x0D)
+        version = found if found is not None else parser.get_http_version()
         if version != "1.1" and version != "1.0":
             if version.startswith("0."):
                 self._error = _bad(f"unsupported HTTP version {version}")
@@ -330,7 +373,7 @@ class RequestParser:
                 self._error = _bad("an Upgrade request with a chunked body is not supported")
                 raise self._error
             self._manual_body = content_length
-        head = RequestHeader(parser.get_method(), self._url, headers, version)
+        head = RequestHeader(method, self._url, headers, version)
         self._handler.on_request_head(head, body_kind, content_length)
 
     def on_body(self, data: bytes) -> None:
@@ -464,6 +507,8 @@ class ResponseParser:
         "_head_bytes",
         "_bound",
         "_error",
+        "_line_src",
+        "_first_read",
         "upgraded_rest",
         "complete",
         "keep_alive",
@@ -485,6 +530,9 @@ class ResponseParser:
         # an upper bound of the size of any head completed during the current feed
         self._bound = 0
         self._error: ProxyError | None = None
+        # the first bytes read for the expected response (its status line starts them)
+        self._line_src: bytes | None = None
+        self._first_read = False
         #: bytes that followed a 101 response head (tunnel data), else ``None``
         self.upgraded_rest: bytes | None = None
         #: True when no response is in progress (none expected yet, or the last one ended)
@@ -497,12 +545,16 @@ class ResponseParser:
         self._head_only = method in _BODY_METHODS_NO_RESPONSE_BODY
         self.complete = False
         self._head_buf = b""
+        self._first_read = True
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; raise ``ProxyError`` (502) on an invalid response."""
         if self._head_only:
             self._feed_head_only(data)
             return
+        if self._first_read:
+            self._first_read = False
+            self._line_src = data
         partial = self._head_bytes
         self._bound = partial + len(data)
         if not self._in_body:
@@ -607,6 +659,8 @@ class ResponseParser:
         self._head_bytes = 0
         parser = self._parser
         status = parser.get_status_code()
+        src = self._line_src
+        self._line_src = None
         if status < 200 and status != 101:
             # interim response: llhttp frames it as bodiless; skip it and keep waiting
             # for the final head (an EOF now is a truncated response)
@@ -647,7 +701,8 @@ class ResponseParser:
         self._body_kind = body_kind
         self._in_body = body_kind != BODY_NONE
         self.keep_alive = body_kind != BODY_CLOSE and parser.should_keep_alive()
-        head = ResponseHeader(status, headers, self._status, parser.get_http_version())
+        found = _version_at(src, 0, 0x20) if src is not None else None  # "HTTP/1.1 200"
+        head = ResponseHeader(status, headers, self._status, found or parser.get_http_version())
         self._handler.on_response_head(head, body_kind)
 
     def on_body(self, data: bytes) -> None:
