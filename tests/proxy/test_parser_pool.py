@@ -111,3 +111,40 @@ def test_a_burst_of_new_connections_shares_a_few_parsers(origin, start_proxy) ->
     finally:
         for client in clients:
             client.close()
+
+
+def test_connection_close_in_trailers_closes_and_poisons_no_pooled_parser(
+    origin, start_proxy
+) -> None:
+    # llhttp ends the stream at a "Connection: close" trailer although the head said
+    # keep-alive: this connection closes after its response, and its parser (which would
+    # refuse any further byte) never serves another client
+    harness = start_proxy(Forward(origin.address))
+    with RawClient(harness.port) as closer, RawClient(harness.port) as other:
+        closer.send(
+            b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"1\r\na\r\n0\r\nConnection: close\r\n\r\n"
+        )
+        resp = closer.read_response("POST")
+        assert (resp.status, resp.body, resp.header("connection")) == (200, b"a", "close")
+        assert closer.read_to_eof() == b""
+        assert _parsers_after_a_sweep(harness) == [None]
+        for _ in range(3):
+            assert other.request("GET", "/headers", headers=[("Host", "v")]).status == 200
+
+
+def test_empty_lines_between_requests_count_towards_no_later_head(origin, start_proxy) -> None:
+    # 64,000 bytes of CRLF between requests (ignored, as RFC 9112 §2.2 allows) must not
+    # count towards the head size limit of the next request on any connection
+    harness = start_proxy(Forward(origin.address))
+    with RawClient(harness.port) as spacer, RawClient(harness.port) as other:
+        assert spacer.request("GET", "/headers").status == 200
+        for _ in range(4):
+            spacer.send(b"\r\n" * 8000)
+            time.sleep(0.01)
+        assert _parsers_after_a_sweep(harness) == [None, None]
+        for client in (other, spacer):
+            client.send(b"GET /headers HTTP/1.1\r\n")
+            time.sleep(0.05)
+            client.send(b"Host: v\r\n\r\n")
+            assert client.read_response().status == 200

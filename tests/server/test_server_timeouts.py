@@ -136,6 +136,18 @@ def test_partial_second_request_on_keepalive_gets_408(proxy) -> None:  # type: i
     assert 0.3 <= elapsed < 3.0
 
 
+def test_partial_head_pipelined_with_a_request_gets_408(proxy) -> None:  # type: ignore[no-untyped-def]
+    # the second head starts in the same write as the first request: its header timeout
+    # runs from when the first response is done, not never
+    with RawClient(proxy.port, timeout=5) as client:
+        client.send(request_bytes("/") + b"GET / HTTP/1.1\r\nHo")
+        first = client.read_response()
+        assert first.status == 200
+        data, elapsed = read_all_until_close(client)
+    assert data.startswith(b"HTTP/1.1 408 ")
+    assert 0.3 <= elapsed < 3.0
+
+
 def test_client_not_reading_the_response_is_dropped(
     origin: OriginServer, start_proxy: StartHarness
 ) -> None:

@@ -137,6 +137,7 @@ class RequestParser:
         "_manual_body",
         "_feeding",
         "_line_src",
+        "_closing",
     )
 
     def __init__(self, handler: RequestHandler, limits: RequestLimits | None = None) -> None:
@@ -167,6 +168,9 @@ class RequestParser:
         # the bytes the current message began in, when it began at their start: its
         # request line (and so its version) is usually there
         self._line_src: bytes | None = None
+        # llhttp read "Connection: close" in the trailers of the last message: it takes
+        # no further bytes (the head said keep-alive, so the handler must be told)
+        self._closing = False
 
     @property
     def in_message(self) -> bool:
@@ -189,6 +193,7 @@ class RequestParser:
         """
         return not (
             self._feeding
+            or self._closing
             or self._in_head
             or self._in_body
             or self._upgraded
@@ -215,7 +220,8 @@ class RequestParser:
             data = self._feed_manual_body(data)
             if not data:
                 return
-        partial = self._head_bytes
+        # (bytes between messages, such as stray empty lines, count towards no head)
+        partial = self._head_bytes if self._in_head else 0
         self._bound = partial + len(data)
         if not self._in_body:
             self._head_bytes = partial + len(data)
@@ -397,8 +403,18 @@ class RequestParser:
         if trailers is not None:
             self._trailers = None
             self._header_bytes = 0
+            # a Connection: close in the trailers ends the stream (llhttp's verdict, which
+            # it reports only inside this callback)
+            if not self._parser.should_keep_alive():
+                self._closing = True
         self._body_bytes = 0
         self._handler.on_request_end(Headers._wrap(trailers) if trailers else None)
+
+    @property
+    def closing(self) -> bool:
+        """True once a message ended the stream after its head (``Connection: close`` in
+        its trailers): the connection must close after the response."""
+        return self._closing
 
 
 class _NoHandler:
@@ -461,6 +477,8 @@ class RequestParserPool:
         parser._handler = _NO_HANDLER
         parser._url = b""
         parser._headers = _NO_HEADERS
+        parser._head_bytes = 0
+        parser._line_src = None
         if len(self._free) < self._cap:
             self._free.append(parser)
         return True

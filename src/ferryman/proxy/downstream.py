@@ -287,6 +287,9 @@ class H1Downstream(asyncio.Protocol):
 
     def on_request_end(self, trailers: Headers | None) -> None:
         receiving = self.receiving
+        parser = self.parser
+        if parser is not None and parser.closing:
+            self.draining = True  # "Connection: close" in the trailers: close after it
         if receiving is not None:
             self.receiving = None
             self.deadline = 0.0
@@ -426,6 +429,8 @@ class H1Downstream(asyncio.Protocol):
         parser = self.parser
         if parser is None:
             self.deadline = self._sweep.now + self._options.keepalive_timeout
+        elif parser.head_started:  # the next request's head began with this one's
+            self.deadline = self._sweep.now + self._options.header_read_timeout
         elif not parser.in_message:
             self.deadline = self._sweep.now + self._options.keepalive_timeout
             if not self._idle_listed:

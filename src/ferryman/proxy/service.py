@@ -65,10 +65,11 @@ class HttpProxyService:
         self.loop = loop
         self.sweep = sweep_for(loop)
         self.connector = Connector(loop)
-        self.plan = RequestPlan(self.proxy, self.options, self.connector)
         self.sweep.on_tick(self.parsers.reclaim)
         self.running = True
         self.proxy.worker_start(self)
+        # after worker_start, which may still change the proxy's hooks or the options
+        self.plan = RequestPlan(self.proxy, self.options, self.connector)
 
     def protocol_factory(self, listener: Listener | None = None) -> Callable[[], asyncio.Protocol]:
         """A factory of client-connection protocols for ``loop.create_server``."""
