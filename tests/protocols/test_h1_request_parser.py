@@ -653,3 +653,10 @@ def test_an_unsupported_version_is_still_refused_on_the_fast_path() -> None:
     assert status_for(err) == 505
     err, _ = request_error([b"GET / HTTP/0.9\r\nHost: a\r\n\r\n"])
     assert status_for(err) == 400
+
+
+def test_transfer_encoding_in_http10_is_400() -> None:
+    # RFC 9112 §6.1: the framing of an HTTP/1.0 message with Transfer-Encoding is faulty
+    err, rec = request_error([b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
+    assert status_for(err) == 400
+    assert rec.heads == []

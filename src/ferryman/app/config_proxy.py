@@ -591,6 +591,10 @@ class ConfigProxy(ProxyHttp):
         path: bytes | None
         if end >= 0:  # the common case, match_path's fast path inlined
             path = raw if end == len(raw) else raw[:end]
+        elif raw == b"*":
+            if req.raw_method != b"OPTIONS":
+                return _BAD_TARGET  # asterisk-form is for OPTIONS only (RFC 9112 §3.2.4)
+            path = raw
         elif req.raw_method == b"CONNECT":
             path = None  # authority-form: routed on host alone (tunnels need allow_connect)
         elif not to_origin_form(req):

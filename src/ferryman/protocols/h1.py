@@ -358,6 +358,11 @@ class RequestParser:
         headers = Headers._wrap(items)
         content_length = 0
         if te is not None:
+            if version == "1.0":
+                # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty
+                # framing (a 1.0 recipient downstream may read it by Content-Length)
+                self._error = _bad("Transfer-Encoding in an HTTP/1.0 request")
+                raise self._error
             # llhttp refuses CL+TE itself, but a coding list not ending in chunked only
             # once it reads the body: refuse it here, before the head is reported
             if te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
