@@ -12,11 +12,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from origin import OriginServer
+from origin import OriginServer, free_port
 from rawhttp import RawSocket, TcpServer
 
 START_TIMEOUT = 10.0
@@ -147,6 +148,17 @@ def start_ferryman(workdir: Path, yaml_text: str, port: int) -> ProxyProcess:
 
 StartFerryman = Callable[..., ProxyProcess]
 """The ``ferryman`` fixture: ``start(upstream_address, **config_yaml_kwargs)``."""
+
+
+@contextmanager
+def ferryman_in_front_of(upstream: str, workdir: Path, **config: str) -> Iterator[ProxyProcess]:
+    """A ``ferryman run`` process on a free port proxying to ``upstream``; stopped after."""
+    port = free_port()
+    proxy = start_ferryman(workdir, config_yaml(port, upstream, **config), port)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 @dataclass

@@ -14,12 +14,9 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from e2e_util import ProxyProcess, RawConn, ScriptedOrigin, config_yaml, start_ferryman
-
-from origin import free_port
+from e2e_util import ProxyProcess, RawConn, ScriptedOrigin, ferryman_in_front_of
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -126,11 +123,9 @@ class FaultOrigin:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, FaultOrigin]]:
     origin = FaultOrigin()
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("ferryman-faults")
-    proxy = start_ferryman(workdir, config_yaml(port, origin.address, read="1s"), port)
-    yield proxy, origin
-    proxy.stop()
+    workdir = tmp_path_factory.mktemp("ferryman-faults")
+    with ferryman_in_front_of(origin.address, workdir, read="1s") as proxy:
+        yield proxy, origin
     origin.stop()
 
 

@@ -17,13 +17,10 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import h11
 import pytest
-from e2e_util import ProxyProcess, RawConn, ScriptedOrigin, config_yaml, start_ferryman
-
-from origin import free_port
+from e2e_util import ProxyProcess, RawConn, ScriptedOrigin, ferryman_in_front_of
 
 
 @dataclass
@@ -112,11 +109,9 @@ class RecordingOrigin:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, RecordingOrigin]]:
     origin = RecordingOrigin()
-    port = free_port()
-    workdir: Path = tmp_path_factory.mktemp("ferryman-smuggling")
-    proxy = start_ferryman(workdir, config_yaml(port, origin.address), port)
-    yield proxy, origin
-    proxy.stop()
+    workdir = tmp_path_factory.mktemp("ferryman-smuggling")
+    with ferryman_in_front_of(origin.address, workdir) as proxy:
+        yield proxy, origin
     origin.stop()
 
 
