@@ -163,3 +163,44 @@ def test_a_flood_of_idle_connections_is_closed_by_the_timeouts(
     fds = _settled_fds(proxy, baseline)
     assert prober.failures == [], prober.failures[:5]
     assert fds <= baseline + 5, (baseline, fds)
+
+
+def test_a_connection_flood_leaves_nothing_behind(proxy: ProxyProcess) -> None:
+    # two threads open connections as fast as they can for 3 s: a third close at once, a
+    # third send half a head and leave, a third make a full request and leave mid-response
+    baseline = _worker_fds(proxy)
+    counts = [0, 0]
+    stop = time.monotonic() + 3
+
+    def flood(slot: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            try:
+                conn = RawConn(proxy.port, timeout=2)
+                if i % 3 == 1:
+                    conn.send(b"GET / HTTP/1.1\r\nHo")
+                elif i % 3 == 2:
+                    conn.send(b"GET /big?size=1000000 HTTP/1.1\r\nHost: a\r\n\r\n")
+                    conn.sock.recv(100)
+                conn.close()
+                counts[slot] += 1
+            except OSError:
+                pass  # the accept backlog is full for a moment: the flood goes on
+            i += 1
+
+    with Prober(proxy.port) as prober:
+        threads = [threading.Thread(target=flood, args=(n,)) for n in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+    fds = _settled_fds(proxy, baseline)
+    lat = sorted(prober.latencies)
+    p99 = lat[int(len(lat) * 0.99)]
+    print(f"\nflood: {sum(counts)} connections in 3 s, {len(lat)} probe requests, "
+          f"p50 {lat[len(lat) // 2] * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms; "
+          f"worker fds {baseline} -> {fds}")
+    assert sum(counts) > 1000
+    assert prober.failures == [], prober.failures[:5]
+    assert p99 < 0.5
+    assert fds <= baseline + 5, (baseline, fds)
