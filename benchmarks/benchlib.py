@@ -162,6 +162,29 @@ def raise_on_sigterm(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def guarded_main(run: Callable[[], int], cleanup_note: str) -> int:
+    """Run a benchmark's ``run()`` with cleanup on every exit: SIGTERM/SIGHUP become
+    exceptions, errors map to exit codes (2 setup error, 130 Ctrl-C, 128+n signal), and
+    every started process is stopped. ``cleanup_note`` says what was cleaned up."""
+    signal.signal(signal.SIGTERM, raise_on_sigterm)
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
+        signal.signal(signal.SIGHUP, raise_on_sigterm)
+    try:
+        return run()
+    except BenchError as exc:
+        log(f"error: {exc}")
+        return 2
+    except KeyboardInterrupt:
+        log(f"interrupted; {cleanup_note}")
+        return 130
+    except SystemExit as exc:
+        if isinstance(exc.code, int) and exc.code >= 128:
+            log(f"terminated by signal {exc.code - 128}; {cleanup_note}")
+        raise
+    finally:
+        Managed.stop_all()
+
+
 # --------------------------------------------------------------------------------------------
 # /proc helpers
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -62,10 +61,10 @@ from benchlib import (
     ferryman_command,
     fmt_lat,
     free_ports,
+    guarded_main,
     log,
     one_line,
     open_idle_connections,
-    raise_on_sigterm,
     ratio,
     render_config,
     rss_bytes,
@@ -586,19 +585,7 @@ def _jsonable(r: ProxyResult) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse options, install signal handlers, run, map errors to exit codes."""
     args = parse_args(argv)
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
-        signal.signal(signal.SIGHUP, raise_on_sigterm)
-    try:
-        return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; all started processes were stopped")
-        return 130
-    finally:
-        Managed.stop_all()
+    return guarded_main(lambda: run(args), "all started processes were stopped")
 
 
 if __name__ == "__main__":

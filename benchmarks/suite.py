@@ -29,7 +29,6 @@ import platform
 import resource
 import shlex
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -58,11 +57,11 @@ from benchlib import (
     ferryman_command,
     fmt_lat,
     free_ports,
+    guarded_main,
     log,
     one_line,
     open_idle_connections,
     process_tree,
-    raise_on_sigterm,
     render_config,
     rss_bytes,
     serving_pid,
@@ -1962,23 +1961,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         print(list_scenarios())
         return 0
-    signal.signal(signal.SIGTERM, raise_on_sigterm)
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # respect nohup
-        signal.signal(signal.SIGHUP, raise_on_sigterm)
-    try:
-        return run(args)
-    except BenchError as exc:
-        log(f"error: {exc}")
-        return 2
-    except KeyboardInterrupt:
-        log("interrupted; all started processes were stopped and the temp dir removed")
-        return 130
-    except SystemExit as exc:
-        if isinstance(exc.code, int) and exc.code >= 128:
-            log(f"terminated by signal {exc.code - 128}; all started processes were stopped")
-        raise
-    finally:
-        Managed.stop_all()
+    note = "all started processes were stopped and the temp dir removed"
+    return guarded_main(lambda: run(args), note)
 
 
 if __name__ == "__main__":
