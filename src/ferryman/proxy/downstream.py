@@ -199,10 +199,8 @@ class H1Downstream(asyncio.Protocol):
             return
         parser = self.parser
         if parser is None:
-            parser = self.parser = self._parsers.take(self)
-            if self.active is None:
-                self.deadline = self._sweep.now + self._options.header_read_timeout
-        elif self.active is None and not (parser._in_head or parser._in_body):
+            parser = self.parser = self._parsers.take(self)  # (between messages)
+        if self.active is None and not (parser._in_head or parser._in_body):
             self.deadline = self._sweep.now + self._options.header_read_timeout
         try:
             parser.feed(data)
