@@ -36,6 +36,7 @@ class ErrorKind(enum.Enum):
     BODY_TOO_LARGE = "body_too_large"
     VERSION_NOT_SUPPORTED = "version_not_supported"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    NOT_IMPLEMENTED = "not_implemented"
     HEADER_READ_TIMEOUT = "header_read_timeout"
     BODY_READ_TIMEOUT = "body_read_timeout"
     WRITE_TIMEOUT = "write_timeout"
@@ -108,6 +109,7 @@ _STATUS: Final[dict[ErrorKind, int]] = {
     ErrorKind.BODY_TOO_LARGE: 413,
     ErrorKind.VERSION_NOT_SUPPORTED: 505,
     ErrorKind.METHOD_NOT_ALLOWED: 405,
+    ErrorKind.NOT_IMPLEMENTED: 501,
     ErrorKind.HEADER_READ_TIMEOUT: 408,
     ErrorKind.BODY_READ_TIMEOUT: 408,
     ErrorKind.WRITE_TIMEOUT: 408,

@@ -204,6 +204,9 @@ class RequestParser:
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; report events to the handler; raise ``ProxyError`` on bad input."""
+        error = self._error
+        if error is not None:  # (an error found outside llhttp leaves llhttp parsing)
+            raise error
         self._feeding = True
         try:
             self._feed(data)
@@ -246,10 +249,32 @@ class RequestParser:
                 kind = ErrorKind.VERSION_NOT_SUPPORTED
                 raise _bad(f"unsupported HTTP version: {exc}", kind) from None
             raise _bad(f"malformed request: {exc}") from None
-        if self._in_head and self._head_bytes > self._head_limit:
-            if not self._headers and len(self._url) > self._limits.max_request_line:
-                raise _bad("request line too long", ErrorKind.REQUEST_LINE_TOO_LONG)
-            raise _bad("request header section too large", ErrorKind.HEADERS_TOO_LARGE)
+        if self._in_head:
+            if self._head_bytes < 0:
+                self._head_bytes = self._partial_head_bound(data)
+            if self._head_bytes > self._head_limit:
+                if not self._headers and len(self._url) > self._limits.max_request_line:
+                    self._error = _bad("request line too long", ErrorKind.REQUEST_LINE_TOO_LONG)
+                else:
+                    self._error = _bad(
+                        "request header section too large", ErrorKind.HEADERS_TOO_LARGE
+                    )
+                raise self._error
+
+    def _partial_head_bound(self, data: bytes) -> int:
+        """An upper bound of the size of a head that began inside ``data`` (after an
+        earlier message ended there) and is still incomplete.
+
+        The bytes fed bound a head that began with a read; this one began mid-read. It is
+        its request line (over-counted while that is incomplete, by at most the line
+        itself) plus its complete fields plus the line in progress, which starts after the
+        last LF in ``data`` or, if none is there, spans all of it.
+        """
+        size = len(data) - (data.rfind(b"\n") + 1)
+        size += len(self._parser.get_method() or b"") + len(self._url) + 12
+        for name, value in self._headers:
+            size += len(name) + len(value) + 4
+        return size
 
     def _feed_manual_body(self, data: bytes) -> bytes:
         """Pass on body bytes of an ignored upgrade; return what follows the body."""
@@ -285,6 +310,9 @@ class RequestParser:
         self._in_head = True
         self._url = b""
         self._headers = []
+        # where in the read this head began is unknown: if the read ends inside it, _feed
+        # bounds its size from what was parsed (_partial_head_bound)
+        self._head_bytes = -1
 
     def on_url(self, url: bytes) -> None:
         url = self._url + url if self._url else url
@@ -295,7 +323,11 @@ class RequestParser:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if value and value[-1] in _OWS:
-            value = value.rstrip(b" \t")  # RFC 9112 §5: trailing whitespace is not value
+            stripped = value.rstrip(b" \t")  # RFC 9112 §5: trailing whitespace is not value
+            # except a HTAB after a Transfer-Encoding, which llhttp refuses once the head
+            # was reported: kept, so that the head is refused first (_transfer_coding_error)
+            if not (len(name) == 17 and b"\t" in value and name.lower() == b"transfer-encoding"):
+                value = stripped
         if self._in_head:
             # sizes and counts are checked once the head is complete (or, for a head
             # still incomplete, by the bytes fed so far), not per header
@@ -343,7 +375,12 @@ class RequestParser:
                 elif lname == b"content-length":
                     cl = value
                 elif lname == b"transfer-encoding":
-                    te = value
+                    te = value if te is None else te + b"," + value
+                elif lname == b"content_length" or lname == b"transfer_encoding":
+                    # a server that maps "_" to "-" (CGI, WSGI) would read a second framing
+                    # header that this proxy ignores: refuse the look-alike outright
+                    self._error = _bad(f"invalid header name {name.decode('latin-1')}")
+                    raise self._error
         limits = self._limits
         # the bytes read for this head bound its size: count precisely only when needed
         if (
@@ -363,11 +400,11 @@ class RequestParser:
                 # framing (a 1.0 recipient downstream may read it by Content-Length)
                 self._error = _bad("Transfer-Encoding in an HTTP/1.0 request")
                 raise self._error
-            # llhttp refuses CL+TE itself, but a coding list not ending in chunked only
-            # once it reads the body: refuse it here, before the head is reported
-            if te.rsplit(b",", 1)[-1].strip().lower() != b"chunked":
-                self._error = _bad("Transfer-Encoding must end with chunked")
-                raise self._error
+            if te.lower() != b"chunked":
+                error = _transfer_coding_error(te)
+                if error is not None:
+                    self._error = error
+                    raise error
             body_kind = BODY_CHUNKED
         elif cl is not None:
             content_length = int(cl)
@@ -439,6 +476,31 @@ class _NoHandler:
 
 
 _NO_HANDLER: Final = _NoHandler()
+
+
+def _transfer_coding_error(te: bytes) -> ProxyError | None:
+    """The error for a request's Transfer-Encoding list (all its field lines joined), or
+    None when it is ``chunked`` alone (with optional spaces around it).
+
+    llhttp refuses CL+TE itself, but some bad lists only once it reads the body, after the
+    head was reported: every verdict is made here, before. RFC 9112 §6.1 and §6.3: chunked
+    must be the final coding and appear once (else 400); a coding this proxy does not
+    implement gets 501, as nginx answers. llhttp refuses OWS other than SP around a coding,
+    so a HTAB is refused here too (400), keeping one verdict for the head.
+    """
+    if b"\t" in te:
+        return _bad("invalid Transfer-Encoding")
+    # (empty list elements are allowed and ignored: RFC 9110 §5.6.1)
+    codings = [c for c in (c.strip(b" ").lower() for c in te.split(b",")) if c]
+    if not codings or codings[-1] != b"chunked" or codings.count(b"chunked") > 1:
+        return _bad("Transfer-Encoding must end with chunked, once")
+    if len(codings) == 1:
+        return None
+    return ProxyError(
+        ErrorKind.NOT_IMPLEMENTED,
+        ErrorSource.DOWNSTREAM,
+        "transfer coding not implemented: " + te.decode("latin-1"),
+    )
 
 
 class RequestParserPool:
