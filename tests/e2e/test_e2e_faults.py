@@ -89,6 +89,11 @@ class FaultOrigin:
                 conn.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n")
                 time.sleep(0.2)
                 conn.close()
+            elif fault == b"too-many-headers":  # 150 small fields: 1.4 KB, past 100 fields
+                fields = b"".join(b"X-%d: 1\r\n" % i for i in range(150))
+                conn.sendall(b"HTTP/1.1 200 OK\r\n" + fields + b"Content-Length: 2\r\n\r\nok")
+                time.sleep(0.2)
+                conn.close()
             elif fault == b"invalid-header":
                 conn.sendall(b"HTTP/1.1 200 OK\r\nBad Header: x\r\nContent-Length: 2\r\n\r\nok")
                 time.sleep(0.2)
@@ -141,6 +146,7 @@ BEFORE_HEAD = [
     ("reset-mid-head", 502),
     ("garbage", 502),
     ("head-too-large", 502),
+    ("too-many-headers", 502),
     ("invalid-header", 502),
     ("stall", 504),
     ("drip", 504),
@@ -200,3 +206,15 @@ def test_a_body_longer_than_its_length_is_cut_and_the_connection_not_pooled(rig)
             conn.send(b"GET /ok HTTP/1.1\r\nHost: a\r\n\r\n")
             assert conn.read_response().body == b"ok"
     assert origin.reuse_after_fault() == []
+
+
+def test_an_upstream_that_refuses_connections_gets_502(tmp_path) -> None:
+    with socket.socket() as s:  # a port nobody listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+        with ferryman_in_front_of(dead, tmp_path) as proxy, RawConn(proxy.port, timeout=8) as conn:
+            for _ in range(2):  # the client connection stays usable after each 502
+                conn.send(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+                resp = conn.read_response()
+                assert resp.status == 502
+                assert b"Connection refused" in resp.body, resp.body

@@ -340,6 +340,25 @@ def test_response_head_too_large_in_one_read_is_502(method: bytes) -> None:
     assert info.value.kind is ErrorKind.INVALID_RESPONSE
 
 
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize(("fields", "ok"), [(99, True), (100, False)])
+def test_more_than_100_response_header_fields_is_502(method: bytes, fields: int, ok: bool) -> None:
+    # with Content-Length, 99 + 1 fields is the limit (HAProxy's default is 101)
+    data = (
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-%d: 1\r\n" % i for i in range(fields))
+        + b"Content-Length: 0\r\n\r\n"
+    )
+    if ok:
+        _, rec = feed_response([data], method=method)
+        assert len(rec.heads[0].headers) == 100
+        return
+    with pytest.raises(ProxyError) as info:
+        feed_response([data], method=method)
+    assert info.value.kind is ErrorKind.INVALID_RESPONSE
+    assert status_for(info.value) == 502
+
+
 def test_http10_response_version_is_reported() -> None:
     _, rec = feed_response([b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\na"])
     assert rec.events[0][3] == "1.0"

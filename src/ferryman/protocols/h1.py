@@ -574,7 +574,9 @@ class ResponseParser:
     response (headers only, whatever its Content-Length) is framed right; bytes that
     arrive when no response is expected (after the last one ended) are an error. Interim 1xx
     responses other than 101 are skipped. At end of stream call :meth:`feed_eof`: it ends
-    a close-delimited body, and reports a truncated one as an error.
+    a close-delimited body, and reports a truncated one as an error. A head of more than
+    ``max_head`` bytes or ``max_headers`` fields is an error too (502), as in HAProxy, whose
+    default is 101 fields.
     """
 
     __slots__ = (
@@ -589,6 +591,7 @@ class ResponseParser:
         "_head_only",
         "_head_buf",
         "_max_head",
+        "_max_headers",
         "_head_bytes",
         "_bound",
         "_error",
@@ -599,7 +602,9 @@ class ResponseParser:
         "keep_alive",
     )
 
-    def __init__(self, handler: ResponseHandler, max_head: int = 65536) -> None:
+    def __init__(
+        self, handler: ResponseHandler, max_head: int = 65536, max_headers: int = 100
+    ) -> None:
         self._handler = handler
         self._parser = httptools.HttpResponseParser(self)
         self._status = b""
@@ -611,6 +616,7 @@ class ResponseParser:
         self._head_only = False
         self._head_buf = b""
         self._max_head = max_head
+        self._max_headers = max_headers
         self._head_bytes = 0
         # an upper bound of the size of any head completed during the current feed
         self._bound = 0
@@ -676,6 +682,10 @@ class ResponseParser:
             raise _bad_upstream(f"invalid response from upstream: {exc}") from None
         if sub.status_code is None:
             raise _bad_upstream("invalid response head from upstream")
+        if len(sub.headers) > self._max_headers:
+            raise _bad_upstream(
+                f"upstream response has more than {self._max_headers} header fields"
+            )
         if 100 <= sub.status_code < 200:
             # interim response to a HEAD: skip it and keep looking for the final one
             if rest:
@@ -769,6 +779,11 @@ class ResponseParser:
             sum(len(n) + len(v) + 4 for n, v in items) > self._max_head
         ):
             self._error = _bad_upstream("upstream response head too large")
+            raise self._error
+        if len(items) > self._max_headers:
+            self._error = _bad_upstream(
+                f"upstream response has more than {self._max_headers} header fields"
+            )
             raise self._error
         headers = Headers._wrap(items)
         if status == 101 or status == 204 or status == 304:
