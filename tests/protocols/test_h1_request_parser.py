@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from h1_recorders import RequestRecorder, bytewise, feed_request, merged, request_error
 
@@ -719,3 +721,68 @@ def test_transfer_encoding_in_http10_is_400() -> None:
     err, rec = request_error([b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"])
     assert status_for(err) == 400
     assert rec.heads == []
+
+
+# --- the header-size limit, however the reads cut the heads ------------------------------
+
+_FIRST = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+_POST = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3000\r\n\r\n" + b"b" * 3000
+
+
+def _outcome(chunks: list[bytes]) -> int | None:
+    parser = RequestParser(RequestRecorder())
+    try:
+        for c in chunks:
+            parser.feed(c)
+    except ProxyError as exc:
+        return status_for(exc)
+    return None
+
+
+def test_a_big_field_whose_read_ends_at_its_line_end_is_431() -> None:
+    # httptools reports a field only when the next begins: the read that ends right after
+    # it must still count it, for a head that began with the read and one that began in it
+    big = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 100_000 + b"\r\n"
+    assert _outcome([big, b"\r\n"]) == 431
+    assert _outcome([_FIRST + big, b"\r\n"]) == 431
+    assert _outcome([_FIRST + big + b"\r", b"\n"]) == 431
+
+
+def test_a_head_pipelined_after_a_large_body_is_not_counted_with_the_body() -> None:
+    post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 50000\r\n\r\n" + b"b" * 50_000
+    assert _outcome([post + b"GET / HT", b"TP/1.1\r\nHost: a\r\n\r\n"]) is None
+
+
+def test_a_near_limit_head_split_in_its_request_line_is_accepted() -> None:
+    fields = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 240) for i in range(99))
+    head = b"GET /" + b"u" * 7990 + b" HTTP/1.1\r\nHost: a\r\n" + fields + b"\r\n"
+    assert _outcome([head[:8000], head[8000:-2], head[-2:]]) is None
+    assert _outcome([_FIRST + head[:8000], head[8000:-2], head[-2:]]) is None
+
+
+def _head_of_field_bytes(total: int, count: int) -> bytes:
+    """A request head whose fields take exactly ``total`` bytes (name + value + 4 each)."""
+    fields = [(b"Host", b"a")]
+    size = 9
+    for i in range(count):
+        name = b"X-%d" % i
+        fields.append((name, b"v"))
+        size += len(name) + 5
+    name, value = fields[1]
+    fields[1] = (name, value + b"w" * (total - size))
+    return b"GET /x HTTP/1.1\r\n" + b"".join(n + b": " + v + b"\r\n" for n, v in fields) + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "prefix", [b"", _FIRST, _POST, _FIRST * 3], ids=["alone", "after-get", "after-body", "after-3"]
+)
+def test_max_header_bytes_holds_exactly_however_the_reads_cut(prefix: bytes) -> None:
+    limit = RequestLimits().max_header_bytes
+    rng = random.Random(5)
+    for _ in range(150):
+        count = rng.randrange(1, 60)
+        for total, expected in ((limit, None), (limit + 1, 431)):
+            data = prefix + _head_of_field_bytes(total, count)
+            cuts = sorted(rng.randrange(1, len(data)) for _ in range(rng.randrange(1, 5)))
+            chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+            assert _outcome(chunks) == expected, (total, count, cuts)

@@ -129,6 +129,7 @@ class RequestParser:
         "_in_head",
         "_in_body",
         "_body_bytes",
+        "_feed_body",
         "_trailers",
         "_error",
         "_upgraded",
@@ -153,6 +154,8 @@ class RequestParser:
         self._in_head = False
         self._in_body = False
         self._body_bytes = 0
+        # body bytes passed on during the current feed (to bound a head begun mid-read)
+        self._feed_body = 0
         self._trailers: list[HeaderPair] | None = None
         self._error: ProxyError | None = None
         self._upgraded = False
@@ -226,6 +229,7 @@ class RequestParser:
         # (bytes between messages, such as stray empty lines, count towards no head)
         partial = self._head_bytes if self._in_head else 0
         self._bound = partial + len(data)
+        self._feed_body = 0
         if not self._in_body:
             self._head_bytes = partial + len(data)
             if not self._in_head:
@@ -262,19 +266,31 @@ class RequestParser:
                 raise self._error
 
     def _partial_head_bound(self, data: bytes) -> int:
-        """An upper bound of the size of a head that began inside ``data`` (after an
-        earlier message ended there) and is still incomplete.
+        """An upper bound of the size of a head that began inside ``data`` after an earlier
+        message ended there, and is still incomplete.
 
-        The bytes fed bound a head that began with a read; this one began mid-read. It is
-        its request line (over-counted while that is incomplete, by at most the line
-        itself) plus its complete fields plus the line in progress, which starts after the
-        last LF in ``data`` or, if none is there, spans all of it.
+        The bytes fed bound a head that began with a read; this one began mid-read, at an
+        offset llhttp does not tell. Two bounds, the smaller wins: everything in ``data``
+        that was not body; and the head's parts, which are its request line, the fields
+        httptools has reported and the lines in progress. Those start after the last LF
+        in ``data`` or, when ``data`` ends with a line end (CR), after the LF before it:
+        httptools reports a field only when the next one begins. The request line is
+        counted on its own only once complete (a line in progress that starts with the
+        method and a space is the request line itself).
         """
-        size = len(data) - (data.rfind(b"\n") + 1)
-        size += len(self._parser.get_method() or b"") + len(self._url) + 12
+        end = len(data)
+        if end and data[end - 1] == 0x0D:
+            end -= 1
+        if end and data[end - 1] == 0x0A:
+            end -= 1
+        start = data.rfind(b"\n", 0, end) + 1
+        size = len(data) - start
+        method = self._parser.get_method() or b""
+        if not (data.startswith(method, start) and data.startswith(b" ", start + len(method))):
+            size += len(method) + len(self._url) + 12
         for name, value in self._headers:
             size += len(name) + len(value) + 4
-        return size
+        return min(size, len(data) - self._feed_body)
 
     def _feed_manual_body(self, data: bytes) -> bytes:
         """Pass on body bytes of an ignored upgrade; return what follows the body."""
@@ -310,9 +326,11 @@ class RequestParser:
         self._in_head = True
         self._url = b""
         self._headers = []
-        # where in the read this head began is unknown: if the read ends inside it, _feed
-        # bounds its size from what was parsed (_partial_head_bound)
-        self._head_bytes = -1
+        if not self._head_bytes:
+            # a head or a body ended earlier in this read, so where in it this head began
+            # is unknown: if the read ends inside it, _feed bounds its size from what was
+            # parsed (_partial_head_bound). (A read that begins a head sets its length.)
+            self._head_bytes = -1
 
     def on_url(self, url: bytes) -> None:
         url = self._url + url if self._url else url
@@ -425,6 +443,7 @@ class RequestParser:
         self._handler.on_request_head(head, body_kind, content_length)
 
     def on_body(self, data: bytes) -> None:
+        self._feed_body += len(data)
         max_body = self._limits.max_body
         if max_body:
             self._body_bytes += len(data)
