@@ -37,104 +37,13 @@ obs-fold and control bytes are a 400 and the connection closes) and RFC 9112 fra
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import h11
 import pytest
-from e2e_util import ProxyProcess, RawConn, ScriptedOrigin, ferryman_in_front_of
-
-# --- the recording origin -------------------------------------------------------------------
-
-
-@dataclass
-class Seen:
-    """What the origin read since the last :meth:`EchoOrigin.take` (all connections)."""
-
-    #: (method, target, body, headers) of each complete request
-    requests: list[tuple[bytes, bytes, bytes, list[tuple[bytes, bytes]]]] = field(
-        default_factory=list
-    )
-    #: targets of requests whose connection ended before their end
-    partial: list[bytes] = field(default_factory=list)
-    #: h11 errors, each with the start of what was left unparsed
-    errors: list[str] = field(default_factory=list)
-
-
-class EchoOrigin:
-    """Answers every well-framed request with ``200``, ``X-Target`` and its target as body."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.seen = Seen()
-        self.server = ScriptedOrigin(self._handle)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
-
-    def take(self) -> Seen:
-        with self.lock:
-            seen, self.seen = self.seen, Seen()
-        return seen
-
-    def _handle(self, conn: socket.socket) -> None:
-        h = h11.Connection(h11.SERVER)
-        req: h11.Request | None = None
-        body = bytearray()
-        while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                rest = bytes(h.trailing_data[0])[:200]
-                with self.lock:
-                    self.seen.errors.append(f"{exc}; unparsed: {rest!r}")
-                return
-            if event is h11.NEED_DATA:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    if req is not None:
-                        with self.lock:
-                            self.seen.partial.append(bytes(req.target))
-                    return
-                h.receive_data(data)
-            elif isinstance(event, h11.Request):
-                req = event
-                body.clear()
-            elif isinstance(event, h11.Data):
-                body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                assert req is not None
-                target = bytes(req.target)
-                with self.lock:
-                    self.seen.requests.append(
-                        (bytes(req.method), target, bytes(body), list(req.headers))
-                    )
-                req = None
-                head = h11.Response(
-                    status_code=200,
-                    headers=[("X-Target", target), ("Content-Length", str(len(target)))],
-                )
-                out = h.send(head) or b""
-                out += h.send(h11.Data(data=target)) or b""
-                out += h.send(h11.EndOfMessage()) or b""
-                conn.sendall(out)
-                try:
-                    h.start_next_cycle()
-                except h11.LocalProtocolError:
-                    return
-            else:  # ConnectionClosed, or PAUSED after a CONNECT that was not answered
-                return
-
-    def stop(self) -> None:
-        self.server.stop()
-
+from e2e_util import ProxyProcess, RawConn, ferryman_in_front_of
+from h11_origin import H11Origin, Seen
 
 # --- expected outcomes ------------------------------------------------------------------------
 
@@ -840,8 +749,8 @@ STRAYS: list[str] = []
 
 
 @pytest.fixture(scope="module")
-def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, EchoOrigin]]:
-    origin = EchoOrigin()
+def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyProcess, H11Origin]]:
+    origin = H11Origin()
     workdir = tmp_path_factory.mktemp("ferryman-smuggling-mutations")
     with ferryman_in_front_of(origin.address, workdir) as proxy:
         yield proxy, origin
@@ -901,7 +810,7 @@ def _read_replies(conn: RawConn, count: int) -> list[str]:
 
 
 @pytest.mark.parametrize("case", _params())
-def test_mutation(rig: tuple[ProxyProcess, EchoOrigin], case: Case) -> None:
+def test_mutation(rig: tuple[ProxyProcess, H11Origin], case: Case) -> None:
     proxy, origin = rig
     late = _split(origin.take(), -1)  # anything left over belongs to earlier cases
     STRAYS.extend(f"h11 error after its case: {e}" for e in late.errors)
@@ -952,7 +861,7 @@ def test_mutation(rig: tuple[ProxyProcess, EchoOrigin], case: Case) -> None:
     assert all(t == _tag(n, b"p") for t in seen.partial), f"origin saw {seen}; {detail}"
 
 
-def test_no_late_origin_traffic(rig: tuple[ProxyProcess, EchoOrigin]) -> None:
+def test_no_late_origin_traffic(rig: tuple[ProxyProcess, H11Origin]) -> None:
     """Nothing reached the origin after its case was checked (a late smuggled request)."""
     _proxy, origin = rig
     time.sleep(0.2)

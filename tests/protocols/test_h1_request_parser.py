@@ -129,6 +129,13 @@ def test_chunked_without_trailers_reports_none() -> None:
     assert rec.events[1:] == [("body", b"abc"), ("end", None)]
 
 
+def _chunked_post(te: bytes) -> bytes:
+    """A POST with ``te`` as its Transfer-Encoding value and a chunked body "abc"."""
+    return (
+        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + te + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+
+
 @pytest.mark.parametrize(
     "te",
     [b"gzip, chunked", b"cow, chunked", b"identity, chunked", b"gzip,chunked"],
@@ -136,9 +143,7 @@ def test_chunked_without_trailers_reports_none() -> None:
 def test_a_coding_before_chunked_is_not_implemented(te: bytes) -> None:
     # RFC 9112 §6.1: a coding the proxy does not implement gets 501 (as from nginx),
     # before the head is reported: re-framing the body as plain chunked would drop it
-    data = (
-        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + te + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-    )
+    data = _chunked_post(te)
     err, rec = request_error([data])
     assert status_for(err) == 501
     assert err.kind is ErrorKind.NOT_IMPLEMENTED
@@ -146,11 +151,7 @@ def test_a_coding_before_chunked_is_not_implemented(te: bytes) -> None:
 
 
 def test_codings_over_several_field_lines_make_one_list() -> None:
-    data = (
-        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-    )
-    err, rec = request_error([data])
+    err, rec = request_error([_chunked_post(b"gzip\r\nTransfer-Encoding: chunked")])
     assert status_for(err) == 501
     assert rec.events == []
 
@@ -160,9 +161,7 @@ def test_codings_over_several_field_lines_make_one_list() -> None:
     [b"chunked\t", b"chunked, chunked", b"chunked\r\nTransfer-Encoding: chunked", b", ,"],
 )
 def test_chunked_twice_a_trailing_htab_or_no_coding_is_a_bad_request(te: bytes) -> None:
-    data = (
-        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + te + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-    )
+    data = _chunked_post(te)
     err, rec = request_error([data])
     assert status_for(err) == 400
     assert rec.events == []
@@ -170,9 +169,7 @@ def test_chunked_twice_a_trailing_htab_or_no_coding_is_a_bad_request(te: bytes) 
 
 @pytest.mark.parametrize("te", [b", chunked", b"chunked ", b"CHUNKED"])
 def test_empty_list_elements_spaces_and_case_are_ignored(te: bytes) -> None:
-    data = (
-        b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + te + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-    )
+    data = _chunked_post(te)
     _, rec = feed_request([data])
     assert rec.events[0][5] == BODY_CHUNKED
     assert rec.events[1:] == [("body", b"abc"), ("end", None)]
