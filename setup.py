@@ -26,6 +26,7 @@ COMPILED = [
     "src/ferryman/upstream/connector.py",
     "src/ferryman/proxy/options.py",
     "src/ferryman/proxy/plan.py",
+    "src/ferryman/proxy/client.py",
     "src/ferryman/proxy/session.py",
     "src/ferryman/proxy/engine.py",
     "src/ferryman/proxy/downstream.py",

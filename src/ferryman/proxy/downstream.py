@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, Final
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, status_for
 from ferryman.protocols.h1 import BODY_NONE, RequestLimits, RequestParser, RequestParserPool
-from ferryman.protocols.headers import Headers, RequestHeader, reason_phrase
+from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader, reason_phrase
+from ferryman.proxy.client import (
+    PAUSE_BODY,
+    PAUSE_PIPELINE,
+    PAUSE_TUNNEL,
+    PAUSE_UPSTREAM,
+    ClientSide,
+)
 from ferryman.proxy.engine import start_session
 from ferryman.proxy.plan import RequestPlan
 from ferryman.proxy.session import Session, client_closed_error
@@ -108,13 +115,13 @@ class ParserLender:
         return len(self.pool)
 
 
-class H1Downstream(asyncio.Protocol):
+class H1Downstream(asyncio.Protocol, ClientSide):
     """One client connection speaking HTTP/1.0 or HTTP/1.1."""
 
-    PAUSE_PIPELINE = 1
-    PAUSE_BODY = 2
-    PAUSE_UPSTREAM = 4
-    PAUSE_TUNNEL = 8
+    PAUSE_PIPELINE = PAUSE_PIPELINE
+    PAUSE_BODY = PAUSE_BODY
+    PAUSE_UPSTREAM = PAUSE_UPSTREAM
+    PAUSE_TUNNEL = PAUSE_TUNNEL
 
     __slots__ = (
         "service",
@@ -145,6 +152,7 @@ class H1Downstream(asyncio.Protocol):
         "_parsers",
         "_idle_listed",
         "_plan",
+        "multiplexed",
     )
 
     def __init__(self, service: HttpProxyService, listener: Listener | None = None) -> None:
@@ -179,6 +187,7 @@ class H1Downstream(asyncio.Protocol):
         self._to_start: Session | None = None
         self._client_ip: bytes | None = None
         self._sweep = service.sweep
+        self.multiplexed = False
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -318,6 +327,38 @@ class H1Downstream(asyncio.Protocol):
             out += parts
         elif not self.closed:
             self.transport.writelines(parts)  # type: ignore[union-attr]
+
+    def write_head(self, response: ResponseHeader, end_stream: bool) -> None:
+        """Send the serialized response head (the session framed it for HTTP/1.x)."""
+        self.write(response.to_bytes())
+
+    def write_interim(self, status: int) -> None:
+        """Send an interim response head such as ``100 Continue``."""
+        self.write(b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason_phrase(status)))
+
+    def end_response(self, trailers: Headers | None) -> None:
+        """Nothing to do: the session wrote the body's end (last chunk) itself."""
+
+    def peer_ip(self) -> bytes:
+        """The client's IP address as bytes (for X-Forwarded-For)."""
+        return self.client_ip
+
+    def peer_addr(self) -> tuple[Any, ...] | None:
+        """The client's socket address."""
+        return self.client_addr
+
+    def local_addr(self) -> tuple[Any, ...] | None:
+        """The local socket address."""
+        return self.server_addr
+
+    def writable(self) -> bool:
+        """Whether the connection can still be written to."""
+        transport = self.transport
+        return not self.closed and transport is not None and not transport.is_closing()
+
+    def corked(self) -> bool:
+        """Whether writes are being gathered (inside :meth:`cork`)."""
+        return self._out is not None
 
     def cork(self) -> None:
         """Gather writes until the matching :meth:`uncork`, then send them in one go."""

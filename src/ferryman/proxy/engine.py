@@ -149,7 +149,7 @@ def build_upstream_request(session: Session) -> RequestHeader:
             out.append((b"Connection", b"upgrade"))
             out.append((b"Upgrade", upgrade))
     if options.x_forwarded_for:
-        ip = down.client_ip
+        ip = down.peer_ip()
         if ip:
             out.append((b"X-Forwarded-For", xff + b", " + ip if xff else ip))
     if options.x_forwarded_proto:

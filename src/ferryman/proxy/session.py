@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, chunk, last_chunk
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader, reason_phrase
+from ferryman.proxy.client import PAUSE_BODY, PAUSE_UPSTREAM, ClientSide
 from ferryman.upstream.connection import UpstreamConnection, UpstreamSink
 
 if TYPE_CHECKING:
-    from ferryman.proxy.downstream import H1Downstream, TlsInfo
+    from ferryman.proxy.downstream import TlsInfo
     from ferryman.server.listener import Listener
     from ferryman.upstream.peer import HttpPeer
 
@@ -40,7 +41,6 @@ SOURCE_CHUNK: Final = 64 * 1024
 #: Most bytes one pass of the body-source pump sends before yielding to the event loop.
 PUMP_BUDGET: Final = 1024 * 1024
 
-_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class BodySource(Protocol):
@@ -138,7 +138,7 @@ class Session(UpstreamSink):
 
     def __init__(
         self,
-        down: H1Downstream,
+        down: ClientSide,
         head: RequestHeader,
         body_kind: int,
         keep_alive: bool,
@@ -208,17 +208,17 @@ class Session(UpstreamSink):
     @property
     def client_addr(self) -> tuple[Any, ...] | None:
         """The client's socket address: ``(host, port)`` (IPv6: ``(host, port, flow, scope)``)."""
-        return self._down.client_addr
+        return self._down.peer_addr()
 
     @property
     def client_ip(self) -> bytes:
         """The client's IP address as ASCII bytes (``b""`` if unknown); cached per connection."""
-        return self._down.client_ip
+        return self._down.peer_ip()
 
     @property
     def server_addr(self) -> tuple[Any, ...] | None:
         """The local ``(host, port)`` the client connected to."""
-        return self._down.server_addr
+        return self._down.local_addr()
 
     @property
     def tls(self) -> TlsInfo | None:
@@ -399,13 +399,10 @@ class Session(UpstreamSink):
         down = self._down
         budget = PUMP_BUDGET
         while source is not None and not down.write_paused:
-            transport = down.transport
-            if down.closed or self._error is not None or transport is None or (
-                transport.is_closing()
-            ):
+            if self._error is not None or not down.writable():
                 self._close_source()  # the client is gone: read no further
                 return
-            if budget <= 0 or down._out is not None:  # (corked: writes would only pile up)
+            if budget <= 0 or down.corked():  # (corked: writes would only pile up)
                 if not self._pump_scheduled:
                     self._pump_scheduled = True
                     down.loop.call_soon(self._pump_later)
@@ -539,7 +536,7 @@ class Session(UpstreamSink):
             self._req_buf.append(data)
             self._req_buffered += len(data)
             if self._req_buffered > RETRY_BUFFER:
-                self._down.pause(self._down.PAUSE_BODY)
+                self._down.pause(PAUSE_BODY)
 
     def _on_req_end(self, trailers: Headers | None) -> None:
         self._req_done = True
@@ -626,7 +623,7 @@ class Session(UpstreamSink):
         if self._req_done and chunked:
             parts.append(last_chunk(self._req_trailers))
         up.writelines(parts)
-        self._down.resume(self._down.PAUSE_BODY)
+        self._down.resume(PAUSE_BODY)
 
     def _send_continue(self) -> None:
         """Answer ``Expect: 100-continue`` once the request is going to be proxied."""
@@ -634,9 +631,9 @@ class Session(UpstreamSink):
             return
         req = self.req_header
         expect = req.headers.get(b"expect")
-        if expect is not None and expect.lower() == b"100-continue" and req.version == "1.1":
+        if expect is not None and expect.lower() == b"100-continue" and req.version != "1.0":
             self._continue_sent = True
-            self._down.write(_CONTINUE)
+            self._down.write_interim(100)
 
     def _reset_attempt(self) -> None:
         """Forget the failed attempt's upstream state before a retry."""
@@ -684,12 +681,12 @@ class Session(UpstreamSink):
         self._fail_waiter(error)
 
     def pause_source(self) -> None:
-        self._down.pause(self._down.PAUSE_UPSTREAM)
+        self._down.pause(PAUSE_UPSTREAM)
 
     def resume_source(self) -> None:
-        self._down.resume(self._down.PAUSE_UPSTREAM)
+        self._down.resume(PAUSE_UPSTREAM)
 
-    # downstream backpressure (called by H1Downstream) -------------------------------------
+    # downstream backpressure (called by the ClientSide) --------------------------------------
 
     def _down_paused(self) -> None:
         up = self._up
@@ -724,11 +721,17 @@ class Session(UpstreamSink):
             self._down_chunked = False
         else:
             headers.remove(b"content-length")
-            if req.version == "1.1":
+            if down.multiplexed:
+                self._down_chunked = False  # (an HTTP/2 stream frames its body itself)
+            elif req.version == "1.1":
                 self._down_chunked = True
                 headers.add(b"Transfer-Encoding", b"chunked")
             else:
                 self.keep_alive = False
+        self._trust_length = False
+        if down.multiplexed:
+            down.write_head(resp, head_only)
+            return
         if down.draining or not down.service.running or not self._req_done:
             # (a response that starts before the request body was read ends the connection)
             self.keep_alive = False
@@ -738,7 +741,6 @@ class Session(UpstreamSink):
             headers.set(b"Connection", b"close")
         elif req.version == "1.0":
             headers.set(b"Connection", b"keep-alive")
-        self._trust_length = False
         down.write(resp.to_bytes())
 
     def _filter_response(self, data: bytes, end: bool) -> bytes | None:
@@ -790,6 +792,8 @@ class Session(UpstreamSink):
                     self._down.write(tail)
         if self._down_chunked:
             self._down.write(last_chunk(self._resp_trailers))
+        elif self._down.multiplexed:
+            self._down.end_response(self._resp_trailers)
 
     def _flush_pending(self) -> None:
         """Send the head of the upstream response plus any body that already arrived."""
