@@ -230,7 +230,7 @@ LISTENER_CASES = [
          'ferryman.yaml:3: listeners[0]: missing required key "upstream" or "routes" (expected '
          'the name of an upstream group, or a list of routes; required unless "app" is set)\n'
          'ferryman.yaml:4: listeners[0].upstreams: unknown key "upstreams" (did you mean '
-         '"upstream"?); expected one of: bind, upstream, tls, routes',
+         '"upstream"?); expected one of: bind, upstream, tls, routes, h2c',
          "listener-unknown-key"),
     case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n    tls: true\n',
          "ferryman.yaml:5: listeners[0].tls: expected a mapping, got true", "listener-tls-bool"),

@@ -65,7 +65,7 @@ def test_relative_paths_resolved_against_config_dir(conf_dir: Path) -> None:
         sni=(),
         client_ca=None,
         client_verify="off",
-        alpn=("http/1.1",),
+        alpn=("h2", "http/1.1"),
     )
     assert os.path.isabs(tls.cert) and os.path.isabs(tls.key)
 
@@ -265,7 +265,10 @@ def test_client_verify_errors(conf_dir: Path, extra: str, message: str) -> None:
 @pytest.mark.parametrize(
     ("alpn", "expected"),
     [
-        ("", ("http/1.1",)),
+        ("", ("h2", "http/1.1")),  # h2_preferred
+        ("alpn: h2_preferred\n", ("h2", "http/1.1")),
+        ("alpn: h1_only\n", ("http/1.1",)),
+        ("alpn: h2_only\n", ("h2",)),
         ("alpn: [h2]\n", ("h2",)),
         ("alpn: [h2, http/1.1]\n", ("h2", "http/1.1")),
         ("alpn: [http/1.1, h2]\n", ("http/1.1", "h2")),
@@ -281,11 +284,14 @@ def test_alpn(conf_dir: Path, alpn: str, expected: tuple[str, ...]) -> None:
     ("alpn", "message"),
     [
         ("alpn: []",
-         '8: listeners[0].tls.alpn: expected a non-empty list of protocols among "http/1.1" '
-         'and "h2", got an empty list'),
+         '8: listeners[0].tls.alpn: expected h2_preferred, h1_only or h2_only, or a non-empty '
+         'list of protocols among "http/1.1" and "h2", got an empty list'),
         ("alpn: h2",
-         '8: listeners[0].tls.alpn: expected a non-empty list of protocols among "http/1.1" '
-         "and \"h2\", got 'h2'"),
+         '8: listeners[0].tls.alpn: expected h2_preferred, h1_only or h2_only, or a non-empty '
+         "list of protocols among \"http/1.1\" and \"h2\", got 'h2'"),
+        ("alpn: prefer_h2",
+         '8: listeners[0].tls.alpn: expected h2_preferred, h1_only or h2_only, or a non-empty '
+         "list of protocols among \"http/1.1\" and \"h2\", got 'prefer_h2'"),
         ("alpn: [h2, h3]",
          "8: listeners[0].tls.alpn[1]: expected a protocol: \"http/1.1\" or \"h2\", got 'h3'"),
         ("alpn: [HTTP/1.1]",
@@ -358,3 +364,22 @@ def test_upstream_tls_errors(conf_dir: Path, tls: str, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert str(info.value) == f"{path}:{message.format(certs=conf_dir / 'certs')}"
+
+
+@pytest.mark.parametrize(("value", "expected"), [("", False), ("h2c: true", True)])
+def test_h2c(conf_dir: Path, value: str, expected: bool) -> None:
+    path = conf_dir / "ferryman.yaml"
+    path.write_text(
+        'upstreams: {app: {servers: ["h:1"]}}\nlisteners:\n  - bind: ":80"\n'
+        f"    upstream: app\n    {value}\n"
+    )
+    assert load_config(path).listeners[0].h2c is expected
+
+
+def test_h2c_must_be_a_boolean(conf_dir: Path) -> None:
+    text = 'upstreams: {app: {servers: ["h:1"]}}\nlisteners:\n  - bind: ":80"\n'
+    text += "    upstream: app\n    h2c: sometimes\n"
+    assert load_error(conf_dir, text) == (
+        f"{conf_dir / 'ferryman.yaml'}:5: listeners[0].h2c: expected true or false, "
+        "got 'sometimes'"
+    )

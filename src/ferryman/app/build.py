@@ -77,7 +77,7 @@ def make_listener(listener: ListenerConfig) -> Listener:
             client_verify=t.client_verify,
             alpn=tuple(t.alpn),
         )
-    return Listener((listener.bind[0], listener.bind[1]), tls=tls)
+    return Listener((listener.bind[0], listener.bind[1]), tls=tls, h2c=listener.h2c)
 
 
 def check_tls_material(config: Config) -> None:

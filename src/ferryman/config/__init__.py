@@ -48,6 +48,7 @@ Every key, with its default (all optional unless marked *required*)::
         upstream: app            # every request goes to group "app" (a key of `upstreams`):
                                  # short for `routes: [{upstream: app}]`. A listener needs
                                  # `upstream` or `routes`, not both (neither: the `app` decides)
+        h2c: false               # true: also accept cleartext HTTP/2 with prior knowledge
       - bind: "0.0.0.0:8443"
         tls:
           cert: certs/site.pem   # required; relative paths are taken from this file's
@@ -59,7 +60,8 @@ Every key, with its default (all optional unless marked *required*)::
           client_ca: certs/clients-ca.pem  # verify client certificates (mutual TLS)
           client_verify: required          # off | optional | required; default: required
                                            # with client_ca, off without
-          alpn: ["h2", "http/1.1"]         # default ["http/1.1"]
+          alpn: h2_preferred               # h2_preferred (default) | h1_only | h2_only, or
+                                           # a list such as ["h2", "http/1.1"]
         routes:                  # tried in order: the first that matches takes the request;
                                  # none matches: 404. A route hidden by an earlier one (which
                                  # matches all it would) is an error.

@@ -48,7 +48,7 @@ Address = tuple[str, int]
 ClientVerify = Literal["off", "optional", "required"]
 """How a TLS listener treats client certificates."""
 
-DEFAULT_ALPN: tuple[str, ...] = ("http/1.1",)
+DEFAULT_ALPN: tuple[str, ...] = ("h2", "http/1.1")
 """The protocols a TLS listener offers in ALPN unless configured."""
 
 
@@ -168,8 +168,9 @@ class ListenerTls:
             verify if one is sent) or ``"required"`` (refuse the handshake without a valid
             one). The loader defaults it to ``"required"`` when ``client_ca`` is set and
             ``"off"`` otherwise; the dataclass default is ``"off"``.
-        alpn: protocols offered in ALPN, in order of preference: ``"http/1.1"`` and/or
-            ``"h2"``. Default ``("http/1.1",)``.
+        alpn: protocols offered in ALPN, in order of preference: ``"h2"`` and/or
+            ``"http/1.1"``. In the file, a policy: ``h2_preferred`` (``("h2", "http/1.1")``,
+            the default), ``h1_only`` or ``h2_only``; or an explicit list.
     """
 
     cert: str
@@ -350,12 +351,15 @@ class ListenerConfig:
             ``upstream: NAME`` in the file is shorthand for one catch-all route proxying to
             NAME (and is also kept in ``upstream``). A request no route matches gets 404.
             Default ``()``.
+        h2c: accept cleartext HTTP/2 with prior knowledge next to HTTP/1.x (the connection
+            preface tells them apart). Default False.
     """
 
     bind: Address
     upstream: str | None = None
     tls: ListenerTls | None = None
     routes: tuple[RouteConfig, ...] = ()
+    h2c: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import cast
 
-from yaml.nodes import Node
+from yaml.nodes import Node, ScalarNode
 
 from .address import address_key
 from .common import APP, APP_EXPECTED, TOKEN, check_upstream_ref, is_server_name, subsection
@@ -40,7 +40,7 @@ SERVER_KEYS = ("workers", "grace_period", "timeouts", "limits", "forwarded")
 DOWNSTREAM_TIMEOUT_KEYS = ("header_read", "keepalive", "body_read", "body_write")
 LIMIT_KEYS = ("max_request_line", "max_header_bytes", "max_headers", "max_body")
 FORWARDED_KEYS = ("x_forwarded_for", "x_forwarded_proto", "x_forwarded_host", "via", "via_name")
-LISTENER_KEYS = ("bind", "upstream", "tls", "routes")
+LISTENER_KEYS = ("bind", "upstream", "tls", "routes", "h2c")
 LISTENER_TLS_KEYS = ("cert", "key", "sni", "client_ca", "client_verify", "alpn")
 SNI_KEYS = ("server_names", "cert", "key")
 
@@ -56,7 +56,16 @@ TARGET_EXPECTED = (
 SERVER_NAME_EXPECTED = 'a server name such as "example.com" or "*.example.com"'
 SERVER_NAMES_EXPECTED = "a non-empty list of server names"
 CLIENT_VERIFY_EXPECTED = '"off", "optional" or "required"'
-ALPN_EXPECTED = 'a non-empty list of protocols among "http/1.1" and "h2"'
+ALPN_EXPECTED = (
+    'h2_preferred, h1_only or h2_only, or a non-empty list of protocols among "http/1.1" '
+    'and "h2"'
+)
+#: the ALPN policies (Pingora's prefer_h2 / h1_only / h2_only) and the lists they offer
+ALPN_POLICIES = {
+    "h2_preferred": ("h2", "http/1.1"),
+    "h1_only": ("http/1.1",),
+    "h2_only": ("h2",),
+}
 SNI_EXPECTED = "a list of mappings with keys server_names, cert, key"
 
 
@@ -191,8 +200,11 @@ def _listeners(
         tls_node = sec.get("tls")
         if tls_node is not None:
             tls = _listener_tls(tls_node, sec.path_of("tls"), reader)
+        h2c = sec.boolean("h2c", False)
         if bind is not None:
-            listeners.append(ListenerConfig(bind=bind, upstream=upstream, tls=tls, routes=routes))
+            listeners.append(
+                ListenerConfig(bind=bind, upstream=upstream, tls=tls, routes=routes, h2c=h2c)
+            )
     return tuple(listeners)
 
 
@@ -282,6 +294,14 @@ def _alpn(sec: Section, reader: Reader) -> tuple[str, ...]:
     node = sec.get("alpn")
     if node is None:
         return DEFAULT_ALPN
+    if isinstance(node, ScalarNode):
+        policy = reader.string(node, sec.path_of("alpn"), ALPN_EXPECTED)
+        if policy is None:
+            return ()
+        if policy not in ALPN_POLICIES:
+            reader.expected(node, sec.path_of("alpn"), ALPN_EXPECTED)
+            return ()
+        return ALPN_POLICIES[policy]
     items = reader.sequence(node, sec.path_of("alpn"), ALPN_EXPECTED, non_empty=True)
     if items is None:
         return ()

@@ -25,6 +25,7 @@ from ferryman.proxy.client import (
     ClientSide,
 )
 from ferryman.proxy.engine import start_session
+from ferryman.proxy.h2_downstream import take_over
 from ferryman.proxy.plan import RequestPlan
 from ferryman.proxy.session import Session, client_closed_error
 
@@ -196,7 +197,14 @@ class H1Downstream(asyncio.Protocol, ClientSide):
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[union-attr]
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
-            self.tls_info = _tls_info(ssl_object)
+            self.tls_info = tls = _tls_info(ssl_object)
+            listener = self.listener
+            if tls.alpn == "h2" or (
+                listener is not None and listener.tls is not None and listener.tls.alpn == ("h2",)
+            ):  # (h2_only: a client that did not negotiate h2 is spoken to in HTTP/2 anyway)
+                take_over(transport, self.service, self.listener, tls)  # type: ignore[arg-type]
+                self.closed = True  # (this protocol never serves the connection)
+                return
         self.service.connections.add(self)
         self._sweep.add(self)
         self.deadline = self._sweep.now + self._options.header_read_timeout

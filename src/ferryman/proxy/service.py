@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ferryman.proxy.downstream import H1Downstream, ParserLender
+from ferryman.proxy.h2_downstream import PrefaceSniffer
 from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.options import ProxyOptions
 from ferryman.proxy.plan import RequestPlan
@@ -73,6 +74,8 @@ class HttpProxyService:
 
     def protocol_factory(self, listener: Listener | None = None) -> Callable[[], asyncio.Protocol]:
         """A factory of client-connection protocols for ``loop.create_server``."""
+        if listener is not None and listener.h2c:
+            return lambda: PrefaceSniffer(self, listener, lambda: H1Downstream(self, listener))
         return lambda: H1Downstream(self, listener)
 
     async def drain(self, grace: float) -> bool:

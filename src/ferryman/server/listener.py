@@ -44,6 +44,9 @@ class Listener:
     bind: str | tuple[str, int]
     tls: ListenerTls | None = None
     backlog: int = 4096
+    #: accept cleartext HTTP/2 with prior knowledge next to HTTP/1.x (told apart by the
+    #: connection preface)
+    h2c: bool = False
     address: tuple[str, int] = field(init=False)
 
     def __post_init__(self) -> None:

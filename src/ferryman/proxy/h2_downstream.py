@@ -1,0 +1,604 @@
+"""H2Downstream: the asyncio.Protocol serving one HTTP/2 client connection.
+
+The ``h2`` library does the framing, HPACK and the protocol state machine; this module
+does the rest: each stream becomes a :class:`~ferryman.proxy.session.Session` running the
+same hook pipeline as an HTTP/1.1 request, with an :class:`H2Stream` as its client side.
+
+Flow control follows consumption. Request body bytes are acknowledged (WINDOW_UPDATE)
+when the session takes them, except while the session has paused the body (its upstream
+is slow or its retry buffer is full): the client's window then closes and it stops
+sending. Response bytes go out as the client's windows allow; each stream buffers at most
+:data:`STREAM_HIGH_WATER` bytes beyond them before it reports itself write-paused, which
+makes the session stop reading from its upstream.
+
+A connection arrives here in one of two ways: TLS with ALPN ``h2``, or cleartext with the
+HTTP/2 connection preface on a listener with ``h2c: true``. In both cases
+:class:`~ferryman.proxy.downstream.H1Downstream` hands the transport over
+(:func:`take_over`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any, Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+from ferryman.errors import ErrorKind, ErrorSource, ProxyError
+from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
+from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
+from ferryman.proxy.client import ClientSide
+from ferryman.proxy.engine import start_session
+from ferryman.proxy.session import Session, client_closed_error
+
+if TYPE_CHECKING:
+    from ferryman.proxy.downstream import TlsInfo
+    from ferryman.proxy.service import HttpProxyService
+    from ferryman.server.listener import Listener
+
+#: The client connection preface (RFC 9113 §3.4): how h2c prior knowledge is recognised.
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+#: Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+MAX_CONCURRENT_STREAMS: Final = 128
+#: The receive window per stream and, as a whole, per connection.
+STREAM_WINDOW: Final = 1024 * 1024
+CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+#: A stream holding more response bytes than this (beyond the client's windows) reports
+#: itself write-paused; it resumes below the low mark.
+STREAM_HIGH_WATER: Final = 256 * 1024
+STREAM_LOW_WATER: Final = 64 * 1024
+
+#: Response header fields that are connection-specific in HTTP/1.1 and must not appear in
+#: HTTP/2 (RFC 9113 §8.2.2).
+_CONNECTION_SPECIFIC: Final = frozenset(
+    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
+)
+
+
+class H2Downstream(asyncio.Protocol):
+    """One client connection speaking HTTP/2 (see the module docstring)."""
+
+    def __init__(
+        self,
+        service: HttpProxyService,
+        listener: Listener | None,
+        tls_info: TlsInfo | None,
+    ) -> None:
+        self.service = service
+        self.listener = listener
+        self.loop = service.loop
+        self.tls_info = tls_info
+        self.transport: asyncio.Transport | None = None
+        config = h2.config.H2Configuration(
+            client_side=False, header_encoding=None, validate_inbound_headers=True
+        )
+        self.conn = h2.connection.H2Connection(config=config)
+        self.streams: dict[int, H2Stream] = {}
+        self.closed = False
+        self.draining = False
+        self.requests = 0
+        self.transport_paused = False
+        self.deadline = 0.0
+        self._cork = 0
+        self._sweep = service.sweep
+        self._options = service.options
+        self._client_addr: Any = None
+        self._server_addr: Any = None
+        self._client_ip: bytes | None = None
+
+    # asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        conn = self.conn
+        conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: (
+                    self._options.limits.max_header_bytes
+                ),
+            },
+        )
+        conn.initiate_connection()
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self.service.connections.add(self)  # type: ignore[arg-type]
+        self._sweep.add(self)
+        self.deadline = self._sweep.now + self._options.keepalive_timeout
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._cork += 1
+        try:
+            for event in events:
+                self._dispatch(event)
+        finally:
+            self._cork -= 1
+        self.flush()
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.service.connections.discard(self)
+        self._sweep.discard(self)
+        for stream in list(self.streams.values()):
+            stream.client_gone()
+        self.streams.clear()
+
+    def pause_writing(self) -> None:
+        self.transport_paused = True
+        for stream in self.streams.values():
+            stream.update_paused()
+
+    def resume_writing(self) -> None:
+        self.transport_paused = False
+        for stream in list(self.streams.values()):
+            stream.update_paused()
+
+    # events -----------------------------------------------------------------------------
+
+    def _dispatch(self, event: Any) -> None:
+        if isinstance(event, h2.events.DataReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                # a stream already answered and forgotten: give the window back
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                return
+            stream.on_data(event.data, event.flow_controlled_length)
+        elif isinstance(event, h2.events.RequestReceived):
+            self._on_request(event)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.on_end()
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.trailers = Headers._wrap(
+                    [(bytes(n), bytes(v)) for n, v in event.headers if not n.startswith(b":")]
+                )
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id == 0:
+                for stream in list(self.streams.values()):
+                    stream.send_buffered()
+            else:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.send_buffered()
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self.streams.pop(event.stream_id, None)
+            if stream is not None:
+                stream.client_gone()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            for stream in list(self.streams.values()):
+                stream.send_buffered()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self.draining = True
+            if not self.streams:
+                self.close()
+
+    def _on_request(self, event: h2.events.RequestReceived) -> None:
+        stream_id = event.stream_id
+        method = path = authority = b""
+        scheme = b""
+        fields: list[tuple[bytes, bytes]] = []
+        has_host = False
+        length: bytes | None = None
+        for name, value in event.headers:
+            name = bytes(name)
+            value = bytes(value)
+            if name[:1] == b":":
+                if name == b":method":
+                    method = value
+                elif name == b":path":
+                    path = value
+                elif name == b":authority":
+                    authority = value
+                elif name == b":scheme":
+                    scheme = value
+                continue
+            if name == b"host":
+                has_host = True
+            elif name == b"content-length":
+                length = value
+            fields.append((name, value))
+        if method == b"CONNECT" or not path or not scheme:
+            # (h2 has checked the pseudo-header rules; CONNECT tunnels are not offered)
+            self._refuse(stream_id, 405 if method == b"CONNECT" else 400)
+            return
+        if not has_host and authority:
+            fields.insert(0, (b"host", authority))
+        if event.stream_ended is not None:
+            body_kind, content_length = BODY_NONE, 0
+        elif length is not None and length.isdigit():
+            content_length = int(length)
+            body_kind = BODY_LENGTH if content_length else BODY_NONE
+        else:
+            body_kind, content_length = BODY_CHUNKED, 0
+        max_body = self._options.limits.max_body
+        if max_body and content_length > max_body:
+            self._refuse(stream_id, 413)
+            return
+        self.requests += 1
+        self.deadline = 0.0
+        stream = H2Stream(self, stream_id)
+        self.streams[stream_id] = stream
+        head = RequestHeader(method, path, Headers._wrap(fields), "2")
+        session = Session(stream, head, body_kind, True)
+        stream.session = session
+        stream.receiving = body_kind != BODY_NONE
+        start_session(session)
+
+    def _refuse(self, stream_id: int, status: int) -> None:
+        self.conn.send_headers(
+            stream_id, [(b":status", str(status).encode()), (b"content-length", b"0")], True
+        )
+
+    def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
+        code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
+        try:
+            self.conn.close_connection(error_code=code)
+        except h2.exceptions.ProtocolError:
+            pass
+        self.flush()
+        self.close()
+
+    # used by the streams ----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write what the h2 state machine has queued (unless corked)."""
+        if self._cork or self.closed:
+            return
+        data = self.conn.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def stream_done(self, stream: H2Stream) -> None:
+        """``stream`` is finished: forget it; close a draining connection once idle."""
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        if not self.streams:
+            if self.draining or not self.service.running:
+                self.close()
+            else:
+                self.deadline = self._sweep.now + self._options.keepalive_timeout
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.flush()
+            self.closed = True
+            self._sweep.discard(self)
+            self.transport.close()
+
+    def start_draining(self) -> None:
+        """Graceful shutdown: GOAWAY now, close once the open streams are done."""
+        self.draining = True
+        if not self.closed:
+            self.conn.close_connection()
+            self.flush()
+        if not self.streams:
+            self.close()
+
+    def _abort(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    def on_deadline(self) -> None:
+        if not self.closed and not self.streams:
+            self.start_draining()  # idle past the keep-alive timeout
+
+    @property
+    def client_addr(self) -> tuple[Any, ...] | None:
+        if self._client_addr is None and self.transport is not None:
+            self._client_addr = self.transport.get_extra_info("peername")
+        return self._client_addr
+
+    @property
+    def server_addr(self) -> tuple[Any, ...] | None:
+        if self._server_addr is None and self.transport is not None:
+            self._server_addr = self.transport.get_extra_info("sockname")
+        return self._server_addr
+
+    @property
+    def client_ip(self) -> bytes:
+        ip = self._client_ip
+        if ip is None:
+            addr = self.client_addr
+            ip = self._client_ip = addr[0].encode() if addr else b""
+        return ip
+
+
+class H2Stream(ClientSide):
+    """One request/response exchange on an HTTP/2 connection: a Session's client side."""
+
+    def __init__(self, owner: H2Downstream, stream_id: int) -> None:
+        self.owner = owner
+        self.stream_id = stream_id
+        self.service = owner.service
+        self.loop = owner.loop
+        self.closed = False
+        self.draining = False
+        self.write_paused = False
+        self.requests = owner.requests
+        self.tls_info = owner.tls_info
+        self.listener = owner.listener
+        self.multiplexed = True
+        self._plan = owner.service.plan
+        self.session: Session | None = None
+        self.receiving = False
+        self.trailers: Headers | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._end: tuple[Headers | None] | None = None
+        self._ended = False
+        self._pause_mask = 0
+        self._unacked = 0
+        self._finished = False
+
+    # request side -----------------------------------------------------------------------
+
+    def on_data(self, data: bytes, flow_length: int) -> None:
+        session = self.session
+        if self._pause_mask:
+            self._unacked += flow_length
+        else:
+            self.owner.conn.acknowledge_received_data(flow_length, self.stream_id)
+        if session is not None and self.receiving:
+            session._on_req_body(data)
+
+    def on_end(self) -> None:
+        session = self.session
+        if session is not None and self.receiving:
+            self.receiving = False
+            session._on_req_end(self.trailers)
+
+    def client_gone(self) -> None:
+        """The client reset the stream or the connection closed."""
+        if self.closed:
+            return
+        self.closed = True
+        session = self.session
+        if session is not None and not session._done:
+            session._on_client_error(client_closed_error())
+
+    # response side ----------------------------------------------------------------------
+
+    def write_head(self, response: ResponseHeader, end_stream: bool) -> None:
+        if self.closed:
+            return
+        fields = [(b":status", b"%d" % response.status)]
+        for name, value in response.headers._items:
+            lname = name.lower()
+            if lname not in _CONNECTION_SPECIFIC:
+                fields.append((lname, value))
+        self.owner.conn.send_headers(self.stream_id, fields, end_stream=end_stream)
+        if end_stream:
+            self._ended = True
+        self.owner.flush()
+
+    def write_interim(self, status: int) -> None:
+        if not self.closed:
+            self.owner.conn.send_headers(self.stream_id, [(b":status", b"%d" % status)])
+            self.owner.flush()
+
+    def write(self, data: bytes) -> None:
+        if self.closed or not data:
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        self.send_buffered()
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for part in parts:
+            self.write(part)
+
+    def end_response(self, trailers: Headers | None) -> None:
+        if self.closed or self._ended:
+            return
+        self._end = (trailers,)
+        self.send_buffered()
+
+    def send_buffered(self) -> None:
+        """Send buffered body bytes as far as the windows allow; end the stream after."""
+        if self.closed:
+            return
+        conn = self.owner.conn
+        stream_id = self.stream_id
+        buffer = self._buffer
+        try:
+            while buffer:
+                window = min(
+                    conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
+                )
+                if window <= 0:
+                    break
+                piece = buffer[0]
+                if len(piece) <= window:
+                    buffer.pop(0)
+                else:
+                    buffer[0] = piece[window:]
+                    piece = piece[:window]
+                self._buffered -= len(piece)
+                conn.send_data(stream_id, piece)
+            if not buffer and self._end is not None and not self._ended:
+                trailers = self._end[0]
+                self._ended = True
+                if trailers:
+                    fields = [(n.lower(), v) for n, v in trailers._items]
+                    conn.send_headers(stream_id, fields, end_stream=True)
+                else:
+                    conn.send_data(stream_id, b"", end_stream=True)
+                if self._finished:
+                    self.owner.flush()
+                    self._release()
+                    return
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.client_gone()
+            if self._finished:
+                self._release()
+            return
+        self.owner.flush()
+        self.update_paused()
+
+    def update_paused(self) -> None:
+        """Report write-paused to the session above the high mark, resumed below the low."""
+        session = self.session
+        paused = self.owner.transport_paused or self._buffered > STREAM_HIGH_WATER
+        if paused and not self.write_paused:
+            self.write_paused = True
+            if session is not None:
+                session._down_paused()
+        elif (
+            self.write_paused
+            and not self.owner.transport_paused
+            and (self._buffered <= STREAM_LOW_WATER)
+        ):
+            self.write_paused = False
+            if session is not None:
+                session._down_resumed()
+
+    # the rest of ClientSide ---------------------------------------------------------------
+
+    def writable(self) -> bool:
+        return not self.closed and not self.owner.closed
+
+    def corked(self) -> bool:
+        return self.owner._cork > 0
+
+    def cork(self) -> None:
+        self.owner._cork += 1
+
+    def uncork(self) -> None:
+        owner = self.owner
+        owner._cork -= 1
+        if owner._cork <= 0:
+            owner._cork = 0
+            owner.flush()
+
+    def write_eof(self) -> None:
+        """Tunnels are not offered over HTTP/2: nothing to half-close."""
+
+    def pause(self, reason: int) -> None:
+        self._pause_mask |= reason
+
+    def resume(self, reason: int) -> None:
+        if self._pause_mask & reason:
+            self._pause_mask &= ~reason
+            if not self._pause_mask and self._unacked and not self.closed:
+                unacked, self._unacked = self._unacked, 0
+                try:
+                    self.owner.conn.acknowledge_received_data(unacked, self.stream_id)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    return
+                self.owner.flush()
+
+    def start_tunnel(self, session: Session) -> bytes:
+        raise ProxyError(
+            ErrorKind.METHOD_NOT_ALLOWED, ErrorSource.DOWNSTREAM, "no tunnels over HTTP/2"
+        )
+
+    def request_done(self, session: Session) -> None:
+        self._finished = True
+        if self._ended or self.closed:
+            self._release()
+        elif self._end is None:
+            # the response did not end cleanly (an error after it started): reset
+            self.closed = True
+            try:
+                self.owner.conn.reset_stream(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
+            self.owner.flush()
+            self._release()
+        # else: the end waits for the client's window (send_buffered releases the stream)
+
+    def _release(self) -> None:
+        self.session = None
+        self._buffer = []
+        self.owner.stream_done(self)
+
+    def peer_ip(self) -> bytes:
+        return self.owner.client_ip
+
+    def peer_addr(self) -> tuple[Any, ...] | None:
+        return self.owner.client_addr
+
+    def local_addr(self) -> tuple[Any, ...] | None:
+        return self.owner.server_addr
+
+
+def take_over(
+    transport: asyncio.Transport,
+    service: HttpProxyService,
+    listener: Listener | None,
+    tls_info: TlsInfo | None,
+    first: bytes = b"",
+) -> H2Downstream:
+    """Serve ``transport`` as HTTP/2 from now on; ``first`` is what was already read."""
+    protocol = H2Downstream(service, listener, tls_info)
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    if first:
+        protocol.data_received(first)
+    return protocol
+
+
+class PrefaceSniffer(asyncio.Protocol):
+    """The first protocol of a connection on an ``h2c: true`` listener.
+
+    It reads until it can tell the HTTP/2 connection preface from an HTTP/1.x request
+    line, then hands the connection to :class:`H2Downstream` or to the HTTP/1.x protocol
+    ``make_h1`` builds, with the bytes read so far. Listeners without ``h2c`` never see it.
+    """
+
+    def __init__(
+        self,
+        service: HttpProxyService,
+        listener: Listener | None,
+        make_h1: Any,
+    ) -> None:
+        self.service = service
+        self.listener = listener
+        self.make_h1 = make_h1
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data
+        transport = self.transport
+        assert transport is not None
+        if buffer[: len(PREFACE)] == PREFACE[: len(buffer)] and len(buffer) < len(PREFACE):
+            self.buffer = buffer  # a prefix of the preface so far: wait for more
+            return
+        self.buffer = b""
+        if buffer.startswith(PREFACE):
+            take_over(transport, self.service, self.listener, None, buffer)
+            return
+        h1 = self.make_h1()
+        transport.set_protocol(h1)
+        h1.connection_made(transport)
+        h1.data_received(buffer)
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
