@@ -21,6 +21,7 @@ COMPILED = [
     "src/ferryman/timeouts.py",
     "src/ferryman/protocols/headers.py",
     "src/ferryman/protocols/h1.py",
+    "src/ferryman/protocols/h2_guard.py",
     "src/ferryman/upstream/peer.py",
     "src/ferryman/upstream/connection.py",
     "src/ferryman/upstream/connector.py",

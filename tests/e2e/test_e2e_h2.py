@@ -311,6 +311,7 @@ def test_a_cancelled_stream_aborts_its_upstream_request(tmp_path: Path) -> None:
     import h2.events
     from e2e_util import ScriptedOrigin, read_request_head
 
+    upstream_got_it = threading.Event()
     upstream_closed = threading.Event()
 
     def handle(conn: socket.socket) -> None:
@@ -319,6 +320,7 @@ def test_a_cancelled_stream_aborts_its_upstream_request(tmp_path: Path) -> None:
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
             read_request_head(conn)
             return
+        upstream_got_it.set()
         conn.settimeout(8)  # /wait: never answer; watch for the proxy giving up
         try:
             if conn.recv(1) == b"":
@@ -331,7 +333,8 @@ def test_a_cancelled_stream_aborts_its_upstream_request(tmp_path: Path) -> None:
     client = H2Client(proxy.port)
     try:
         stream_id = client.get("/wait")
-        client.events(0.3)
+        # (a stream reset before its request went upstream never reaches the upstream)
+        assert upstream_got_it.wait(5)
         client.conn.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
         client.flush()
         assert upstream_closed.wait(5), "the upstream request was not cancelled"

@@ -20,6 +20,7 @@ HTTP/2 connection preface on a listener with ``h2c: true``. In both cases
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
@@ -31,6 +32,7 @@ import h2.settings
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
+from ferryman.protocols.h2_guard import ENHANCE_YOUR_CALM, FrameGuard
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.proxy.client import ClientSide
 from ferryman.proxy.engine import start_session
@@ -40,6 +42,8 @@ if TYPE_CHECKING:
     from ferryman.proxy.downstream import TlsInfo
     from ferryman.proxy.service import HttpProxyService
     from ferryman.server.listener import Listener
+
+log = logging.getLogger("ferryman.h2")
 
 #: The client connection preface (RFC 9113 §3.4): how h2c prior knowledge is recognised.
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -91,6 +95,8 @@ class H2Downstream(asyncio.Protocol):
         self._client_addr: Any = None
         self._server_addr: Any = None
         self._client_ip: bytes | None = None
+        #: frame-level abuse checks h2 does not make (floods, rapid reset, CONTINUATION)
+        self.guard = FrameGuard(max(65536, 2 * self._options.limits.max_header_bytes))
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -115,6 +121,12 @@ class H2Downstream(asyncio.Protocol):
         self.flush()
 
     def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        problem = self.guard.feed(data, self.loop.time())
+        if problem is not None:
+            self._goaway(ENHANCE_YOUR_CALM, problem)
+            return
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
@@ -250,10 +262,16 @@ class H2Downstream(asyncio.Protocol):
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
+        self._goaway(int(code), str(exc))
+
+    def _goaway(self, code: int, reason: str) -> None:
+        """End the connection with GOAWAY(``code``); the open streams are abandoned."""
+        log.info("HTTP/2 client %s: GOAWAY %d: %s", self.client_addr, code, reason)
         try:
-            self.conn.close_connection(error_code=code)
+            self.conn.close_connection(error_code=code, additional_data=reason.encode()[:200])
         except h2.exceptions.ProtocolError:
             pass
+        self._cork = 0
         self.flush()
         self.close()
 

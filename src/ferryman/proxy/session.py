@@ -231,6 +231,11 @@ class Session(UpstreamSink):
         return self._down.listener
 
     @property
+    def http_version(self) -> str:
+        """The client's HTTP version: ``"1.0"``, ``"1.1"`` or ``"2"``."""
+        return self.req_header.version
+
+    @property
     def is_tls(self) -> bool:
         """Whether the client connection is TLS."""
         return self._down.tls_info is not None

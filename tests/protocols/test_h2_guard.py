@@ -1,0 +1,86 @@
+"""FrameGuard: HTTP/2 frame-level abuse checks, byte by byte (no sockets)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from ferryman.protocols.h2_guard import FrameGuard
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def frame(kind: int, flags: int = 0, stream: int = 0, payload: bytes = b"") -> bytes:
+    return (
+        struct.pack(">I", len(payload))[1:]
+        + bytes([kind, flags])
+        + struct.pack(">I", stream)
+        + payload
+    )
+
+
+def feed_all(guard: FrameGuard, data: bytes, now: float = 0.0, step: int = 0) -> str | None:
+    """Feed ``data`` whole, or in pieces of ``step`` bytes."""
+    pieces = [data] if not step else [data[i : i + step] for i in range(0, len(data), step)]
+    for piece in pieces:
+        problem = guard.feed(piece, now)
+        if problem is not None:
+            return problem
+    return None
+
+
+SETTINGS = frame(4)
+HEADERS_OPEN = frame(1, 0, 1, b"h" * 1000)  # no END_HEADERS
+CONTINUATION = frame(9, 0, 1, b"c" * 1000)
+
+
+@pytest.mark.parametrize("step", [0, 1, 7])
+def test_ordinary_traffic_passes_however_it_is_cut(step: int) -> None:
+    data = PREFACE + SETTINGS + frame(1, 0x5, 1, b"h" * 50) + frame(0, 0, 3, b"d" * 100)
+    data += frame(6, 0, 0, b"p" * 8) + frame(3, 0, 1, b"\0\0\0\x08") + frame(0, 1, 3, b"")
+    assert feed_all(FrameGuard(), data, step=step) is None
+
+
+@pytest.mark.parametrize("step", [0, 5])
+def test_a_continuation_flood_is_stopped_at_the_header_block_limit(step: int) -> None:
+    guard = FrameGuard(max_header_block=10_000)
+    data = PREFACE + HEADERS_OPEN + CONTINUATION * 8  # 9,000 bytes: within the limit
+    assert feed_all(guard, data, step=step) is None
+    problem = feed_all(guard, CONTINUATION * 2, step=step)
+    assert problem == "header block larger than 10000 bytes"
+
+
+def test_a_header_block_ended_resets_the_count() -> None:
+    guard = FrameGuard(max_header_block=3000)
+    block = frame(1, 0, 1, b"h" * 1000) + frame(9, 0x4, 1, b"c" * 1000)  # END_HEADERS
+    assert feed_all(guard, PREFACE + block * 10) is None
+
+
+@pytest.mark.parametrize(
+    ("flood", "reason"),
+    [
+        (frame(3, 0, 1, b"\0\0\0\x08"), "more than 100 stream resets in a second"),
+        (SETTINGS, "more than 100 SETTINGS frames in a second"),
+        (frame(6, 0, 0, b"p" * 8), "more than 100 PING frames in a second"),
+        (frame(0, 0, 1, b""), "more than 100 empty DATA frames in a second"),
+    ],
+    ids=["rst", "settings", "ping", "empty-data"],
+)
+def test_floods_are_stopped_past_the_rate(flood: bytes, reason: str) -> None:
+    guard = FrameGuard(max_per_second=100)
+    assert feed_all(guard, PREFACE + flood * 100, now=10.0) is None
+    assert feed_all(guard, flood, now=10.5) == reason
+
+
+def test_the_rate_window_moves_on() -> None:
+    guard = FrameGuard(max_per_second=100)
+    ping = frame(6, 0, 0, b"p" * 8)
+    for second in range(5):  # 100 a second is allowed, however long it goes on
+        assert feed_all(guard, (PREFACE if second == 0 else b"") + ping * 100, now=second) is None
+
+
+def test_acks_and_data_with_content_are_not_counted() -> None:
+    guard = FrameGuard(max_per_second=10)
+    data = PREFACE + frame(4, 1) * 50 + frame(6, 1, 0, b"p" * 8) * 50 + frame(0, 0, 1, b"x") * 50
+    assert feed_all(guard, data) is None
