@@ -89,15 +89,35 @@ def h2load(port: int, requests: int, clients: int, streams: int) -> dict[str, fl
         r"(\d+) failed, (\d+) errored, (\d+) timeout",
         text,
     )
-    rate = re.search(r"finished in ([\d.]+)s, ([\d.]+) req/s", text)
+    rate = re.search(r"finished in ([\d.]+)(ms|s), ([\d.]+) req/s", text)
     if out.returncode != 0 or not done or not rate:
         raise BenchError(f"h2load failed ({out.returncode}): {text[-400:]} {out.stderr[-400:]}")
     return {
-        "seconds": float(rate.group(1)),
-        "rps": float(rate.group(2)),
+        "seconds": float(rate.group(1)) / (1000.0 if rate.group(2) == "ms" else 1.0),
+        "rps": float(rate.group(3)),
         "succeeded": int(done.group(2)),
         "errors": int(done.group(3)) + int(done.group(4)) + int(done.group(5)),
     }
+
+
+def wait_ready_h2(proc: Managed, port: int, timeout: float) -> None:
+    """Poll with one HTTP/2 request (h2load) until ``proc`` answers it."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise BenchError(f"{proc.name} exited early:\n{proc.log_tail()}")
+        out = subprocess.run(
+            ["h2load", "-n", "1", "-c", "1", f"http://127.0.0.1:{port}/"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if "1 succeeded" in out.stdout:
+            return
+        last = out.stdout[-200:]
+        time.sleep(0.2)
+    raise BenchError(f"{proc.name} did not answer HTTP/2 on {port}: {last}\n{proc.log_tail()}")
 
 
 def measure(name: str, proc: Managed, port: int, args: argparse.Namespace) -> dict[str, float]:
@@ -150,8 +170,9 @@ def run(args: argparse.Namespace) -> int:
     )
     ferry = Managed("ferryman", taskset(PROXY_CPU, argv), work, env=env)
     time.sleep(1.0)
-    wait_ready(nginx_proc, nginx_port, 10)  # (HTTP/1.1 probes: both also speak it)
-    wait_ready(ferry, ferryman_port, 30)
+    wait_ready(origin, origin_port, 10)
+    wait_ready_h2(nginx_proc, nginx_port, 10)
+    wait_ready_h2(ferry, ferryman_port, 30)
     results: dict[str, list[dict[str, float]]] = {"nginx": [], "ferryman": []}
     order = [("nginx", nginx_proc, nginx_port), ("ferryman", ferry, ferryman_port)]
     for rnd in range(args.rounds):

@@ -79,8 +79,16 @@ class H2Downstream(asyncio.Protocol):
         self.loop = service.loop
         self.tls_info = tls_info
         self.transport: asyncio.Transport | None = None
+        # Inbound headers are validated by h2 (pseudo-headers, connection-specific fields,
+        # case). Outbound ones are built here already lowercase and without
+        # connection-specific fields, so h2's checks of them are skipped: they cost 10%
+        # of a request's CPU in a profile of h2load traffic.
         config = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.conn = h2.connection.H2Connection(config=config)
         self.streams: dict[int, H2Stream] = {}
