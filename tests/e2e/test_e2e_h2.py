@@ -294,10 +294,10 @@ class H2Client:
         self.sock.close()
 
 
-def _h2c_proxy(workdir: Path, upstream: str) -> ProxyProcess:
+def _h2c_proxy(workdir: Path, upstream: str, server_extra: str = "") -> ProxyProcess:
     port = free_port()
     yaml_text = (
-        "server: {workers: 1}\n"
+        f"server: {{workers: 1{server_extra}}}\n"
         f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app, h2c: true}}]\n'
         f'upstreams: {{app: {{servers: ["{upstream}"]}}}}\n'
     )
@@ -421,3 +421,134 @@ def test_upstream_trailers_reach_an_h2_client(rig: H2Rig) -> None:
         assert (b"x-trailer", b"abc") in [(bytes(n), bytes(v)) for n, v in trailers[0].headers]
     finally:
         client.close()
+
+
+def _stream_result(client: H2Client, stream_id: int) -> tuple[int | None, bytes, bool]:
+    """(status, body, reset) of ``stream_id``, reading until it ends or is reset."""
+    import h2.events
+
+    status: int | None = None
+    body = b""
+    for _ in range(30):
+        for event in client.events(1):
+            if getattr(event, "stream_id", None) != stream_id:
+                continue
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                body += event.data
+                client.conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                return status, body, False
+            elif isinstance(event, h2.events.StreamReset):
+                return status, body, True
+    raise AssertionError("the stream did not end")
+
+
+@pytest.fixture
+def limited(tmp_path: Path) -> Iterator[tuple[ProxyProcess, OriginServer]]:
+    origin = OriginServer().start()
+    proxy = _h2c_proxy(
+        tmp_path, origin.address, ", limits: {max_body: 1000, max_header_bytes: 2048}"
+    )
+    yield proxy, origin
+    proxy.stop(signal.SIGINT)
+    origin.stop()
+
+
+def test_a_header_section_past_max_header_bytes_is_431(limited) -> None:
+    proxy, _ = limited
+    client = H2Client(proxy.port)
+    try:
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            sid,
+            [
+                (":method", "GET"),
+                (":path", "/"),
+                (":scheme", "http"),
+                (":authority", "a"),
+                ("x-big", "v" * 3000),
+            ],
+            end_stream=True,
+        )
+        client.flush()
+        assert _stream_result(client, sid)[0] == 431
+        ok = client.get("/")  # the connection goes on
+        assert _stream_result(client, ok)[:2] == (200, b"hello world\n")
+    finally:
+        client.close()
+
+
+def test_a_streamed_body_past_max_body_is_413(limited) -> None:
+    proxy, _ = limited
+    client = H2Client(proxy.port)
+    try:
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            sid,
+            [(":method", "POST"), (":path", "/echo"), (":scheme", "http"), (":authority", "a")],
+        )
+        for _ in range(3):  # no content-length: counted as it arrives
+            client.conn.send_data(sid, b"x" * 600)
+        client.flush()
+        assert _stream_result(client, sid)[0] == 413
+        ok = client.get("/")
+        assert _stream_result(client, ok)[0] == 200
+    finally:
+        client.close()
+
+
+def test_a_declared_body_past_max_body_is_413_before_it_is_sent(limited) -> None:
+    proxy, origin = limited
+    client = H2Client(proxy.port)
+    try:
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":path", "/echo"),
+                (":scheme", "http"),
+                (":authority", "a"),
+                ("content-length", "5000"),
+            ],
+        )
+        client.flush()
+        assert _stream_result(client, sid)[0] == 413
+        assert origin.connections == 0
+    finally:
+        client.close()
+
+
+@needs_curl
+def test_graceful_stop_lets_an_http2_request_finish(tmp_path: Path) -> None:
+    """SIGTERM: a GOAWAY (NO_ERROR, last stream 1) goes out at once, the stream in flight
+    is still answered, then the connection closes and ferryman exits 0."""
+    import time
+
+    assert CURL is not None
+    origin = OriginServer().start()
+    proxy = _h2c_proxy(tmp_path, origin.address)
+    try:
+        client = subprocess.Popen(
+            [
+                CURL,
+                "-sS",
+                "-v",
+                "--http2-prior-knowledge",
+                f"http://127.0.0.1:{proxy.port}/slow?ms=1500",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        time.sleep(0.5)
+        proxy.proc.send_signal(signal.SIGTERM)
+        out, err = client.communicate(timeout=15)
+        assert client.returncode == 0, err
+        assert out == b"slow"
+        assert b"GOAWAY, error=0, last_stream=1" in err
+        assert proxy.proc.wait(10) == 0
+    finally:
+        proxy.stop(signal.SIGINT)
+        origin.stop()

@@ -29,6 +29,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
@@ -207,7 +208,7 @@ class H2Downstream(asyncio.Protocol):
             for stream in list(self.streams.values()):
                 stream.send_buffered()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.draining = True
+            self.draining = True  # (the client's GOAWAY: no GOAWAY of ours is needed)
             if not self.streams:
                 self.close()
 
@@ -218,9 +219,11 @@ class H2Downstream(asyncio.Protocol):
         fields: list[tuple[bytes, bytes]] = []
         has_host = False
         length: bytes | None = None
+        size = 0  # as HTTP/1.1 counts max_header_bytes: name, value and 4 per field
         for name, value in event.headers:
             name = bytes(name)
             value = bytes(value)
+            size += len(name) + len(value) + 4
             if name[:1] == b":":
                 if name == b":method":
                     method = value
@@ -236,6 +239,13 @@ class H2Downstream(asyncio.Protocol):
             elif name == b"content-length":
                 length = value
             fields.append((name, value))
+        if self.draining:  # after our GOAWAY: the client retries it elsewhere
+            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            return
+        limits = self._options.limits
+        if size > limits.max_header_bytes or len(fields) > limits.max_headers:
+            self._refuse(stream_id, 431)  # as for an HTTP/1.1 head past the same limits
+            return
         if method == b"CONNECT" or not path or not scheme:
             # (h2 has checked the pseudo-header rules; CONNECT tunnels are not offered)
             self._refuse(stream_id, 405 if method == b"CONNECT" else 400)
@@ -275,12 +285,14 @@ class H2Downstream(asyncio.Protocol):
     def _goaway(self, code: int, reason: str) -> None:
         """End the connection with GOAWAY(``code``); the open streams are abandoned."""
         log.info("HTTP/2 client %s: GOAWAY %d: %s", self.client_addr, code, reason)
-        try:
-            self.conn.close_connection(error_code=code, additional_data=reason.encode()[:200])
-        except h2.exceptions.ProtocolError:
-            pass
-        self._cork = 0
-        self.flush()
+        # (for some errors h2 has queued its own GOAWAY and closed the state machine)
+        if self.conn.state_machine.state != h2.connection.ConnectionState.CLOSED:
+            try:
+                self.conn.close_connection(
+                    error_code=code, additional_data=reason.encode()[:200]
+                )
+            except h2.exceptions.ProtocolError:
+                pass
         self.close()
 
     # used by the streams ----------------------------------------------------------------
@@ -304,18 +316,27 @@ class H2Downstream(asyncio.Protocol):
                 self.deadline = self._sweep.now + self._options.keepalive_timeout
 
     def close(self) -> None:
+        """Close after writing what h2 has queued (even inside a cork)."""
         if not self.closed and self.transport is not None:
+            self._cork = 0
             self.flush()
             self.closed = True
             self._sweep.discard(self)
             self.transport.close()
 
     def start_draining(self) -> None:
-        """Graceful shutdown: GOAWAY now, close once the open streams are done."""
-        self.draining = True
-        if not self.closed:
-            self.conn.close_connection()
+        """Graceful shutdown: GOAWAY now, close once the open streams are done.
+
+        The GOAWAY is written as a frame of its own: h2's ``close_connection`` would also
+        close its state machine, and the streams in flight could not be answered.
+        """
+        if not self.draining and not self.closed and self.transport is not None:
+            goaway = hyperframe.frame.GoAwayFrame(0)
+            goaway.last_stream_id = self.conn.highest_inbound_stream_id
+            goaway.error_code = 0
             self.flush()
+            self.transport.write(goaway.serialize())
+        self.draining = True
         if not self.streams:
             self.close()
 
@@ -375,16 +396,27 @@ class H2Stream(ClientSide):
         self._pause_mask = 0
         self._unacked = 0
         self._finished = False
+        self._body_bytes = 0
 
     # request side -----------------------------------------------------------------------
 
     def on_data(self, data: bytes, flow_length: int) -> None:
         session = self.session
-        if self._pause_mask:
+        if self._pause_mask and self.receiving:
             self._unacked += flow_length
         else:
             self.owner.conn.acknowledge_received_data(flow_length, self.stream_id)
         if session is not None and self.receiving:
+            self._body_bytes += len(data)
+            max_body = self.owner._options.limits.max_body
+            if max_body and self._body_bytes > max_body:
+                self.receiving = False  # the rest of the body is dropped (and acknowledged)
+                session._on_client_error(
+                    ProxyError(
+                        ErrorKind.BODY_TOO_LARGE, ErrorSource.DOWNSTREAM, "request body too large"
+                    )
+                )
+                return
             session._on_req_body(data)
 
     def on_end(self) -> None:
