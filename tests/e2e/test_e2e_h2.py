@@ -552,3 +552,50 @@ def test_graceful_stop_lets_an_http2_request_finish(tmp_path: Path) -> None:
     finally:
         proxy.stop(signal.SIGINT)
         origin.stop()
+
+
+@needs_curl
+def test_expect_100_continue_over_h2(rig: H2Rig, tmp_path: Path) -> None:
+    body = tmp_path / "body.bin"
+    body.write_bytes(pattern_bytes(200_000))
+    out = curl(
+        "-v",
+        "--http2-prior-knowledge",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        f"@{body}",
+        f"http://127.0.0.1:{rig.h2c}/echo",
+    )
+    assert out.returncode == 0, out.stderr
+    assert b"< HTTP/2 100" in out.stderr  # the interim response, before the body was sent
+    assert out.stdout == pattern_bytes(200_000)
+
+
+def test_an_idle_http2_connection_gets_goaway_after_the_keepalive_timeout(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    import h2.events
+
+    origin = OriginServer().start()
+    proxy = _h2c_proxy(tmp_path, origin.address, ", timeouts: {keepalive: 1s}")
+    client = H2Client(proxy.port)
+    try:
+        stream_id = client.get("/")
+        assert _stream_result(client, stream_id)[0] == 200
+        started = time.monotonic()
+        got: list[object] = []
+        while time.monotonic() - started < 5:
+            got += client.events(0.5)
+            if any(isinstance(e, h2.events.ConnectionTerminated) for e in got):
+                break
+        terminated = [e for e in got if isinstance(e, h2.events.ConnectionTerminated)]
+        assert terminated and terminated[0].error_code == 0
+        assert terminated[0].last_stream_id == stream_id
+        assert 0.8 < time.monotonic() - started < 3
+    finally:
+        client.close()
+        proxy.stop(signal.SIGINT)
+        origin.stop()
