@@ -599,3 +599,130 @@ def test_an_idle_http2_connection_gets_goaway_after_the_keepalive_timeout(
         client.close()
         proxy.stop(signal.SIGINT)
         origin.stop()
+
+
+# --- regressions from the review of the HTTP/2 code ------------------------------------------
+
+
+def _dead_port() -> int:
+    return free_port()  # nothing listens there: connections are refused
+
+
+def test_failed_uploads_give_back_their_window(tmp_path: Path) -> None:
+    """Bytes held while a session was paused are acknowledged when it ends, so that the
+    connection's receive window does not shrink for good (20 x 200 KB > the 1 MiB window)."""
+    import h2.events
+
+    proxy = _h2c_proxy(tmp_path, f"127.0.0.1:{_dead_port()}")
+    client = H2Client(proxy.port)
+    try:
+        for _ in range(20):
+            sid = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(
+                sid,
+                [
+                    (":method", "POST"),
+                    (":path", "/"),
+                    (":scheme", "http"),
+                    (":authority", "a"),
+                    ("content-length", "200000"),
+                ],
+            )
+            sent = 0
+            status = None
+            for _ in range(400):  # bounded: a window that never reopens fails the test
+                if status is not None:
+                    break
+                room = min(client.conn.local_flow_control_window(sid), 200_000 - sent, 16384)
+                if room > 0:
+                    client.conn.send_data(sid, b"x" * room, end_stream=sent + room == 200_000)
+                    sent += room
+                    client.flush()
+                for event in client.events(0.05 if room > 0 else 1):
+                    if isinstance(event, h2.events.ResponseReceived) and event.stream_id == sid:
+                        status = int(dict(event.headers)[b":status"])
+            assert status == 502
+        assert client.conn.outbound_flow_control_window > 0
+    finally:
+        client.close()
+        proxy.stop(signal.SIGINT)
+
+
+def test_a_stream_that_stops_reading_is_reset_after_body_write(tmp_path: Path) -> None:
+    """A client whose window stays at 0 gets its stream reset (CANCEL) after body_write,
+    and the connection, with nothing left on it, idles out after the keep-alive timeout."""
+    import time
+
+    origin = OriginServer().start()
+    proxy = _h2c_proxy(tmp_path, origin.address, ", timeouts: {body_write: 1s, keepalive: 1s}")
+    client = H2Client(proxy.port, window=0)  # never lets a body byte through
+    try:
+        sid = client.get("/big?size=2000000")
+        started = time.monotonic()
+        raw = b""  # read raw: the client's state machine is not consulted again
+        client.sock.settimeout(0.5)
+        while time.monotonic() - started < 10:
+            try:
+                piece = client.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not piece:
+                break
+            raw += piece
+        frames = []
+        pos = 0
+        while pos + 9 <= len(raw):
+            length = int.from_bytes(raw[pos : pos + 3], "big")
+            frames.append(
+                (
+                    raw[pos + 3],
+                    int.from_bytes(raw[pos + 5 : pos + 9], "big"),
+                    raw[pos + 9 : pos + 9 + length],
+                )
+            )
+            pos += 9 + length
+        resets = [(sid_, payload) for kind, sid_, payload in frames if kind == 0x3]
+        assert resets == [(sid, b"\x00\x00\x00\x08")]  # RST_STREAM CANCEL
+        assert frames[-1][0] == 0x7  # then GOAWAY, and the close: nothing leaked
+        assert time.monotonic() - started < 6
+    finally:
+        client.close()
+        proxy.stop(signal.SIGINT)
+        origin.stop()
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/admin /x"), ("GET", "/a\tb"), ("GET", "relative"), ("GE T", "/"), ("GET", "*")],
+    ids=["space-in-path", "tab-in-path", "not-origin-form", "space-in-method", "star-not-options"],
+)
+def test_a_request_line_that_would_not_be_one_is_400(rig: H2Rig, method: str, path: str) -> None:
+    client = H2Client(rig.h2c)
+    try:
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            sid,
+            [(":method", method), (":path", path), (":scheme", "http"), (":authority", "a")],
+            end_stream=True,
+        )
+        client.flush()
+        assert _stream_result(client, sid)[0] == 400
+    finally:
+        client.close()
+
+
+def test_a_silent_connection_on_an_h2c_port_is_closed_after_header_read(tmp_path: Path) -> None:
+    import time
+
+    origin = OriginServer().start()
+    proxy = _h2c_proxy(tmp_path, origin.address, ", timeouts: {header_read: 1s}")
+    try:
+        for first in (b"", b"PRI * HTTP/2"):  # nothing, or half a preface
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=8) as sock:
+                sock.sendall(first)
+                started = time.monotonic()
+                assert sock.recv(1) == b""
+                assert time.monotonic() - started < 4
+    finally:
+        proxy.stop(signal.SIGINT)
+        origin.stop()

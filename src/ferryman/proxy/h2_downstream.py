@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
@@ -52,12 +53,18 @@ PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #: Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
 MAX_CONCURRENT_STREAMS: Final = 128
 #: The receive window per stream and, as a whole, per connection.
-STREAM_WINDOW: Final = 1024 * 1024
-CONNECTION_WINDOW: Final = 16 * 1024 * 1024
+STREAM_WINDOW: Final = 256 * 1024
+CONNECTION_WINDOW: Final = 1024 * 1024
+#: Streams the client may see cancelled (by its resets, or by h2 for its errors) per
+#: second before the connection is ended: rapid reset (CVE-2023-44487), whichever way.
+MAX_CANCELS_PER_SECOND: Final = 100
 #: A stream holding more response bytes than this (beyond the client's windows) reports
 #: itself write-paused; it resumes below the low mark.
 STREAM_HIGH_WATER: Final = 256 * 1024
 STREAM_LOW_WATER: Final = 64 * 1024
+
+_METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_PATH: Final = re.compile(rb"/[\x21-\x7e\x80-\xff]*|\*")
 
 #: Response header fields that are connection-specific in HTTP/1.1 and must not appear in
 #: HTTP/2 (RFC 9113 §8.2.2).
@@ -106,6 +113,8 @@ class H2Downstream(asyncio.Protocol):
         self._client_ip: bytes | None = None
         #: frame-level abuse checks h2 does not make (floods, rapid reset, CONTINUATION)
         self.guard = FrameGuard(max(65536, 2 * self._options.limits.max_header_bytes))
+        self._cancel_window = 0.0
+        self._cancels = 0
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -162,11 +171,17 @@ class H2Downstream(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.transport_paused = True
+        # a client that does not read gets no more of its frames read either: what it
+        # sends would only make more to write (acks, refusals)
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
         for stream in self.streams.values():
             stream.update_paused()
 
     def resume_writing(self) -> None:
         self.transport_paused = False
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
         for stream in list(self.streams.values()):
             stream.update_paused()
 
@@ -208,9 +223,14 @@ class H2Downstream(asyncio.Protocol):
             for stream in list(self.streams.values()):
                 stream.send_buffered()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self.draining = True  # (the client's GOAWAY: no GOAWAY of ours is needed)
-            if not self.streams:
-                self.close()
+            # The client's GOAWAY. h2 closes its state machine on it, so nothing more can
+            # be sent: the streams in flight are abandoned (their upstream requests
+            # cancelled) and the connection closed.
+            self.draining = True
+            for stream in list(self.streams.values()):
+                stream.client_gone()
+            self.streams.clear()
+            self.close()
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
@@ -237,18 +257,30 @@ class H2Downstream(asyncio.Protocol):
             if name == b"host":
                 has_host = True
             elif name == b"content-length":
+                if length is not None:  # (h2 versions differ on duplicates)
+                    self._refuse(stream_id, 400, event.stream_ended is not None)
+                    return
                 length = value
             fields.append((name, value))
         if self.draining:  # after our GOAWAY: the client retries it elsewhere
-            self.conn.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._reset(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         limits = self._options.limits
         if size > limits.max_header_bytes or len(fields) > limits.max_headers:
-            self._refuse(stream_id, 431)  # as for an HTTP/1.1 head past the same limits
+            self._refuse(stream_id, 431, event.stream_ended is not None)  # as HTTP/1.1 does
             return
-        if method == b"CONNECT" or not path or not scheme:
-            # (h2 has checked the pseudo-header rules; CONNECT tunnels are not offered)
-            self._refuse(stream_id, 405 if method == b"CONNECT" else 400)
+        if method == b"CONNECT":
+            self._refuse(stream_id, 405, event.stream_ended is not None)  # (no CONNECT tunnels)
+            return
+        # h2 has checked the pseudo-header rules, not what becomes the upstream request
+        # line: a token for a method, an origin-form path (or * for OPTIONS)
+        if (
+            not scheme
+            or _METHOD.fullmatch(method) is None
+            or _PATH.fullmatch(path) is None
+            or (path == b"*" and method != b"OPTIONS")
+        ):
+            self._refuse(stream_id, 400, event.stream_ended is not None)
             return
         if not has_host and authority:
             fields.insert(0, (b"host", authority))
@@ -261,7 +293,7 @@ class H2Downstream(asyncio.Protocol):
             body_kind, content_length = BODY_CHUNKED, 0
         max_body = self._options.limits.max_body
         if max_body and content_length > max_body:
-            self._refuse(stream_id, 413)
+            self._refuse(stream_id, 413, event.stream_ended is not None)
             return
         self.requests += 1
         self.deadline = 0.0
@@ -273,10 +305,36 @@ class H2Downstream(asyncio.Protocol):
         stream.receiving = body_kind != BODY_NONE
         start_session(session)
 
-    def _refuse(self, stream_id: int, status: int) -> None:
-        self.conn.send_headers(
-            stream_id, [(b":status", str(status).encode()), (b"content-length", b"0")], True
-        )
+    def _refuse(self, stream_id: int, status: int, client_done: bool = True) -> None:
+        """Answer ``status`` without a session; stop the client's upload, if any."""
+        try:
+            self.conn.send_headers(
+                stream_id, [(b":status", str(status).encode()), (b"content-length", b"0")], True
+            )
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            return
+        if not client_done:
+            self._reset(stream_id, h2.errors.ErrorCodes.NO_ERROR)
+
+    def _reset(self, stream_id: int, code: int) -> None:
+        try:
+            self.conn.reset_stream(stream_id, code)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            pass
+
+    def note_cancel(self) -> None:
+        """A stream was cancelled before its response completed (rapid-reset check)."""
+        now = self.loop.time()
+        if now - self._cancel_window >= 1.0:
+            self._cancel_window = now
+            self._cancels = 0
+        self._cancels += 1
+        if self._cancels > MAX_CANCELS_PER_SECOND and not self.closed:
+            self.loop.call_soon(
+                self._goaway,
+                ENHANCE_YOUR_CALM,
+                f"more than {MAX_CANCELS_PER_SECOND} streams cancelled in a second",
+            )
 
     def _protocol_error(self, exc: h2.exceptions.ProtocolError) -> None:
         code = getattr(exc, "error_code", None) or h2.errors.ErrorCodes.PROTOCOL_ERROR
@@ -288,9 +346,7 @@ class H2Downstream(asyncio.Protocol):
         # (for some errors h2 has queued its own GOAWAY and closed the state machine)
         if self.conn.state_machine.state != h2.connection.ConnectionState.CLOSED:
             try:
-                self.conn.close_connection(
-                    error_code=code, additional_data=reason.encode()[:200]
-                )
+                self.conn.close_connection(error_code=code, additional_data=reason.encode()[:200])
             except h2.exceptions.ProtocolError:
                 pass
         self.close()
@@ -346,8 +402,25 @@ class H2Downstream(asyncio.Protocol):
         self.closed = True
 
     def on_deadline(self) -> None:
-        if not self.closed and not self.streams:
+        if self.closed:
+            return
+        if not self.streams:
             self.start_draining()  # idle past the keep-alive timeout
+            return
+        now = self._sweep.now
+        for stream in list(self.streams.values()):
+            if 0.0 < stream.stall_deadline <= now:
+                stream.write_timed_out()
+        self.rearm()
+
+    def rearm(self) -> None:
+        """Set the deadline to the earliest stream stall (the idle one is set when the last
+        stream ends)."""
+        if self.streams:
+            self.deadline = min(
+                (st.stall_deadline for st in self.streams.values() if st.stall_deadline),
+                default=0.0,
+            )
 
     @property
     def client_addr(self) -> tuple[Any, ...] | None:
@@ -397,6 +470,8 @@ class H2Stream(ClientSide):
         self._unacked = 0
         self._finished = False
         self._body_bytes = 0
+        #: when a write-paused stream times out (body_write), or 0.0
+        self.stall_deadline = 0.0
 
     # request side -----------------------------------------------------------------------
 
@@ -430,9 +505,13 @@ class H2Stream(ClientSide):
         if self.closed:
             return
         self.closed = True
+        self._ack_held()
         session = self.session
         if session is not None and not session._done:
+            self.owner.note_cancel()
             session._on_client_error(client_closed_error())
+        elif self._finished:
+            self._release()  # its end was waiting for window space: nothing more to send
 
     # response side ----------------------------------------------------------------------
 
@@ -444,14 +523,22 @@ class H2Stream(ClientSide):
             lname = name.lower()
             if lname not in _CONNECTION_SPECIFIC:
                 fields.append((lname, value))
-        self.owner.conn.send_headers(self.stream_id, fields, end_stream=end_stream)
+        try:
+            self.owner.conn.send_headers(self.stream_id, fields, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.client_gone()
+            return
         if end_stream:
             self._ended = True
         self.owner.flush()
 
     def write_interim(self, status: int) -> None:
         if not self.closed:
-            self.owner.conn.send_headers(self.stream_id, [(b":status", b"%d" % status)])
+            try:
+                self.owner.conn.send_headers(self.stream_id, [(b":status", b"%d" % status)])
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                self.client_gone()
+                return
             self.owner.flush()
 
     def write(self, data: bytes) -> None:
@@ -496,8 +583,12 @@ class H2Stream(ClientSide):
             if not buffer and self._end is not None and not self._ended:
                 trailers = self._end[0]
                 self._ended = True
-                if trailers:
-                    fields = [(n.lower(), v) for n, v in trailers._items]
+                fields = [
+                    (n.lower(), v)
+                    for n, v in (trailers._items if trailers else ())
+                    if n[:1] != b":" and n.lower() not in _CONNECTION_SPECIFIC
+                ]
+                if fields:
                     conn.send_headers(stream_id, fields, end_stream=True)
                 else:
                     conn.send_data(stream_id, b"", end_stream=True)
@@ -519,6 +610,9 @@ class H2Stream(ClientSide):
         paused = self.owner.transport_paused or self._buffered > STREAM_HIGH_WATER
         if paused and not self.write_paused:
             self.write_paused = True
+            owner = self.owner
+            self.stall_deadline = owner._sweep.now + owner._options.body_write_timeout
+            owner.rearm()
             if session is not None:
                 session._down_paused()
         elif (
@@ -527,8 +621,29 @@ class H2Stream(ClientSide):
             and (self._buffered <= STREAM_LOW_WATER)
         ):
             self.write_paused = False
+            self.stall_deadline = 0.0
+            self.owner.rearm()
             if session is not None:
                 session._down_resumed()
+
+    def write_timed_out(self) -> None:
+        """The client took no response bytes for body_write seconds: reset the stream."""
+        self.stall_deadline = 0.0
+        self.owner._reset(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+        self.owner.flush()
+        if self.closed:
+            return
+        self.closed = True
+        self._ack_held()
+        session = self.session
+        if session is not None and not session._done:
+            session._on_client_error(
+                ProxyError(
+                    ErrorKind.WRITE_TIMEOUT, ErrorSource.DOWNSTREAM, "the client stopped reading"
+                )
+            )
+        elif self._finished:
+            self._release()
 
     # the rest of ClientSide ---------------------------------------------------------------
 
@@ -586,9 +701,25 @@ class H2Stream(ClientSide):
         # else: the end waits for the client's window (send_buffered releases the stream)
 
     def _release(self) -> None:
+        self._ack_held()
+        if self.receiving and not self.closed:
+            # answered before the client finished its body: ask it to stop (RFC 9113 §8.1)
+            self.receiving = False
+            self.owner._reset(self.stream_id, h2.errors.ErrorCodes.NO_ERROR)
+            self.owner.flush()
         self.session = None
         self._buffer = []
         self.owner.stream_done(self)
+
+    def _ack_held(self) -> None:
+        """Give back the window of request bytes held while paused (the connection's
+        window would otherwise shrink for good)."""
+        unacked, self._unacked = self._unacked, 0
+        if unacked:
+            try:
+                self.owner.conn.acknowledge_received_data(unacked, self.stream_id)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                pass
 
     def peer_ip(self) -> bytes:
         return self.owner.client_ip
@@ -635,9 +766,17 @@ class PrefaceSniffer(asyncio.Protocol):
         self.make_h1 = make_h1
         self.transport: asyncio.Transport | None = None
         self.buffer = b""
+        self.deadline = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sweep = self.service.sweep
+        sweep.add(self)  # a silent connection is closed after the header read timeout
+        self.deadline = sweep.now + self.service.options.header_read_timeout
+
+    def on_deadline(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer + data
@@ -647,6 +786,7 @@ class PrefaceSniffer(asyncio.Protocol):
             self.buffer = buffer  # a prefix of the preface so far: wait for more
             return
         self.buffer = b""
+        self.service.sweep.discard(self)
         if buffer.startswith(PREFACE):
             take_over(transport, self.service, self.listener, None, buffer)
             return
@@ -659,4 +799,4 @@ class PrefaceSniffer(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        pass
+        self.service.sweep.discard(self)
