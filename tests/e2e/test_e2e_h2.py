@@ -726,3 +726,45 @@ def test_a_silent_connection_on_an_h2c_port_is_closed_after_header_read(tmp_path
     finally:
         proxy.stop(signal.SIGINT)
         origin.stop()
+
+
+def test_a_request_body_that_stops_arriving_is_408_after_body_read(tmp_path: Path) -> None:
+    import time
+
+    import h2.events
+
+    origin = OriginServer().start()
+    proxy = _h2c_proxy(tmp_path, origin.address, ", timeouts: {body_read: 1s}")
+    client = H2Client(proxy.port)
+    try:
+        sid = client.conn.get_next_available_stream_id()
+        client.conn.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":path", "/echo"),
+                (":scheme", "http"),
+                (":authority", "a"),
+                ("content-length", "1000"),
+            ],
+        )
+        client.conn.send_data(sid, b"x" * 100)  # then nothing more
+        client.flush()
+        started = time.monotonic()
+        got: list[object] = []
+        while time.monotonic() - started < 6:
+            got += client.events(0.5)
+            if any(isinstance(e, h2.events.StreamReset) for e in got):
+                break
+        heads = [e for e in got if isinstance(e, h2.events.ResponseReceived)]
+        assert heads and dict(heads[0].headers)[b":status"] == b"408"
+        assert 0.8 < time.monotonic() - started < 4
+        # the unfinished upload is told to stop
+        assert any(
+            isinstance(e, h2.events.StreamReset) and e.stream_id == sid and e.error_code == 0
+            for e in got
+        ), got
+    finally:
+        client.close()
+        proxy.stop(signal.SIGINT)
+        origin.stop()

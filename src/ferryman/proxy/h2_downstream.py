@@ -303,6 +303,9 @@ class H2Downstream(asyncio.Protocol):
         session = Session(stream, head, body_kind, True)
         stream.session = session
         stream.receiving = body_kind != BODY_NONE
+        if stream.receiving:
+            stream.read_deadline = self._sweep.now + self._options.body_read_timeout
+            self.arm(stream.read_deadline)
         start_session(session)
 
     def _refuse(self, stream_id: int, status: int, client_done: bool = True) -> None:
@@ -411,16 +414,28 @@ class H2Downstream(asyncio.Protocol):
         for stream in list(self.streams.values()):
             if 0.0 < stream.stall_deadline <= now:
                 stream.write_timed_out()
+            elif 0.0 < stream.read_deadline <= now:
+                stream.read_timed_out()
         self.rearm()
 
     def rearm(self) -> None:
-        """Set the deadline to the earliest stream stall (the idle one is set when the last
-        stream ends)."""
+        """Set the deadline to the earliest stream deadline, a write stall or a body read
+        (the idle one is set when the last stream ends)."""
         if self.streams:
             self.deadline = min(
-                (st.stall_deadline for st in self.streams.values() if st.stall_deadline),
+                (
+                    d
+                    for st in self.streams.values()
+                    for d in (st.stall_deadline, st.read_deadline)
+                    if d
+                ),
                 default=0.0,
             )
+
+    def arm(self, when: float) -> None:
+        """Make sure the sweep calls back by ``when``."""
+        if not self.deadline or when < self.deadline:
+            self.deadline = when
 
     @property
     def client_addr(self) -> tuple[Any, ...] | None:
@@ -472,20 +487,27 @@ class H2Stream(ClientSide):
         self._body_bytes = 0
         #: when a write-paused stream times out (body_write), or 0.0
         self.stall_deadline = 0.0
+        #: when a request body that stopped arriving times out (body_read), or 0.0; not
+        #: while the session itself holds the body back
+        self.read_deadline = 0.0
+        #: the request failed: body bytes still arriving are acknowledged and dropped
+        self._discard = False
 
     # request side -----------------------------------------------------------------------
 
     def on_data(self, data: bytes, flow_length: int) -> None:
         session = self.session
-        if self._pause_mask and self.receiving:
+        if self._pause_mask and self.receiving and not self._discard:
             self._unacked += flow_length
         else:
             self.owner.conn.acknowledge_received_data(flow_length, self.stream_id)
-        if session is not None and self.receiving:
+        if session is not None and self.receiving and not self._discard:
+            if self.read_deadline:
+                self.read_deadline = self.owner._sweep.now + self.owner._options.body_read_timeout
             self._body_bytes += len(data)
             max_body = self.owner._options.limits.max_body
             if max_body and self._body_bytes > max_body:
-                self.receiving = False  # the rest of the body is dropped (and acknowledged)
+                self._discard = True  # the rest of the body is dropped (and acknowledged)
                 session._on_client_error(
                     ProxyError(
                         ErrorKind.BODY_TOO_LARGE, ErrorSource.DOWNSTREAM, "request body too large"
@@ -496,6 +518,7 @@ class H2Stream(ClientSide):
 
     def on_end(self) -> None:
         session = self.session
+        self.read_deadline = 0.0
         if session is not None and self.receiving:
             self.receiving = False
             session._on_req_end(self.trailers)
@@ -626,6 +649,20 @@ class H2Stream(ClientSide):
             if session is not None:
                 session._down_resumed()
 
+    def read_timed_out(self) -> None:
+        """The request body stopped arriving for body_read seconds: fail with 408."""
+        self.read_deadline = 0.0
+        session = self.session
+        if session is not None and self.receiving and not self.closed and not self._discard:
+            self._discard = True  # (still receiving: the stream is reset once answered)
+            session._on_client_error(
+                ProxyError(
+                    ErrorKind.BODY_READ_TIMEOUT,
+                    ErrorSource.DOWNSTREAM,
+                    "timed out reading the request body",
+                )
+            )
+
     def write_timed_out(self) -> None:
         """The client took no response bytes for body_write seconds: reset the stream."""
         self.stall_deadline = 0.0
@@ -668,10 +705,15 @@ class H2Stream(ClientSide):
 
     def pause(self, reason: int) -> None:
         self._pause_mask |= reason
+        self.read_deadline = 0.0  # (the client waits for us now, not we for it)
 
     def resume(self, reason: int) -> None:
         if self._pause_mask & reason:
             self._pause_mask &= ~reason
+            if not self._pause_mask and self.receiving and not self.closed:
+                owner = self.owner
+                self.read_deadline = owner._sweep.now + owner._options.body_read_timeout
+                owner.arm(self.read_deadline)
             if not self._pause_mask and self._unacked and not self.closed:
                 unacked, self._unacked = self._unacked, 0
                 try:
