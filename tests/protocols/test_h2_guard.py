@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
 
 from ferryman.protocols.h2_guard import FrameGuard
 
@@ -84,3 +86,40 @@ def test_acks_and_data_with_content_are_not_counted() -> None:
     guard = FrameGuard(max_per_second=10)
     data = PREFACE + frame(4, 1) * 50 + frame(6, 1, 0, b"p" * 8) * 50 + frame(0, 0, 1, b"x") * 50
     assert feed_all(guard, data) is None
+
+
+# --- properties: however the reads cut the stream, the verdict is the same ----------------
+
+
+_KINDS = [0, 1, 3, 4, 6, 8, 9]  # DATA HEADERS RST SETTINGS PING WINDOW_UPDATE CONTINUATION
+
+frames_strategy = st.lists(
+    st.tuples(st.sampled_from(_KINDS), st.integers(0, 255), st.binary(max_size=300)),
+    max_size=60,
+)
+
+
+def _verdict_and_where(guard: FrameGuard, data: bytes, cuts: list[int]) -> tuple[str | None, int]:
+    """The guard's verdict and the number of bytes fed when it came."""
+    bounds = [0, *sorted(set(c for c in cuts if 0 < c < len(data))), len(data)]
+    fed = 0
+    for a, b in zip(bounds, bounds[1:], strict=False):
+        problem = guard.feed(data[a:b], 0.0)
+        fed = b
+        if problem is not None:
+            return problem, fed
+    return None, fed
+
+
+@seed(20261127)
+@settings(max_examples=300, deadline=None)
+@given(frames_strategy, st.lists(st.integers(0, 20000), max_size=8))
+def test_the_verdict_does_not_depend_on_how_reads_cut_the_frames(
+    frames: list[tuple[int, int, bytes]], cuts: list[int]
+) -> None:
+    data = PREFACE + b"".join(frame(k, f, 1, p) for k, f, p in frames)
+    whole, _ = _verdict_and_where(FrameGuard(max_header_block=2000, max_per_second=5), data, [])
+    split, _ = _verdict_and_where(FrameGuard(max_header_block=2000, max_per_second=5), data, cuts)
+    assert split == whole
+    bytewise = FrameGuard(max_header_block=2000, max_per_second=5)
+    assert _verdict_and_where(bytewise, data, list(range(len(data))))[0] == whole
