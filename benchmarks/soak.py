@@ -56,6 +56,7 @@ from benchlib import (  # noqa: E402
     guarded_main,
     log,
     tool_version,
+    wait_ready,
 )
 
 BIG_SIZE = 256 * 1024
@@ -267,23 +268,6 @@ def stub_requests(port: int) -> int:
     if not m:
         raise BenchError(f"cannot read the origin's stub_status: {body[:120]!r}")
     return int(m.group(1))
-
-
-def wait_answering(proc: Managed, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            raise BenchError(f"{proc.name} exited early:\n{proc.log_tail()}")
-        try:
-            status, _ = http_get(port, "/")
-            if status == 200:
-                return
-            last = f"HTTP {status}"
-        except OSError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise BenchError(f"{proc.name} did not answer on {port} ({last}):\n{proc.log_tail()}")
 
 
 def worker_pids(main_pid: int) -> list[int]:
@@ -580,14 +564,14 @@ def _run(args: argparse.Namespace, nginx: str, work: Path, stats_dir: Path) -> i
         [nginx, "-p", str(work), "-c", str(origin_conf(work, origin_port, closing_port))],
         work,
     )
-    wait_answering(origin, origin_port, 10)
+    wait_ready(origin, origin_port, 10)
 
     cfg = ferryman_yaml(work, proxy_port, origin_port, closing_port, dead_port, args.workers)
     argv, env = ferryman_command(args.ferryman_bin, ["run", "-c", str(cfg)])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH")) if p)
     env["FERRYMAN_SOAK_STATS"] = str(stats_dir)
     proxy = Managed("ferryman", argv, work, env=env)
-    wait_answering(proxy, proxy_port, 30)
+    wait_ready(proxy, proxy_port, 30)
     version = (
         subprocess.run(
             [*argv[:-3], "--version"], capture_output=True, text=True, env=env, timeout=30

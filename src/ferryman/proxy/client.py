@@ -62,23 +62,18 @@ class ClientSide:
 
     def write(self, data: bytes) -> None:
         """Send response bytes (a serialized head, or body bytes)."""
-        raise NotImplementedError
 
     def writelines(self, parts: list[bytes]) -> None:
         """Send several byte strings at once."""
-        raise NotImplementedError
 
     def write_head(self, response: ResponseHeader, end_stream: bool) -> None:
         """Send the response head; ``end_stream`` when no body follows."""
-        raise NotImplementedError
 
     def write_interim(self, status: int) -> None:
         """Send an interim (1xx) response head, such as 100 Continue."""
-        raise NotImplementedError
 
     def end_response(self, trailers: Headers | None) -> None:
         """The response body is complete (multiplexed clients: end the stream)."""
-        raise NotImplementedError
 
     def writable(self) -> bool:
         """Whether the client can still be written to (not closed or closing)."""
@@ -90,23 +85,18 @@ class ClientSide:
 
     def cork(self) -> None:
         """Gather writes until the matching :meth:`uncork`."""
-        raise NotImplementedError
 
     def uncork(self) -> None:
         """End a :meth:`cork`; the outermost one flushes the gathered writes."""
-        raise NotImplementedError
 
     def write_eof(self) -> None:
         """Half-close towards the client (tunnels)."""
-        raise NotImplementedError
 
     def pause(self, reason: int) -> None:
         """Stop reading from the client for ``reason`` (a ``PAUSE_*`` bit)."""
-        raise NotImplementedError
 
     def resume(self, reason: int) -> None:
         """Clear ``reason``; read again once no reason is left."""
-        raise NotImplementedError
 
     def start_tunnel(self, session: Session) -> bytes:
         """Switch to raw byte splicing for ``session``; returns bytes already read."""
@@ -114,7 +104,6 @@ class ClientSide:
 
     def request_done(self, session: Session) -> None:
         """The exchange of ``session`` is over (its response complete or failed)."""
-        raise NotImplementedError
 
     def peer_ip(self) -> bytes:
         """The client's IP address as bytes (for X-Forwarded-For)."""
