@@ -50,6 +50,8 @@ class ErrorKind(enum.Enum):
     UPSTREAM_WRITE_TIMEOUT = "upstream_write_timeout"
     UPSTREAM_CLOSED = "upstream_closed"
     INVALID_RESPONSE = "invalid_response"
+    #: the upstream broke HTTP/2's rules, reset the stream, or cannot carry the request
+    UPSTREAM_PROTOCOL = "upstream_protocol"
     NO_PEER = "no_peer"
     # ferryman itself
     INTERNAL = "internal"
@@ -122,6 +124,7 @@ _STATUS: Final[dict[ErrorKind, int]] = {
     ErrorKind.UPSTREAM_WRITE_TIMEOUT: 504,
     ErrorKind.UPSTREAM_CLOSED: 502,
     ErrorKind.INVALID_RESPONSE: 502,
+    ErrorKind.UPSTREAM_PROTOCOL: 502,
     ErrorKind.NO_PEER: 502,
     ErrorKind.INTERNAL: 500,
     ErrorKind.HOOK_ERROR: 500,

@@ -277,14 +277,14 @@ UPSTREAM_CASES = [
          "\"2s\" or \"500ms\", got '0s'", "read-zero"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    timeouts: {connnect: 1s}\n',
          'ferryman.yaml:5: upstreams.app.timeouts.connnect: unknown key "connnect" (did you '
-         'mean "connect"?); expected one of: connect, read, write, idle',
+         'mean "connect"?); expected one of: connect, read, write, idle, ping',
          "upstream-timeouts-unknown-key"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    pool: {max_idle: -1}\n',
          "ferryman.yaml:5: upstreams.app.pool.max_idle: expected an integer >= 0, got -1",
          "max-idle-negative"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    pool: {size: 4}\n',
          'ferryman.yaml:5: upstreams.app.pool.size: unknown key "size"; expected one of: '
-         "max_idle, idle_timeout", "pool-unknown-key"),
+         "max_idle, idle_timeout, max_streams", "pool-unknown-key"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    timeouts: {idle: 30s}\n'
          "    pool: {idle_timeout: 10s}\n",
          "ferryman.yaml:6: upstreams.app.pool.idle_timeout: expected the same duration as "
@@ -299,7 +299,7 @@ UPSTREAM_CASES = [
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    retries: 3\n',
          'ferryman.yaml:5: upstreams.app.retries: unknown key "retries" (did you mean '
          '"max_retries"?); expected one of: servers, timeouts, tls, pool, max_retries, lb, '
-         "hash_key, dns, file, discovery, health_check, passive",
+         "hash_key, dns, file, discovery, health_check, passive, protocol",
          "upstream-unknown-key"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    tls: maybe\n',
          "ferryman.yaml:5: upstreams.app.tls: expected a mapping of TLS settings, true or "

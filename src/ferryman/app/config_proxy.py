@@ -138,6 +138,9 @@ def make_peer_factory(upstream: UpstreamConfig) -> Callable[[tuple[str, int]], H
             write_timeout=timeouts.write,
             idle_timeout=min(timeouts.idle, upstream.pool.idle_timeout),
             max_idle=upstream.pool.max_idle,
+            protocol=upstream.protocol,
+            ping_interval=timeouts.ping,
+            max_streams=upstream.pool.max_streams,
         )
 
     return make

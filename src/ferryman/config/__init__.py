@@ -143,9 +143,16 @@ Every key, with its default (all optional unless marked *required*)::
           read: 60s              # longest wait for data from the server
           write: 60s             # longest time a write to the server may stay blocked
           idle: 60s              # how long an idle pooled connection is kept
+          ping: 30s              # HTTP/2: PING an idle connection this often; no answer
+                                 # within `connect` closes it
         pool:
           max_idle: 128          # idle connections kept per server; 0 = no reuse
           idle_timeout: 60s      # same setting as timeouts.idle: set either one
+          max_streams: 1000      # HTTP/2: concurrent requests per connection (the server's
+                                 # limit wins when lower); full: another connection opens
+        protocol: h1             # h1 (default); h2: HTTP/2 over TLS, chosen with ALPN
+                                 # (HTTP/1.1 if the server does not pick it); h2c:
+                                 # cleartext HTTP/2 by prior knowledge
         max_retries: 1           # retries of a failed attempt, on a server not tried yet:
                                  # after a connect failure, or (GET/HEAD/PUT/DELETE/...)
                                  # when the server closed or timed out before answering,

@@ -375,12 +375,15 @@ class UpstreamTimeouts:
         write: longest time a write to the server may stay blocked. Default 60.0.
         idle: how long an idle pooled connection is kept before it is closed. Default 60.0.
             The loader keeps it equal to ``PoolConfig.idle_timeout``.
+        ping: HTTP/2 only: an open connection without streams sends a PING this often and
+            is closed when no answer comes within ``connect``. Default 30.0.
     """
 
     connect: float = 5.0
     read: float = 60.0
     write: float = 60.0
     idle: float = 60.0
+    ping: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -415,13 +418,19 @@ class PoolConfig:
         max_idle: most idle connections kept per server; 0 disables reuse. Default 128.
         idle_timeout: seconds an idle connection is kept before it is closed. Default 60.0.
             The loader keeps it equal to ``UpstreamTimeouts.idle``: setting either sets both.
+        max_streams: HTTP/2 only: most concurrent requests on one connection (the server's
+            SETTINGS_MAX_CONCURRENT_STREAMS wins when lower); another connection is opened
+            when every one is full. Default 1000.
     """
 
     max_idle: int = 128
     idle_timeout: float = 60.0
+    max_streams: int = 1000
 
 
 LbAlgorithm = Literal["round_robin", "random", "hash", "consistent", "least_conn", "p2c_ewma"]
+#: How requests go to an upstream group's servers (``upstreams.NAME.protocol``).
+UpstreamProtocol = Literal["h1", "h2", "h2c"]
 """The load-balancing algorithms of ``upstreams.NAME.lb``."""
 
 
@@ -536,6 +545,10 @@ class UpstreamConfig:
             None. Default None. Exactly one of servers/dns/file/discovery is used.
         health_check: active health checks, or None for none. Default None.
         passive: passive health checks; see ``PassiveHealthConfig``.
+        protocol: ``"h1"`` (HTTP/1.1, the default), ``"h2"`` (HTTP/2 chosen with ALPN over
+            TLS, HTTP/1.1 when the server does not pick it; needs ``tls``) or ``"h2c"``
+            (cleartext HTTP/2 by prior knowledge). HTTP/2 connections carry many requests
+            at once.
     """
 
     name: str
@@ -551,6 +564,7 @@ class UpstreamConfig:
     discovery: str | None = None
     health_check: HealthCheckConfig | None = None
     passive: PassiveHealthConfig = field(default_factory=PassiveHealthConfig)
+    protocol: UpstreamProtocol = "h1"
 
 
 @dataclass(frozen=True, slots=True)

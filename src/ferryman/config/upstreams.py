@@ -25,6 +25,7 @@ from .model import (
     PoolConfig,
     ServerEntry,
     UpstreamConfig,
+    UpstreamProtocol,
     UpstreamTimeouts,
     UpstreamTls,
 )
@@ -45,11 +46,12 @@ UPSTREAM_KEYS = (
     "discovery",
     "health_check",
     "passive",
+    "protocol",
 )
 SOURCES = ("servers", "dns", "file", "discovery")
-UPSTREAM_TIMEOUT_KEYS = ("connect", "read", "write", "idle")
+UPSTREAM_TIMEOUT_KEYS = ("connect", "read", "write", "idle", "ping")
 UPSTREAM_TLS_KEYS = ("sni", "verify", "verify_hostname", "ca", "cert", "key")
-POOL_KEYS = ("max_idle", "idle_timeout")
+POOL_KEYS = ("max_idle", "idle_timeout", "max_streams")
 DNS_KEYS = ("name", "port", "type", "refresh", "resolver")
 HEALTH_CHECK_KEYS = (
     "type",
@@ -67,6 +69,8 @@ HTTP_CHECK_KEYS = ("method", "path", "host", "expect_status", "body_contains")
 PASSIVE_KEYS = ("max_fails", "eject", "max_eject", "on_5xx")
 SERVER_OPTIONS = ("weight",)
 LB_VALUES: tuple[str, ...] = get_args(LbAlgorithm)
+PROTOCOL_VALUES: tuple[str, ...] = get_args(UpstreamProtocol)
+PROTOCOL_EXPECTED = "h1, h2 (HTTP/2 over TLS, chosen with ALPN) or h2c (cleartext HTTP/2)"
 HASH_LBS = ("hash", "consistent")
 DNS_TYPES = ("A", "AAAA", "SRV")
 CHECK_TYPES = ("tcp", "http")
@@ -267,6 +271,7 @@ def _upstream(name: str, node: Node, path: str, reader: Reader) -> UpstreamConfi
     hash_key = _hash_key(sec, reader, lb)
     health_check = _health_check(sec, reader)
     passive = _passive(sec, reader)
+    protocol = _protocol(sec, reader, tls is not None)
     if not one_source or not (servers or dns or file or discovery):
         return None
     return UpstreamConfig(
@@ -283,7 +288,31 @@ def _upstream(name: str, node: Node, path: str, reader: Reader) -> UpstreamConfi
         discovery=discovery,
         health_check=health_check,
         passive=passive,
+        protocol=cast(UpstreamProtocol, protocol or "h1"),
     )
+
+
+def _protocol(sec: Section, reader: Reader, tls: bool) -> str | None:
+    """``h1``, ``h2`` or ``h2c``; ``h2`` needs ``tls`` (ALPN), ``h2c`` refuses it."""
+    node = sec.get("protocol")
+    if node is None:
+        return "h1"
+    path = sec.path_of("protocol")
+    text = reader.string(node, path, PROTOCOL_EXPECTED)
+    if text is None:
+        return None
+    if text not in PROTOCOL_VALUES:
+        reader.expected(node, path, PROTOCOL_EXPECTED)
+        return None
+    if text == "h2" and not tls:
+        reader.expected(
+            node, path, "h2c for cleartext HTTP/2", "h2 is chosen with ALPN, which needs tls"
+        )
+        return None
+    if text == "h2c" and tls:
+        reader.expected(node, path, "h2 with tls", "h2c is cleartext HTTP/2")
+        return None
+    return text
 
 
 # -- load balancing ----------------------------------------------------------------------------
@@ -610,6 +639,7 @@ def _upstream_timeouts(sec: Section | None) -> UpstreamTimeouts:
         read=sec.duration("read", d.read, positive=True),
         write=sec.duration("write", d.write, positive=True),
         idle=sec.duration("idle", d.idle, positive=True),
+        ping=sec.duration("ping", d.ping, positive=True),
     )
 
 
@@ -620,6 +650,7 @@ def _pool(sec: Section | None) -> PoolConfig:
     return PoolConfig(
         max_idle=sec.integer("max_idle", d.max_idle, minimum=0),
         idle_timeout=sec.duration("idle_timeout", d.idle_timeout, positive=True),
+        max_streams=sec.integer("max_streams", d.max_streams, minimum=1),
     )
 
 

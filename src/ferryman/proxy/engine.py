@@ -30,7 +30,7 @@ from ferryman.proxy import session as _session_module
 from ferryman.proxy.session import _WAIT_END, _WAIT_HEAD, Session
 
 if TYPE_CHECKING:
-    from ferryman.upstream.connection import UpstreamConnection
+    from ferryman.upstream.connection import UpstreamChannel
     from ferryman.upstream.peer import HttpPeer
 
 log = logging.getLogger("ferryman.engine")
@@ -164,7 +164,17 @@ def build_upstream_request(session: Session) -> RequestHeader:
         mine = options.via_value
         out.append((b"Via", via + b", " + mine if via else mine))
     body_kind = session._body_kind
-    if body_kind != BODY_NONE and (body_kind == BODY_CHUNKED or session._body_filter):
+    up = session._up
+    if up is not None and up.multiplexed:
+        # HTTP/2 frames the body itself; what the client's TE offered is kept for it
+        # (gRPC needs "te: trailers" to reach its server)
+        session._up_chunked = False
+        te = req.headers.get(b"te")
+        if te is not None and b"trailers" in te.lower():
+            out.append((b"te", b"trailers"))
+        if session._body_filter:
+            out = [p for p in out if p[0].lower() != b"content-length"]
+    elif body_kind != BODY_NONE and (body_kind == BODY_CHUNKED or session._body_filter):
         out = [p for p in out if p[0].lower() != b"content-length"]
         out.append((b"Transfer-Encoding", b"chunked"))
         session._up_chunked = True
@@ -301,7 +311,7 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
         _fail_sync(session, as_proxy_error(exc))
 
 
-def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> None:
+def _send_upstream(session: Session, up: UpstreamChannel, reused: bool) -> None:
     """Sync mode: hooks around the connection, then send head and buffered body."""
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     plan = session._plan
@@ -311,6 +321,8 @@ def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> No
     try:
         if plan.connected_to_upstream:
             proxy.connected_to_upstream(session, reused, up.peer, ctx)
+        if up.multiplexed:
+            _check_multiplexable(session)
         if session.req_header.raw_method == b"CONNECT":
             _start_connect_tunnel(session, up)
             session._phase = _PH_TUNNEL
@@ -319,7 +331,7 @@ def _send_upstream(session: Session, up: UpstreamConnection, reused: bool) -> No
         if plan.upstream_request_filter:
             proxy.upstream_request_filter(session, up_req, ctx)
         up.start(session, up_req.raw_method, up.peer.read_timeout)
-        session._send_request(up, up_req.to_bytes())
+        session._send_request(up, up_req)
     except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
         _fail_sync(session, as_proxy_error(exc))
         return
@@ -486,6 +498,17 @@ def _send_response_start(session: Session, resp: ResponseHeader) -> None:
     down.uncork()
 
 
+def _check_multiplexable(session: Session) -> None:
+    """CONNECT and Upgrade need a connection of their own: not one of an HTTP/2 upstream's
+    streams (RFC 8441's extended CONNECT is not offered)."""
+    if session.req_header.raw_method == b"CONNECT" or session._upgrade:
+        raise ProxyError(
+            ErrorKind.UPSTREAM_PROTOCOL,
+            ErrorSource.UPSTREAM,
+            "cannot tunnel (CONNECT or Upgrade) through an HTTP/2 upstream connection",
+        )
+
+
 def _start_upgrade_tunnel(session: Session, resp: ResponseHeader) -> None:
     """Forward a 101 and start splicing the two connections."""
     session._tunnel = True
@@ -501,7 +524,7 @@ def _start_upgrade_tunnel(session: Session, resp: ResponseHeader) -> None:
         session.on_tunnel_data(piece)
 
 
-def _start_connect_tunnel(session: Session, up: UpstreamConnection) -> None:
+def _start_connect_tunnel(session: Session, up: UpstreamChannel) -> None:
     """Answer a permitted CONNECT with 200 and start splicing client and upstream."""
     session._tunnel = True
     session.keep_alive = False
@@ -626,6 +649,8 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             r = proxy.connected_to_upstream(session, reused, peer, ctx)
             if "connected_to_upstream" in async_hooks:
                 await r
+        if up.multiplexed:
+            _check_multiplexable(session)
         if is_connect:
             _start_connect_tunnel(session, up)
             if not session._done:
@@ -637,7 +662,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             if "upstream_request_filter" in async_hooks:
                 await r
         up.start(session, up_req.raw_method, peer.read_timeout)
-        session._send_request(up, up_req.to_bytes())
+        session._send_request(up, up_req)
         try:
             if session._error is not None:
                 raise session._error

@@ -18,7 +18,7 @@ from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE, chunk, last_chunk
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader, reason_phrase
 from ferryman.proxy.client import PAUSE_BODY, PAUSE_UPSTREAM, ClientSide
-from ferryman.upstream.connection import UpstreamConnection, UpstreamSink
+from ferryman.upstream.connection import UpstreamChannel, UpstreamSink
 
 if TYPE_CHECKING:
     from ferryman.proxy.downstream import TlsInfo
@@ -169,7 +169,7 @@ class Session(UpstreamSink):
         self._retry_buf: list[bytes] | None = []
         self._sent = 0
         self._replayable = True
-        self._up: UpstreamConnection | None = None
+        self._up: UpstreamChannel | None = None
         self._up_chunked = False
         self._up_streaming = False
         self._up_resp: ResponseHeader | None = None
@@ -553,8 +553,12 @@ class Session(UpstreamSink):
             tail = self._filter_body(b"", True)
             if tail:
                 self._send_body(tail)
-        if self._up_chunked and self._up is not None:
-            self._up.write(last_chunk(trailers))
+        up = self._up
+        if up is not None:
+            if self._up_chunked:
+                up.write(last_chunk(trailers))
+            elif up.multiplexed:
+                up.end_request(trailers)
 
     def _filter_body(self, data: bytes, end: bool) -> bytes | None:
         """Run request_body_filter; an exception in it fails the request with a 500."""
@@ -586,15 +590,18 @@ class Session(UpstreamSink):
         if up is not None:
             # the upstream's read timeout counts from the end of the request: while the
             # body is still flowing, push the deadline on
-            up.deadline = up._sweep.now + up.read_timeout
+            up.touch()
             if self._up_chunked:
                 up.writelines(chunk(data))
             else:
                 up.write(data)
 
-    def _send_request(self, up: UpstreamConnection, head: bytes) -> None:
+    def _send_request(self, up: UpstreamChannel, request: RequestHeader) -> None:
         """Send the head, what was sent before (on a retry) and what is buffered."""
-        parts = [head]
+        if up.multiplexed:
+            self._send_request_multiplexed(up, request)
+            return
+        parts = [request.to_bytes()]
         chunked = self._up_chunked
         if self._retry_buf:
             for piece in self._retry_buf:
@@ -628,6 +635,43 @@ class Session(UpstreamSink):
         if self._req_done and chunked:
             parts.append(last_chunk(self._req_trailers))
         up.writelines(parts)
+        self._down.resume(PAUSE_BODY)
+
+    def _send_request_multiplexed(self, up: UpstreamChannel, request: RequestHeader) -> None:
+        """:meth:`_send_request` for an HTTP/2 channel: the head (ending the stream when
+        there is no body), then the body so far, then the end if it came."""
+        pending, self._req_buf = self._req_buf, []
+        self._req_buffered = 0
+        self._up_streaming = True
+        filtered = self._body_filter and self._body_kind != BODY_NONE
+        if self._req_done and not self._retry_buf and not pending and not filtered:
+            up.send_head(request, self._req_trailers is None)
+            if self._req_trailers is not None:
+                up.end_request(self._req_trailers)
+            self._down.resume(PAUSE_BODY)
+            return
+        up.send_head(request, False)
+        if self._retry_buf:
+            for piece in self._retry_buf:
+                up.write(piece)
+        if filtered and self._req_done and not self._filter_ended:
+            self._filter_ended = True
+            pending.append(b"")
+            last = len(pending) - 1
+        else:
+            last = -1
+        for i, piece in enumerate(pending):
+            if filtered:
+                out = self._filter_body(piece, i == last)
+                if self._error is not None:
+                    return
+                if not out:
+                    continue
+                piece = out
+            self._record_sent(piece)
+            up.write(piece)
+        if self._req_done:
+            up.end_request(self._req_trailers)
         self._down.resume(PAUSE_BODY)
 
     def _send_continue(self) -> None:
@@ -695,13 +739,13 @@ class Session(UpstreamSink):
 
     def _down_paused(self) -> None:
         up = self._up
-        if up is not None and up.transport is not None and not up.closed:
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause_reading()
 
     def _down_resumed(self) -> None:
         up = self._up
-        if up is not None and up.transport is not None and not up.closed:
-            up.transport.resume_reading()
+        if up is not None:
+            up.resume_reading()
         if self._source is not None:
             self._pump()
         self._wake(_WAIT_DRAIN)
@@ -735,7 +779,19 @@ class Session(UpstreamSink):
                 self.keep_alive = False
         self._trust_length = False
         if down.multiplexed:
-            down.write_head(resp, head_only)
+            # a response that already ended with its head (a gRPC "trailers-only" answer
+            # among them) stays one HEADERS frame with END_STREAM
+            down.write_head(
+                resp,
+                head_only
+                or (
+                    body_kind == BODY_NONE
+                    and self._up_ended
+                    and not self._pending
+                    and self._resp_trailers is None
+                    and not filtered
+                ),
+            )
             return
         if down.draining or not down.service.running or not self._req_done:
             # (a response that starts before the request body was read ends the connection)
@@ -832,11 +888,8 @@ class Session(UpstreamSink):
     def _on_client_tunnel_eof(self) -> None:
         self._tunnel_client_eof = True
         up = self._up
-        if up is not None and up.transport is not None and not up.closed:
-            if up.transport.can_write_eof():
-                up.transport.write_eof()
-            else:
-                up.close()
+        if up is not None:
+            up.write_eof()
         self._check_tunnel_done()
 
     def _check_tunnel_done(self) -> None:

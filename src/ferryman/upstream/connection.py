@@ -1,4 +1,8 @@
-"""UpstreamConnection: one pooled HTTP/1.1 connection to an upstream server."""
+"""UpstreamChannel, the path of one request to its upstream, and UpstreamConnection, the
+HTTP/1.1 one: a pooled connection that carries one request at a time.
+
+The HTTP/2 channel (one stream of a shared connection) is in :mod:`.h2_connection`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from mypy_extensions import trait
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import ResponseParser
-from ferryman.protocols.headers import Headers, ResponseHeader
+from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 
 if TYPE_CHECKING:
     from ferryman.upstream.connector import Connector
@@ -59,7 +63,69 @@ class UpstreamSink:
         """The upstream write buffer drained: read from the client again."""
 
 
-class UpstreamConnection(asyncio.Protocol):
+@trait
+class UpstreamChannel:
+    """The path one request takes to its upstream, as the Session and the engine use it.
+
+    An HTTP/1.1 :class:`UpstreamConnection` is its own channel, one request at a time;
+    the Session frames HTTP/1.1 bodies itself (chunking) and sends bytes with
+    :meth:`write`. An HTTP/2 channel (``multiplexed``) is one stream of a shared
+    connection: it takes the head and the end of the request (:meth:`send_head`,
+    :meth:`end_request`) and frames them itself.
+
+    Attributes:
+        peer: the server it goes to.
+        closed: it can no longer carry anything.
+        reused: the connection under it carried requests before.
+        multiplexed: HTTP/2: heads and ends go through :meth:`send_head` and
+            :meth:`end_request`, and no HTTP/1.1 framing is done above it.
+        tunnel: bytes are spliced both ways (after a 101 or a CONNECT).
+    """
+
+    peer: HttpPeer
+    closed: bool
+    reused: bool
+    multiplexed: bool
+    tunnel: bool
+
+    def start(self, sink: UpstreamSink, method: bytes, read_timeout: float) -> None:
+        """Begin an exchange: responses now go to ``sink``; the read deadline is armed."""
+
+    def send_head(self, head: RequestHeader, end_stream: bool) -> None:
+        """Send the request head (the whole request when ``end_stream``)."""
+
+    def write(self, data: bytes) -> None:
+        """Send body bytes (HTTP/1.1: already framed by the Session)."""
+
+    def writelines(self, parts: list[bytes]) -> None:
+        """Send several pieces of body at once."""
+
+    def end_request(self, trailers: Headers | None) -> None:
+        """The request body is complete (HTTP/2: END_STREAM, with trailers if any)."""
+
+    def touch(self) -> None:
+        """Request bytes went out: the response read timeout counts from now."""
+
+    def pause_reading(self) -> None:
+        """The client is slow: stop taking response bytes from the upstream."""
+
+    def resume_reading(self) -> None:
+        """The client caught up: take response bytes again."""
+
+    def write_eof(self) -> None:
+        """A tunnel's client half-closed: half-close towards the upstream."""
+
+    def release(self) -> None:
+        """The exchange ended cleanly: keep the connection for another request."""
+
+    def close(self) -> None:
+        """The exchange is over and this channel may not be reused."""
+
+    def abort(self) -> None:
+        """Drop the exchange at once (HTTP/1.1: RST; HTTP/2: RST_STREAM CANCEL)."""
+
+
+class UpstreamConnection(asyncio.Protocol, UpstreamChannel):
     """An HTTP/1.1 client connection, reused across requests through the pool.
 
     While it sits idle in the pool it still reads: any byte, EOF or error while idle means
@@ -82,6 +148,7 @@ class UpstreamConnection(asyncio.Protocol):
         "_sweep",
         "received",
         "reused",
+        "multiplexed",
     )
 
     def __init__(self, peer: HttpPeer, connector: Connector) -> None:
@@ -100,6 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         #: True once any byte of the current response was read
         self.received = False
         self.reused = False
+        self.multiplexed = False
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -202,6 +270,36 @@ class UpstreamConnection(asyncio.Protocol):
         self.parser.expect(method)
         self.requests += 1
         self.deadline = self._sweep.now + read_timeout
+
+    def send_head(self, head: RequestHeader, end_stream: bool) -> None:
+        """Send the request head as HTTP/1.1 bytes (the Session frames the body)."""
+        self.write(head.to_bytes())
+
+    def end_request(self, trailers: Headers | None) -> None:
+        """Nothing to send: the Session ended the body itself (last chunk, or the length
+        was reached)."""
+
+    def touch(self) -> None:
+        """Request bytes went out: the response read timeout counts from now."""
+        self.deadline = self._sweep.now + self.read_timeout
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket (the client is slow)."""
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        """Read the socket again."""
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def write_eof(self) -> None:
+        """Half-close towards the upstream (a tunnel's client half-closed)."""
+        if self.transport is not None and not self.closed:
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            else:
+                self.close()
 
     def write(self, data: bytes) -> None:
         """Send bytes to the upstream (no-op once closed)."""

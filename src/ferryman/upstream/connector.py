@@ -9,7 +9,8 @@ from typing import Any
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.timeouts import sweep_for
-from ferryman.upstream.connection import UpstreamConnection
+from ferryman.upstream.connection import UpstreamChannel, UpstreamConnection
+from ferryman.upstream.h2_connection import H2UpstreamConnection
 from ferryman.upstream.peer import HttpPeer
 
 
@@ -21,7 +22,15 @@ class Connector:
     :meth:`UpstreamConnection.release`; the pool keeps at most ``peer.max_idle`` idle
     connections per pool key and closes those idle longer than ``peer.idle_timeout``.
 
-    Counters ``connects`` and ``reuses`` give the connection reuse ratio.
+    Peers with ``multiplexed`` set (HTTP/2) are served differently: their connections are
+    shared, not lent. ``get_idle`` returns a channel (a stream) on an open connection
+    with room; ``connect`` waits for a connection already being opened to the same peer
+    before opening another, so a burst of requests does not open one connection each.
+    A connection whose TLS handshake did not pick ``h2`` becomes an HTTP/1.1 connection
+    and is pooled like one.
+
+    Counters ``connects`` and ``reuses`` give the connection reuse ratio (a request
+    sharing an HTTP/2 connection counts as a reuse).
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
@@ -32,9 +41,21 @@ class Connector:
         self.connects = 0
         self.reuses = 0
         self.open: set[UpstreamConnection] = set()
+        #: open HTTP/2 connections taking new streams, per pool key
+        self._shared: dict[int, list[H2UpstreamConnection]] = {}
+        #: every open HTTP/2 connection (also those going away)
+        self.shared_open: set[H2UpstreamConnection] = set()
+        #: an HTTP/2 connection being opened, per pool key: later requests wait for it
+        self._opening: dict[int, asyncio.Future[H2UpstreamConnection | ProxyError]] = {}
 
-    def get_idle(self, peer: HttpPeer) -> UpstreamConnection | None:
-        """A clean idle pooled connection for ``peer``, or ``None``."""
+    def get_idle(self, peer: HttpPeer) -> UpstreamChannel | None:
+        """A clean idle pooled connection for ``peer`` (for HTTP/2: a stream on an open
+        connection with room), or ``None``."""
+        if peer.multiplexed:
+            channel = self._shared_channel(peer)
+            if channel is not None:
+                self.reuses += 1
+                return channel
         idle = self._idle.get(peer.key)
         while idle:
             conn = idle.pop()
@@ -45,17 +66,27 @@ class Connector:
                 return conn
         return None
 
-    async def connect(self, peer: HttpPeer) -> UpstreamConnection:
+    async def connect(self, peer: HttpPeer) -> UpstreamChannel:
         """Open a new connection to ``peer`` (TCP, then TLS if asked).
 
         Raises a retryable :class:`ProxyError`: CONNECT_REFUSED, CONNECT_TIMEOUT,
-        TLS_HANDSHAKE or CONNECT_ERROR.
+        TLS_HANDSHAKE or CONNECT_ERROR (and UPSTREAM_PROTOCOL for an HTTP/2 server that
+        sent no SETTINGS).
         """
+        if peer.multiplexed:
+            return await self._connect_shared(peer)
+        conn = await self._open(peer, lambda: UpstreamConnection(peer, self))
+        self.connects += 1
+        self.open.add(conn)
+        return conn
+
+    async def _open(self, peer: HttpPeer, factory: Any) -> Any:
+        """TCP (and TLS) to ``peer`` with ``factory``'s protocol; errors as for connect."""
         ctx = self._ssl_context(peer) if peer.tls else None
         try:
             async with asyncio.timeout(peer.connect_timeout):
                 _, conn = await self.loop.create_connection(
-                    lambda: UpstreamConnection(peer, self),
+                    factory,
                     peer.host,
                     peer.port,
                     ssl=ctx,
@@ -90,9 +121,120 @@ class Connector:
                 retryable=True,
                 cause=exc,
             ) from None
-        self.connects += 1
-        self.open.add(conn)
         return conn
+
+    # HTTP/2: shared connections ---------------------------------------------------------
+
+    def _shared_channel(self, peer: HttpPeer) -> UpstreamChannel | None:
+        conns = self._shared.get(peer.key)
+        if conns:
+            for conn in conns:
+                channel = conn.open_channel(True)
+                if channel is not None:
+                    return channel
+        return None
+
+    async def _connect_shared(self, peer: HttpPeer) -> UpstreamChannel:
+        key = peer.key
+        while True:
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            outcome = await asyncio.shield(opening)
+            if isinstance(outcome, ProxyError):
+                raise ProxyError(
+                    outcome.kind,
+                    outcome.source,
+                    outcome.detail,
+                    retryable=outcome.retryable,
+                    cause=outcome.cause,
+                )
+            channel = self._shared_channel(peer)
+            if channel is not None:
+                self.reuses += 1
+                return channel
+            pooled = self.get_idle(peer)  # (it went HTTP/1.1)
+            if pooled is not None:
+                return pooled
+        opening = self._opening[key] = self.loop.create_future()
+        try:
+            conn = await self._open_shared(peer)
+        except BaseException as exc:
+            del self._opening[key]
+            opening.set_result(
+                exc
+                if isinstance(exc, ProxyError)
+                else ProxyError(
+                    ErrorKind.CONNECT_ERROR,
+                    ErrorSource.UPSTREAM,
+                    f"connecting to {peer.name} failed: {exc!r}",
+                    retryable=True,
+                )
+            )
+            raise
+        del self._opening[key]
+        self.connects += 1
+        if conn.downgraded:
+            # the server did not pick h2 in ALPN: speak HTTP/1.1 on this connection
+            h1 = UpstreamConnection(peer, self)
+            transport = conn.transport
+            assert transport is not None
+            transport.set_protocol(h1)
+            h1.connection_made(transport)
+            self.open.add(h1)
+            opening.set_result(conn)
+            return h1
+        self._shared.setdefault(key, []).append(conn)
+        self.shared_open.add(conn)
+        opening.set_result(conn)
+        channel = conn.open_channel(False)
+        if channel is None:  # (a server allowing no streams at all)
+            raise ProxyError(
+                ErrorKind.UPSTREAM_PROTOCOL,
+                ErrorSource.UPSTREAM,
+                f"upstream {peer.name} allows no HTTP/2 streams",
+                retryable=True,
+            )
+        return channel
+
+    async def _open_shared(self, peer: HttpPeer) -> H2UpstreamConnection:
+        """Open an HTTP/2 connection and wait for the server's SETTINGS."""
+        conn: H2UpstreamConnection = await self._open(
+            peer, lambda: H2UpstreamConnection(peer, self)
+        )
+        try:
+            async with asyncio.timeout(peer.connect_timeout):
+                await conn.ready
+        except TimeoutError:
+            conn.close()
+            raise ProxyError(
+                ErrorKind.CONNECT_TIMEOUT,
+                ErrorSource.UPSTREAM,
+                f"{peer.name} sent no HTTP/2 SETTINGS in time",
+                retryable=True,
+            ) from None
+        if conn.closed:
+            raise ProxyError(
+                ErrorKind.UPSTREAM_PROTOCOL,
+                ErrorSource.UPSTREAM,
+                f"{peer.name} closed the connection instead of speaking HTTP/2",
+                retryable=True,
+            )
+        return conn
+
+    def forget_shared(self, conn: H2UpstreamConnection) -> None:
+        """``conn`` takes no new streams (going away or closed): stop handing it out."""
+        conns = self._shared.get(conn.peer.key)
+        if conns and conn in conns:
+            conns.remove(conn)
+        if conn.closed:
+            self.shared_open.discard(conn)
+
+    def shared_count(self, peer: HttpPeer | None = None) -> int:
+        """Open HTTP/2 connections taking new streams, for ``peer`` or in total."""
+        if peer is not None:
+            return len(self._shared.get(peer.key, ()))
+        return sum(len(v) for v in self._shared.values())
 
     def release(self, conn: UpstreamConnection) -> None:
         """Put a clean connection back in the pool, or close it if the pool is full."""
@@ -129,6 +271,8 @@ class Connector:
         made for another peer object with the same pool key (the same server in another
         group) are kept. Returns how many idle connections were closed."""
         peer.retired = True
+        for shared in [c for c in self._shared.get(peer.key, ()) if c.peer is peer]:
+            shared.retire()
         idle = self._idle.get(peer.key)
         if not idle:
             return 0
@@ -143,10 +287,20 @@ class Connector:
         """Close every pooled and open connection (used at shutdown)."""
         for conn in list(self.open):
             conn.close()
+        for shared in list(self.shared_open):
+            shared.close()
         self._idle.clear()
+        self._shared.clear()
 
     def _ssl_context(self, peer: HttpPeer) -> ssl.SSLContext:
-        key = (peer.verify_cert, peer.verify_hostname, peer.ca, peer.client_cert, peer.client_key)
+        key = (
+            peer.verify_cert,
+            peer.verify_hostname,
+            peer.ca,
+            peer.client_cert,
+            peer.client_key,
+            peer.protocol,
+        )
         ctx = self._ssl.get(key)
         if ctx is None:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=peer.ca)
@@ -157,6 +311,6 @@ class Connector:
                 ctx.check_hostname = False
             if peer.client_cert:
                 ctx.load_cert_chain(peer.client_cert, peer.client_key)
-            ctx.set_alpn_protocols(["http/1.1"])
+            ctx.set_alpn_protocols(["h2", "http/1.1"] if peer.protocol == "h2" else ["http/1.1"])
             self._ssl[key] = ctx
         return ctx

@@ -45,6 +45,13 @@ class HttpPeer:
         write_timeout: longest a write to the upstream may stay blocked.
         idle_timeout: how long an idle pooled connection is kept.
         max_idle: how many idle connections to this peer the pool keeps at most.
+        protocol: ``"h1"`` (HTTP/1.1), ``"h2"`` (HTTP/2 negotiated with ALPN over TLS,
+            HTTP/1.1 when the server does not pick it) or ``"h2c"`` (cleartext HTTP/2 by
+            prior knowledge). HTTP/2 connections are shared by concurrent requests.
+        ping_interval: an HTTP/2 connection without streams for this long gets a PING;
+            no answer within ``connect_timeout`` closes it.
+        max_streams: most concurrent streams on one HTTP/2 connection, also when the
+            server allows more (its SETTINGS_MAX_CONCURRENT_STREAMS, when lower, wins).
         retired: set by :meth:`Connector.retire` when the server left its group: its
             connections are closed when released instead of pooled.
 
@@ -67,6 +74,10 @@ class HttpPeer:
         "write_timeout",
         "idle_timeout",
         "max_idle",
+        "protocol",
+        "multiplexed",
+        "ping_interval",
+        "max_streams",
         "key",
         "name",
         "retired",
@@ -88,7 +99,12 @@ class HttpPeer:
         write_timeout: float = 60.0,
         idle_timeout: float = 60.0,
         max_idle: int = 128,
+        protocol: str = "h1",
+        ping_interval: float = 30.0,
+        max_streams: int = 1000,
     ) -> None:
+        if protocol not in ("h1", "h2", "h2c"):
+            raise ValueError(f"protocol must be h1, h2 or h2c, got {protocol!r}")
         self.host, self.port = parse_address(address)
         self.tls = tls
         self.sni = sni if sni is not None else self.host
@@ -102,7 +118,13 @@ class HttpPeer:
         self.write_timeout = write_timeout
         self.idle_timeout = idle_timeout
         self.max_idle = max_idle
+        self.protocol = protocol
+        #: requests share connections (HTTP/2) instead of taking one each from the pool
+        self.multiplexed = protocol != "h1"
+        self.ping_interval = ping_interval
+        self.max_streams = max_streams
         self.key = _intern_key(
+            protocol,
             self.host,
             self.port,
             tls,
@@ -117,4 +139,4 @@ class HttpPeer:
         self.retired = False
 
     def __repr__(self) -> str:
-        return f"HttpPeer({self.name}, tls={self.tls})"
+        return f"HttpPeer({self.name}, tls={self.tls}, protocol={self.protocol})"
