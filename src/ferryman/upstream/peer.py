@@ -125,6 +125,9 @@ class HttpPeer:
         self.max_streams = max_streams
         self.key = _intern_key(
             protocol,
+            # (how a shared HTTP/2 connection behaves is part of what makes it distinct)
+            ping_interval if self.multiplexed else None,
+            max_streams if self.multiplexed else None,
             self.host,
             self.port,
             tls,
