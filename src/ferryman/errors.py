@@ -52,6 +52,9 @@ class ErrorKind(enum.Enum):
     INVALID_RESPONSE = "invalid_response"
     #: the upstream broke HTTP/2's rules, reset the stream, or cannot carry the request
     UPSTREAM_PROTOCOL = "upstream_protocol"
+    #: the upstream cancelled the exchange (HTTP/2 RST_STREAM CANCEL): an HTTP/2 client's
+    #: stream is cancelled the same way
+    UPSTREAM_CANCELLED = "upstream_cancelled"
     NO_PEER = "no_peer"
     # ferryman itself
     INTERNAL = "internal"
@@ -125,6 +128,7 @@ _STATUS: Final[dict[ErrorKind, int]] = {
     ErrorKind.UPSTREAM_CLOSED: 502,
     ErrorKind.INVALID_RESPONSE: 502,
     ErrorKind.UPSTREAM_PROTOCOL: 502,
+    ErrorKind.UPSTREAM_CANCELLED: 502,
     ErrorKind.NO_PEER: 502,
     ErrorKind.INTERNAL: 500,
     ErrorKind.HOOK_ERROR: 500,

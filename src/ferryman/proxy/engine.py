@@ -430,7 +430,9 @@ def _fail_sync(session: Session, error: ProxyError) -> None:
     session._phase = _PH_BUSY
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     _abandon_upstream(session, error)
-    if not session._down.closed:
+    if _cancel_instead(session, error):
+        pass
+    elif not session._down.closed:
         if session.response_header is None:
             try:
                 if session._plan.fail_to_proxy:
@@ -484,6 +486,15 @@ def _abandon_upstream(session: Session, error: ProxyError) -> None:
         up.abort()
     session._close_source()
     session._error = error
+
+
+def _cancel_instead(session: Session, error: ProxyError) -> bool:
+    """An upstream that cancelled its stream has an HTTP/2 client's stream cancelled (no
+    error response): its client then sees what the upstream said (gRPC: CANCELLED)."""
+    if error.kind is ErrorKind.UPSTREAM_CANCELLED and session._down.multiplexed:
+        session.keep_alive = False
+        return True
+    return False
 
 
 def _send_response_start(session: Session, resp: ResponseHeader) -> None:
@@ -597,7 +608,7 @@ async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     _abandon_upstream(session, error)
     try:
-        if session._down.closed:
+        if session._down.closed or _cancel_instead(session, error):
             pass
         elif session.response_header is None:
             if session._plan.fail_to_proxy:

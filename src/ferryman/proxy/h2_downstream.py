@@ -732,10 +732,17 @@ class H2Stream(ClientSide):
         if self._ended or self.closed:
             self._release()
         elif self._end is None:
-            # the response did not end cleanly (an error after it started): reset
+            # the response did not end cleanly (an error after it started, or the upstream
+            # cancelled): reset, with CANCEL when the upstream cancelled
             self.closed = True
+            error = session._error
+            code = (
+                h2.errors.ErrorCodes.CANCEL
+                if error is not None and error.kind is ErrorKind.UPSTREAM_CANCELLED
+                else h2.errors.ErrorCodes.INTERNAL_ERROR
+            )
             try:
-                self.owner.conn.reset_stream(self.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                self.owner.conn.reset_stream(self.stream_id, code)
             except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                 pass
             self.owner.flush()

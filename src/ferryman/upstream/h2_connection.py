@@ -568,6 +568,12 @@ class H2Channel(UpstreamChannel):
         self.closed = True  # (h2 closed the stream: nothing more may be sent on it)
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
             error = _closed_error(f"upstream {self.peer.name} refused the stream", True)
+        elif code == h2.errors.ErrorCodes.CANCEL:
+            error = ProxyError(
+                ErrorKind.UPSTREAM_CANCELLED,
+                ErrorSource.UPSTREAM,
+                f"upstream {self.peer.name} cancelled the stream",
+            )
         else:
             error = ProxyError(
                 ErrorKind.UPSTREAM_PROTOCOL,
