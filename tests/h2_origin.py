@@ -16,7 +16,14 @@ Paths:
 * ``/noread``: never answers and never credits the request body's window back.
 * ``/goaway?ms=N``: the head, then a GOAWAY naming this stream as the last, then the
   body ``finished`` after N milliseconds.
+* ``/refuse``, ``/cancel``: RST_STREAM with REFUSED_STREAM or CANCEL.
+* ``/protocol-error``: a DATA frame on stream 0 (a connection error for the client).
+* ``/drop``: the head and 7 of 100,000 bytes, then the connection is reset.
+* ``/goaway-before``: a GOAWAY whose last-stream-id is below this stream; no answer.
 * ``/status/N``: status N, empty body.
+
+A fault path may end in ``-then-ok``; an origin made with ``faults=False`` answers fault
+paths with ``hello h2``, so a group of a faulty and a healthy origin shows retries.
 * anything else: ``hello h2``.
 """
 
@@ -39,6 +46,8 @@ import h2.settings
 import hyperframe.frame
 
 from origin import pattern_bytes
+
+_FAULTS = frozenset(("/refuse", "/cancel", "/protocol-error", "/drop", "/goaway-before"))
 
 
 class _Stream:
@@ -217,6 +226,9 @@ class _Connection(asyncio.Protocol):
 
     def _handle(self, stream: _Stream) -> None:
         path, q = stream.path, stream.query
+        path = path.removesuffix("-then-ok")
+        if path in _FAULTS and not self.origin.faults:
+            path = "/"  # (a healthy origin answers fault paths normally)
         if path == "/big":
             self._respond(stream, 200, pattern_bytes(int(q.get("size", "1048576"))))
         elif path == "/sha":
@@ -248,6 +260,30 @@ class _Connection(asyncio.Protocol):
             stream.task = asyncio.get_running_loop().create_task(
                 self._later(stream, int(q.get("ms", "300")) / 1000, b"finished", head=False)
             )
+        elif path == "/refuse":
+            self.conn.reset_stream(stream.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+            self._finish(stream)
+            self.flush()
+        elif path == "/cancel":
+            self.conn.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+            self._finish(stream)
+            self.flush()
+        elif path == "/protocol-error":
+            assert self.transport is not None
+            self.transport.write(hyperframe.frame.DataFrame(0, b"x").serialize()[:9] + b"x")
+        elif path == "/drop":
+            self.conn.send_headers(
+                stream.stream_id, [(b":status", b"200"), (b"content-length", b"100000")]
+            )
+            self.conn.send_data(stream.stream_id, b"partial")
+            self.flush()
+            assert self.transport is not None
+            self.transport.abort()
+        elif path == "/goaway-before":
+            goaway = hyperframe.frame.GoAwayFrame(0)
+            goaway.last_stream_id = max(0, stream.stream_id - 2)
+            assert self.transport is not None
+            self.transport.write(goaway.serialize())
         elif path.startswith("/status/"):
             self._respond(stream, int(path.rsplit("/", 1)[1]), b"")
         else:
@@ -268,8 +304,11 @@ class _Connection(asyncio.Protocol):
 class H2Origin:
     """An HTTP/2 origin on 127.0.0.1 (see the module docstring)."""
 
-    def __init__(self, max_streams: int = 1000, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, max_streams: int = 1000, tls: ssl.SSLContext | None = None, faults: bool = True
+    ) -> None:
         self.max_streams = max_streams
+        self.faults = faults
         self.tls = tls
         self.lock = threading.Lock()
         self.connections = 0

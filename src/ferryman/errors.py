@@ -55,6 +55,9 @@ class ErrorKind(enum.Enum):
     #: the upstream cancelled the exchange (HTTP/2 RST_STREAM CANCEL): an HTTP/2 client's
     #: stream is cancelled the same way
     UPSTREAM_CANCELLED = "upstream_cancelled"
+    #: the upstream refused the request without acting on it (HTTP/2 REFUSED_STREAM, or a
+    #: stream above a GOAWAY's last-stream-id): any method may be sent again
+    UPSTREAM_REFUSED = "upstream_refused"
     NO_PEER = "no_peer"
     # ferryman itself
     INTERNAL = "internal"
@@ -129,6 +132,7 @@ _STATUS: Final[dict[ErrorKind, int]] = {
     ErrorKind.INVALID_RESPONSE: 502,
     ErrorKind.UPSTREAM_PROTOCOL: 502,
     ErrorKind.UPSTREAM_CANCELLED: 502,
+    ErrorKind.UPSTREAM_REFUSED: 502,
     ErrorKind.NO_PEER: 502,
     ErrorKind.INTERNAL: 500,
     ErrorKind.HOOK_ERROR: 500,

@@ -290,6 +290,21 @@ UPSTREAM_CASES = [
          "ferryman.yaml:6: upstreams.app.pool.idle_timeout: expected the same duration as "
          "timeouts.idle (30s), got '10s' (both set how long an idle pooled connection is kept; "
          "set only one)", "idle-conflict"),
+    case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    protocol: http2\n',
+         "ferryman.yaml:5: upstreams.app.protocol: expected h1, h2 (HTTP/2 over TLS, chosen "
+         "with ALPN) or h2c (cleartext HTTP/2), got 'http2'", "protocol-unknown"),
+    case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    protocol: h2\n',
+         "ferryman.yaml:5: upstreams.app.protocol: expected h2c for cleartext HTTP/2, got 'h2' "
+         "(h2 is chosen with ALPN, which needs tls)", "protocol-h2-without-tls"),
+    case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    protocol: h2c\n    tls: true\n',
+         "ferryman.yaml:5: upstreams.app.protocol: expected h2 with tls, got 'h2c' "
+         "(h2c is cleartext HTTP/2)", "protocol-h2c-with-tls"),
+    case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    pool: {max_streams: 0}\n',
+         "ferryman.yaml:5: upstreams.app.pool.max_streams: expected an integer >= 1, got 0",
+         "max-streams-zero"),
+    case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    timeouts: {ping: 0}\n',
+         'ferryman.yaml:5: upstreams.app.timeouts.ping: expected a positive duration such as '
+         "\"2s\" or \"500ms\", got 0", "ping-zero"),
     case(L + 'upstreams:\n  app:\n    servers: ["h:1"]\n    max_retries: -1\n',
          "ferryman.yaml:5: upstreams.app.max_retries: expected an integer >= 0, got -1",
          "retries-negative"),

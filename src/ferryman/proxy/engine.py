@@ -378,8 +378,13 @@ def _upstream_failed(session: Session, error: ProxyError) -> None:
 
 def _replay_policy(session: Session, error: ProxyError) -> ProxyError:
     """A reused upstream connection that died before answering makes the error retryable,
-    but only for idempotent methods: a POST may have been acted on (as nginx decides)."""
-    if error.retryable and session.req_header.raw_method not in IDEMPOTENT_METHODS:
+    but only for idempotent methods: a POST may have been acted on (as nginx decides).
+    A request the upstream refused unprocessed (HTTP/2) may be sent again whatever it is."""
+    if (
+        error.retryable
+        and error.kind is not ErrorKind.UPSTREAM_REFUSED
+        and session.req_header.raw_method not in IDEMPOTENT_METHODS
+    ):
         error.retryable = False
     return error
 

@@ -77,6 +77,11 @@ def _closed_error(detail: str, retryable: bool) -> ProxyError:
     )
 
 
+def _refused_error(detail: str) -> ProxyError:
+    """The server did not act on the request: safe to send again, whatever the method."""
+    return ProxyError(ErrorKind.UPSTREAM_REFUSED, ErrorSource.UPSTREAM, detail, retryable=True)
+
+
 class H2UpstreamConnection(asyncio.Protocol):
     """One HTTP/2 connection to an upstream server, shared by concurrent requests."""
 
@@ -269,7 +274,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         for stream_id, channel in list(self.streams.items()):
             if stream_id > last_stream_id:
                 channel.fail(
-                    _closed_error(f"upstream {self.peer.name} refused the stream (GOAWAY)", True)
+                    _refused_error(f"upstream {self.peer.name} refused the stream (GOAWAY)")
                 )
         if not self.active:
             self.close()
@@ -411,7 +416,7 @@ class H2Channel(UpstreamChannel):
     def send_head(self, head: RequestHeader, end_stream: bool) -> None:
         conn = self.conn
         if conn.closed or conn.goaway:
-            self.fail(_closed_error(f"upstream {self.peer.name} is going away", True))
+            self.fail(_refused_error(f"upstream {self.peer.name} is going away"))
             return
         authority = b""
         fields: list[tuple[bytes, bytes]] = [
@@ -438,7 +443,7 @@ class H2Channel(UpstreamChannel):
             # (the server lowered its stream limit, or the state machine closed)
             self.fail(
                 ProxyError(
-                    ErrorKind.UPSTREAM_PROTOCOL,
+                    ErrorKind.UPSTREAM_REFUSED,  # (nothing was sent)
                     ErrorSource.UPSTREAM,
                     f"cannot open a stream to {self.peer.name}: {exc}",
                     retryable=True,
@@ -567,7 +572,7 @@ class H2Channel(UpstreamChannel):
     def on_reset(self, code: int) -> None:
         self.closed = True  # (h2 closed the stream: nothing more may be sent on it)
         if code == h2.errors.ErrorCodes.REFUSED_STREAM:
-            error = _closed_error(f"upstream {self.peer.name} refused the stream", True)
+            error = _refused_error(f"upstream {self.peer.name} refused the stream")
         elif code == h2.errors.ErrorCodes.CANCEL:
             error = ProxyError(
                 ErrorKind.UPSTREAM_CANCELLED,
