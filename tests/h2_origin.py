@@ -20,6 +20,8 @@ Paths:
 * ``/protocol-error``: a DATA frame on stream 0 (a connection error for the client).
 * ``/drop``: the head and 7 of 100,000 bytes, then the connection is reset.
 * ``/goaway-before``: a GOAWAY whose last-stream-id is below this stream; no answer.
+* ``/early``: ``early`` after 0.3 s, without reading (or crediting) the request body.
+* ``/bigheader?size=N``: a response field ``x-big`` of N bytes.
 * ``/status/N``: status N, empty body.
 
 A fault path may end in ``-then-ok``; an origin made with ``faults=False`` answers fault
@@ -89,7 +91,7 @@ class _Connection(asyncio.Protocol):
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: self.origin.max_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.origin.window,
             },
         )
         self.conn.initiate_connection()
@@ -131,9 +133,13 @@ class _Connection(asyncio.Protocol):
                     origin.max_active = max(origin.max_active, origin.active)
                     origin.max_per_connection = max(origin.max_per_connection, self.active)
                 # (h2 also reports StreamEnded for a request that ended with its head)
+                if stream.path == "/early":  # answered without waiting for the body
+                    stream.task = asyncio.get_running_loop().create_task(
+                        self._later(stream, 0.3, b"early")
+                    )
             elif isinstance(event, h2.events.DataReceived):
                 stream = self.streams.get(event.stream_id)
-                if stream is None or stream.path != "/noread":
+                if stream is None or stream.path not in ("/noread", "/early"):
                     self.conn.acknowledge_received_data(
                         event.flow_controlled_length, event.stream_id
                     )
@@ -246,8 +252,11 @@ class _Connection(asyncio.Protocol):
             stream.task = asyncio.get_running_loop().create_task(
                 self._later(stream, int(q.get("ms", "100")) / 1000, b"slept")
             )
-        elif path in ("/hang", "/noread"):
+        elif path in ("/hang", "/noread", "/early"):
             pass
+        elif path == "/bigheader":
+            size = int(q.get("size", "100000"))
+            self._respond(stream, 200, b"big header", [(b"x-big", b"b" * size)])
         elif path == "/goaway":
             self.conn.send_headers(stream.stream_id, [(b":status", b"200")])
             self.flush()
@@ -305,9 +314,14 @@ class H2Origin:
     """An HTTP/2 origin on 127.0.0.1 (see the module docstring)."""
 
     def __init__(
-        self, max_streams: int = 1000, tls: ssl.SSLContext | None = None, faults: bool = True
+        self,
+        max_streams: int = 1000,
+        tls: ssl.SSLContext | None = None,
+        faults: bool = True,
+        window: int = 1 << 20,
     ) -> None:
         self.max_streams = max_streams
+        self.window = window
         self.faults = faults
         self.tls = tls
         self.lock = threading.Lock()

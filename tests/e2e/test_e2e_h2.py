@@ -768,3 +768,67 @@ def test_a_request_body_that_stops_arriving_is_408_after_body_read(tmp_path: Pat
         client.close()
         proxy.stop(signal.SIGINT)
         origin.stop()
+
+
+def _raw_frames(
+    sock: socket.socket, seconds: float
+) -> tuple[list[tuple[int, int, int, bytes]], bool]:
+    """Read until EOF (or ``seconds``): the frames as (type, flags, stream, payload), and
+    whether the connection was closed."""
+    import time
+
+    raw = b""
+    closed = False
+    sock.settimeout(0.2)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            piece = sock.recv(65536)
+        except TimeoutError:
+            continue
+        if not piece:
+            closed = True
+            break
+        raw += piece
+    frames = []
+    pos = 0
+    while pos + 9 <= len(raw):
+        length = int.from_bytes(raw[pos : pos + 3], "big")
+        frames.append(
+            (
+                raw[pos + 3],
+                raw[pos + 4],
+                int.from_bytes(raw[pos + 5 : pos + 9], "big"),
+                raw[pos + 9 : pos + 9 + length],
+            )
+        )
+        pos += 9 + length
+    return frames, closed
+
+
+@pytest.mark.parametrize("code", [0, 2], ids=["no-error", "internal-error"])
+def test_client_goaway_answers_the_streams_in_flight_unless_it_is_an_error(
+    rig: H2Rig, code: int
+) -> None:
+    import hyperframe.frame
+
+    client = H2Client(rig.h2c)
+    try:
+        sid = client.get("/slow?ms=300")
+        goaway = hyperframe.frame.GoAwayFrame(0)
+        goaway.last_stream_id = 0
+        goaway.error_code = code
+        client.sock.sendall(goaway.serialize())
+        frames, closed = _raw_frames(client.sock, 5)
+    finally:
+        client.close()
+    assert closed  # the connection ends either way
+    on_stream = [(kind, flags, payload) for kind, flags, s, payload in frames if s == sid]
+    if code == 0:
+        # the stream in flight is answered in full, then the connection closes
+        assert [kind for kind, _, _ in on_stream][:1] == [0x1]  # HEADERS
+        body = b"".join(payload for kind, _, payload in on_stream if kind == 0x0)
+        assert body == b"slow"
+        assert on_stream[-1][1] & 0x1  # END_STREAM
+    else:
+        assert not [f for f in on_stream if f[0] in (0x0, 0x1)]  # abandoned: no answer

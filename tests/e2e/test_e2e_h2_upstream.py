@@ -153,6 +153,59 @@ def test_request_head_is_translated_for_http2(rig: Rig, flag: str) -> None:
     assert all(n == n.lower() for n in names)
 
 
+def test_absolute_form_target_becomes_authority_and_origin_form_path(rig: Rig) -> None:
+    with socket.create_connection(("127.0.0.1", rig.to_h2c), timeout=10) as conn:
+        conn.sendall(
+            b"GET http://example.test/headers?x=1 HTTP/1.1\r\nHost: example.test\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        got = b""
+        while data := conn.recv(65536):
+            got += data
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    fields = [tuple(f) for f in json.loads(body)]
+    assert (":authority", "example.test") in fields
+    assert (":path", "/headers?x=1") in fields
+
+
+def test_upgrade_offer_goes_as_a_plain_request_and_is_declined(rig: Rig) -> None:
+    # (HTTP/2 has no Upgrade: the offer is dropped, the answer is an ordinary one, and the
+    # connection goes on with HTTP/1.1)
+    with socket.create_connection(("127.0.0.1", rig.to_h2c), timeout=10) as conn:
+        conn.sendall(
+            b"GET /headers HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        got = b""
+        while data := conn.recv(65536):
+            got += data
+    assert got.startswith(b"HTTP/1.1 200"), got[:300]
+    assert b'"upgrade"' not in got.lower()
+    assert got.endswith(b"hello h2\n")
+    assert got.count(b"HTTP/1.1 200") == 2
+
+
+@needs_curl
+def test_response_header_larger_than_hpacks_default_limit(rig: Rig) -> None:
+    out = curl("-D", "-", "-o", "/dev/null", f"http://127.0.0.1:{rig.to_h2c}/bigheader?size=100000")
+    assert out.returncode == 0, out.stderr
+    assert b"x-big: " + b"b" * 100000 in out.stdout
+
+
+@pytest.mark.skipif(H2LOAD is None, reason="h2load not installed")
+def test_burst_to_an_h2_group_whose_server_speaks_http1(rig: Rig) -> None:
+    out = subprocess.run(
+        [H2LOAD, "-n", "600", "-c", "6", "-m", "10", f"http://127.0.0.1:{rig.to_h1tls}/"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "600 succeeded, 0 failed, 0 errored, 0 timeout" in out.stdout, out.stdout
+
+
 @needs_curl
 def test_tls_upstream_gets_https_scheme(rig: Rig) -> None:
     out = curl("--http1.1", f"http://127.0.0.1:{rig.to_h2tls}/headers")
@@ -259,6 +312,7 @@ def test_nghttp_through_tls_listener_to_h2c(rig: Rig, tmp_path: Path) -> None:
 @needs_curl
 def test_h2_upstream_falls_back_to_http1_when_alpn_does_not_pick_h2(rig: Rig) -> None:
     before = len(rig.h1tls.requests)
+    connections = rig.h1tls.connections
     for flag in ("--http1.1", "--http2-prior-knowledge"):
         out = curl(flag, "-w", " %{http_code}", f"http://127.0.0.1:{rig.to_h1tls}/big?size=5000")
         assert out.returncode == 0, out.stderr
@@ -267,7 +321,7 @@ def test_h2_upstream_falls_back_to_http1_when_alpn_does_not_pick_h2(rig: Rig) ->
     assert out.stdout == b"y" * 70000
     assert len(rig.h1tls.requests) == before + 3
     # the downgraded connection is pooled as an HTTP/1.1 one: reused, not reopened
-    assert rig.h1tls.connections <= 2
+    assert rig.h1tls.connections - connections <= 1
 
 
 # -- multiplexing -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ class FaultRig:
     pair: int  # -> fault origin, then backup (max_retries 1)
     h1_as_h2c: int  # -> an HTTP/1.1 server configured as h2c
     silent: int  # -> a server that accepts and says nothing
+    tight: int  # -> an origin with 64 KiB stream windows
 
 
 def _silent(conn: socket.socket) -> None:
@@ -49,7 +50,8 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
     backup = H2Origin(faults=False).start()
     h1 = OriginServer().start()
     silent = ScriptedOrigin(_silent)
-    ports = [free_port() for _ in range(4)]
+    tight = H2Origin(window=65535).start()
+    ports = [free_port() for _ in range(5)]
     yaml_text = (
         "server: {workers: 1}\n"
         "listeners:\n"
@@ -57,6 +59,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
         f'  - {{bind: "127.0.0.1:{ports[1]}", upstream: pair, h2c: true}}\n'
         f'  - {{bind: "127.0.0.1:{ports[2]}", upstream: h1, h2c: true}}\n'
         f'  - {{bind: "127.0.0.1:{ports[3]}", upstream: silent, h2c: true}}\n'
+        f'  - {{bind: "127.0.0.1:{ports[4]}", upstream: tight, h2c: true}}\n'
         "upstreams:\n"
         f'  single: {{servers: ["{origin.address}"], protocol: h2c, max_retries: 0}}\n'
         f'  pair: {{servers: ["{origin.address}", "{backup.address}"], protocol: h2c,\n'
@@ -64,12 +67,13 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultRig]:
         f'  h1: {{servers: ["{h1.address}"], protocol: h2c, max_retries: 0}}\n'
         f'  silent: {{servers: ["127.0.0.1:{silent.port}"], protocol: h2c, max_retries: 0,\n'
         "           timeouts: {connect: 0.5s}}\n"
+        f'  tight: {{servers: ["{tight.address}"], protocol: h2c, max_retries: 0}}\n'
     )
     proxy = start_ferryman(workdir, yaml_text, ports[0])
     yield FaultRig(proxy, origin, backup, *ports)
     code = proxy.stop(signal.SIGINT)
     log = proxy.log_text()
-    for server in (origin, backup, h1):
+    for server in (origin, backup, h1, tight):
         server.stop()
     silent.stop()
     assert code == 0, log
@@ -150,3 +154,25 @@ def test_http1_server_configured_as_h2c_is_502_at_once(rig: FaultRig) -> None:
 
 def test_server_that_never_sends_settings_is_a_connect_timeout(rig: FaultRig) -> None:
     assert status(rig.silent, "/") == "504"
+
+
+def test_upload_answered_early_leaves_the_keepalive_client_readable(rig: FaultRig) -> None:
+    # the origin answers before reading: 400 KB stay queued in the proxy beyond its 64 KiB
+    # window (the client was paused), and the next request on the connection must still
+    # be read once the answer is out
+    body = b"u" * 400_000
+    with socket.create_connection(("127.0.0.1", rig.tight), timeout=10) as conn:
+        conn.sendall(
+            b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body
+        )
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while got.count(b"HTTP/1.1 ") < 2 or not got.endswith(b"hello h2\n"):
+            data = conn.recv(65536)
+            if not data:
+                break
+            got += data
+    assert got.startswith(b"HTTP/1.1 200"), got[:200]
+    assert b"early" in got
+    assert got.count(b"HTTP/1.1 200") == 2, got

@@ -19,6 +19,7 @@ from typing import Final
 
 _GOAWAY: Final = 0x7
 _HEADER: Final = 9
+_PREFACE: Final = 24  #: the client connection preface, before the first frame
 #: GOAWAY payload bytes kept: last-stream-id and error code (debug data is dropped).
 _KEEP: Final = 8
 
@@ -27,13 +28,15 @@ class GoawayFilter:
     """Removes GOAWAY frames from a stream of HTTP/2 frames (see the module docstring).
 
     After each :meth:`feed`, :attr:`received` lists the GOAWAY frames completed so far, as
-    ``(last_stream_id, error_code)`` pairs; the caller empties it.
+    ``(last_stream_id, error_code)`` pairs; the caller empties it. With ``preface`` (the
+    server side), the client's 24-byte connection preface is passed on first.
     """
 
-    __slots__ = ("received", "_head", "_payload_left", "_in_goaway", "_goaway")
+    __slots__ = ("received", "_preface", "_head", "_payload_left", "_in_goaway", "_goaway")
 
-    def __init__(self) -> None:
+    def __init__(self, preface: bool = False) -> None:
         self.received: list[tuple[int, int]] = []
+        self._preface = _PREFACE if preface else 0
         self._head = b""  # a frame header split across reads (not yet passed on)
         self._payload_left = 0
         self._in_goaway = False
@@ -41,6 +44,12 @@ class GoawayFilter:
 
     def feed(self, data: bytes) -> bytes:
         """The bytes of ``data`` to give to ``h2``: everything but GOAWAY frames."""
+        if self._preface:
+            skip = min(self._preface, len(data))
+            self._preface -= skip
+            if skip == len(data):
+                return data
+            return data[:skip] + self.feed(data[skip:])
         if self._head:
             data = self._head + data
             self._head = b""

@@ -515,14 +515,16 @@ def _send_response_start(session: Session, resp: ResponseHeader) -> None:
 
 
 def _check_multiplexable(session: Session) -> None:
-    """CONNECT and Upgrade need a connection of their own: not one of an HTTP/2 upstream's
-    streams (RFC 8441's extended CONNECT is not offered)."""
-    if session.req_header.raw_method == b"CONNECT" or session._upgrade:
+    """A CONNECT tunnel needs a connection of its own, not one of an HTTP/2 upstream's
+    streams (RFC 8441's extended CONNECT is not offered): 502. An Upgrade offer goes
+    without the upgrade, as a plain request, and its answer declines it."""
+    if session.req_header.raw_method == b"CONNECT":
         raise ProxyError(
             ErrorKind.UPSTREAM_PROTOCOL,
             ErrorSource.UPSTREAM,
-            "cannot tunnel (CONNECT or Upgrade) through an HTTP/2 upstream connection",
+            "cannot tunnel (CONNECT) through an HTTP/2 upstream connection",
         )
+    session._upgrade = False
 
 
 def _start_upgrade_tunnel(session: Session, resp: ResponseHeader) -> None:

@@ -34,6 +34,7 @@ import hyperframe.frame
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
+from ferryman.protocols.h2_goaway import GoawayFilter
 from ferryman.protocols.h2_guard import ENHANCE_YOUR_CALM, FrameGuard
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.proxy.client import ClientSide
@@ -113,6 +114,8 @@ class H2Downstream(asyncio.Protocol):
         self._client_ip: bytes | None = None
         #: frame-level abuse checks h2 does not make (floods, rapid reset, CONTINUATION)
         self.guard = FrameGuard(max(65536, 2 * self._options.limits.max_header_bytes))
+        #: the client's GOAWAY is handled here: h2 would close its state machine on it
+        self.goaway_filter = GoawayFilter(preface=True)
         self._cancel_window = 0.0
         self._cancels = 0
 
@@ -145,8 +148,10 @@ class H2Downstream(asyncio.Protocol):
         if problem is not None:
             self._goaway(ENHANCE_YOUR_CALM, problem)
             return
+        goaways = self.goaway_filter
+        data = goaways.feed(data)
         try:
-            events = self.conn.receive_data(data)
+            events = self.conn.receive_data(data) if data else []
         except h2.exceptions.ProtocolError as exc:
             self._protocol_error(exc)
             return
@@ -154,6 +159,10 @@ class H2Downstream(asyncio.Protocol):
         try:
             for event in events:
                 self._dispatch(event)
+            if goaways.received:
+                received, goaways.received = goaways.received, []
+                for _, code in received:
+                    self._client_goaway(code)
         finally:
             self._cork -= 1
         self.flush()
@@ -222,15 +231,7 @@ class H2Downstream(asyncio.Protocol):
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             for stream in list(self.streams.values()):
                 stream.send_buffered()
-        elif isinstance(event, h2.events.ConnectionTerminated):
-            # The client's GOAWAY. h2 closes its state machine on it, so nothing more can
-            # be sent: the streams in flight are abandoned (their upstream requests
-            # cancelled) and the connection closed.
-            self.draining = True
-            for stream in list(self.streams.values()):
-                stream.client_gone()
-            self.streams.clear()
-            self.close()
+        # (the client's GOAWAY never reaches h2: see _client_goaway)
 
     def _on_request(self, event: h2.events.RequestReceived) -> None:
         stream_id = event.stream_id
@@ -307,6 +308,17 @@ class H2Downstream(asyncio.Protocol):
             stream.read_deadline = self._sweep.now + self._options.body_read_timeout
             self.arm(stream.read_deadline)
         start_session(session)
+
+    def _client_goaway(self, code: int) -> None:
+        """The client's GOAWAY. NO_ERROR: it is leaving; the streams in flight are answered
+        and the connection closes after the last. An error code: the streams are abandoned
+        (their upstream requests cancelled) and the connection closed now."""
+        self.draining = True
+        if code or not self.streams:
+            for stream in list(self.streams.values()):
+                stream.client_gone()
+            self.streams.clear()
+            self.close()
 
     def _refuse(self, stream_id: int, status: int, client_done: bool = True) -> None:
         """Answer ``status`` without a session; stop the client's upload, if any."""

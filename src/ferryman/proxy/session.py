@@ -687,6 +687,7 @@ class Session(UpstreamSink):
     def _reset_attempt(self) -> None:
         """Forget the failed attempt's upstream state before a retry."""
         self._up = None
+        self._down.resume(PAUSE_UPSTREAM)
         self._up_streaming = False
         self._up_resp = None
         self._up_ended = False
@@ -720,12 +721,16 @@ class Session(UpstreamSink):
                 up.release()
             else:
                 up.close()  # answered before the request was fully sent: not clean
+            # (its send buffer may have paused the client: the rest of the body goes
+            # nowhere now, and the connection must read its next request)
+            self._down.resume(PAUSE_UPSTREAM)
         if self._streaming:
             self._finish_response()
             self._wake(_WAIT_END)
 
     def on_upstream_error(self, error: ProxyError) -> None:
         self._up = None
+        self._down.resume(PAUSE_UPSTREAM)
         self._error = error
         self._fail_waiter(error)
 

@@ -47,6 +47,8 @@ class Connector:
         self.shared_open: set[H2UpstreamConnection] = set()
         #: an HTTP/2 connection being opened, per pool key: later requests wait for it
         self._opening: dict[int, asyncio.Future[H2UpstreamConnection | ProxyError]] = {}
+        #: pool keys of "h2" peers whose server picked HTTP/1.1 in ALPN last time
+        self._fell_back: set[int] = set()
 
     def get_idle(self, peer: HttpPeer) -> UpstreamChannel | None:
         """A clean idle pooled connection for ``peer`` (for HTTP/2: a stream on an open
@@ -136,26 +138,23 @@ class Connector:
 
     async def _connect_shared(self, peer: HttpPeer) -> UpstreamChannel:
         key = peer.key
-        while True:
-            opening = self._opening.get(key)
-            if opening is None:
-                break
-            outcome = await asyncio.shield(opening)
-            if isinstance(outcome, ProxyError):
+        if key not in self._fell_back:
+            try:
+                # (another request's connect, and the wait, take at most connect_timeout)
+                async with asyncio.timeout(peer.connect_timeout):
+                    channel = await self._wait_for_opening(peer)
+            except TimeoutError:
                 raise ProxyError(
-                    outcome.kind,
-                    outcome.source,
-                    outcome.detail,
-                    retryable=outcome.retryable,
-                    cause=outcome.cause,
-                )
-            channel = self._shared_channel(peer)
+                    ErrorKind.CONNECT_TIMEOUT,
+                    ErrorSource.UPSTREAM,
+                    f"timed out waiting for a connection to {peer.name}",
+                    retryable=True,
+                ) from None
             if channel is not None:
-                self.reuses += 1
                 return channel
-            pooled = self.get_idle(peer)  # (it went HTTP/1.1)
-            if pooled is not None:
-                return pooled
+        if key in self._fell_back:
+            # the server speaks HTTP/1.1: connections are not shared, so not waited for
+            return self._adopt(peer, await self._open_shared(peer), None)
         opening = self._opening[key] = self.loop.create_future()
         try:
             conn = await self._open_shared(peer)
@@ -173,20 +172,59 @@ class Connector:
             )
             raise
         del self._opening[key]
+        return self._adopt(peer, conn, opening)
+
+    async def _wait_for_opening(self, peer: HttpPeer) -> UpstreamChannel | None:
+        """While a connection to ``peer`` is being opened, wait for it and take a stream
+        on it; ``None`` when there is none to wait for (or it went HTTP/1.1)."""
+        key = peer.key
+        while True:
+            opening = self._opening.get(key)
+            if opening is None:
+                return None
+            outcome = await asyncio.shield(opening)
+            if isinstance(outcome, ProxyError):
+                raise ProxyError(
+                    outcome.kind,
+                    outcome.source,
+                    outcome.detail,
+                    retryable=outcome.retryable,
+                    cause=outcome.cause,
+                )
+            channel = self._shared_channel(peer)
+            if channel is not None:
+                self.reuses += 1
+                return channel
+            if key in self._fell_back:
+                return None
+            # full already: wait for the next one being opened, or open it
+
+    def _adopt(
+        self,
+        peer: HttpPeer,
+        conn: H2UpstreamConnection,
+        opening: asyncio.Future[H2UpstreamConnection | ProxyError] | None,
+    ) -> UpstreamChannel:
+        """A new connection: shared if it speaks HTTP/2, else pooled as HTTP/1.1."""
         self.connects += 1
         if conn.downgraded:
-            # the server did not pick h2 in ALPN: speak HTTP/1.1 on this connection
+            # the server did not pick h2 in ALPN: speak HTTP/1.1 on this connection, and
+            # stop making requests to it wait for each other's connects
+            self._fell_back.add(peer.key)
             h1 = UpstreamConnection(peer, self)
             transport = conn.transport
             assert transport is not None
             transport.set_protocol(h1)
             h1.connection_made(transport)
             self.open.add(h1)
-            opening.set_result(conn)
+            if opening is not None:
+                opening.set_result(conn)
             return h1
-        self._shared.setdefault(key, []).append(conn)
+        self._fell_back.discard(peer.key)
+        self._shared.setdefault(peer.key, []).append(conn)
         self.shared_open.add(conn)
-        opening.set_result(conn)
+        if opening is not None:
+            opening.set_result(conn)
         channel = conn.open_channel(False)
         if channel is None:  # (a server allowing no streams at all)
             raise ProxyError(
@@ -213,6 +251,9 @@ class Connector:
                 f"{peer.name} sent no HTTP/2 SETTINGS in time",
                 retryable=True,
             ) from None
+        except BaseException:
+            conn.close()  # (cancelled: the connection would be left open, unused)
+            raise
         if conn.closed:
             raise ProxyError(
                 ErrorKind.UPSTREAM_PROTOCOL,

@@ -69,6 +69,8 @@ _CONNECTION_SPECIFIC: Final = frozenset(
     (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
 )
 _H2_ERRORS: Final = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
+#: A connection whose stream ids reach this takes no new streams (the last is 2^31 - 1).
+_LAST_STREAM_IDS: Final = 2**31 - 2**16
 
 
 def _closed_error(detail: str, retryable: bool) -> ProxyError:
@@ -99,6 +101,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             normalize_outbound_headers=False,
         )
         self.h2 = h2.connection.H2Connection(config=config)
+        # (the limit announced in SETTINGS below is the one the HPACK decoder enforces)
+        self.h2.decoder.max_header_list_size = MAX_HEADER_LIST
         #: open streams by id
         self.streams: dict[int, H2Channel] = {}
         #: channels handed out and not yet done (reserved ones have no stream yet)
@@ -280,10 +284,20 @@ class H2UpstreamConnection(asyncio.Protocol):
             self.close()
 
     def _fail_all(self, error: ProxyError) -> None:
+        """A connection error: every stream fails; those that saw no answer on a reused
+        connection may be retried (as after a lost connection)."""
         self.goaway = True
         self.connector.forget_shared(self)
         for channel in list(self.streams.values()):
-            channel.fail(error)
+            channel.fail(
+                ProxyError(
+                    error.kind,
+                    error.source,
+                    error.detail,
+                    retryable=channel.reused and not channel.received,
+                    cause=error.cause,
+                )
+            )
 
     # used by the connector and the channels ---------------------------------------------
 
@@ -419,11 +433,21 @@ class H2Channel(UpstreamChannel):
             self.fail(_refused_error(f"upstream {self.peer.name} is going away"))
             return
         authority = b""
+        path = head.raw_path
+        if path[:1] != b"/" and path != b"*":
+            # absolute-form (RFC 9112 §3.2.2): HTTP/2 takes its authority and an
+            # origin-form :path (RFC 9113 §8.3.1)
+            _, _, rest = path.partition(b"://")
+            authority, slash, tail = rest.partition(b"/")
+            path = b"/" + tail if slash else b"/"
+            if b"?" in authority:  # ("http://host?q")
+                authority, _, query = authority.partition(b"?")
+                path = b"/?" + query
         fields: list[tuple[bytes, bytes]] = [
             (b":method", head.raw_method),
             (b":scheme", b"https" if self.peer.tls else b"http"),
             (b":authority", b""),
-            (b":path", head.raw_path),
+            (b":path", path),
         ]
         for name, value in head.headers._items:
             lname = name.lower()
@@ -440,6 +464,8 @@ class H2Channel(UpstreamChannel):
             stream_id = h2c.get_next_available_stream_id()
             h2c.send_headers(stream_id, fields, end_stream=end_stream)
         except (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError) as exc:
+            if isinstance(exc, h2.exceptions.NoAvailableStreamIDError):
+                conn.retire()
             # (the server lowered its stream limit, or the state machine closed)
             self.fail(
                 ProxyError(
@@ -454,6 +480,8 @@ class H2Channel(UpstreamChannel):
         self.stream_id = stream_id
         conn.streams[stream_id] = self
         conn.requests += 1
+        if stream_id >= _LAST_STREAM_IDS:
+            conn.retire()  # stream ids are running out: new requests go to a new connection
         self._ended = end_stream
         conn.flush()
 
