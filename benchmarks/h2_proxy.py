@@ -1,15 +1,21 @@
-"""HTTP/2 clients through ferryman and through nginx, side by side (issue 6).
+"""HTTP/2 clients through ferryman, nginx and HAProxy, side by side (issue 6).
 
     python benchmarks/h2_proxy.py [--requests 200000] [--rounds 3] [--clients 10]
-                                  [--streams 10] [--ferryman-bin PATH]
+                                  [--streams 10] [--upstream h1|h2c] [--ferryman-bin PATH]
 
-Both proxies take cleartext HTTP/2 with prior knowledge (nginx: ``listen ... http2``;
-ferryman: ``h2c: true``) and proxy to one nginx origin over HTTP/1.1 keep-alive, as in
-``configs/proxy-nginx.conf`` (one worker, no access log). ``h2load -n N -c C -m M`` is the
-client. The proxy is pinned to core 0, the origin and h2load to core 1; the proxy order
-alternates each round. Reported: requests per second, the proxy's CPU microseconds per
-request (from /proc), h2load's errors, and ferryman's ratios to nginx. Loopback only;
-every run is bounded by a timeout.
+Every proxy takes cleartext HTTP/2 with prior knowledge (nginx: ``listen ... http2``;
+HAProxy: ``bind ... proto h2``; ferryman: ``h2c: true``) and proxies to one nginx origin,
+as in ``configs/`` (one worker or thread, no access log, upstream keep-alive):
+
+* ``--upstream h1`` (default): over HTTP/1.1 keep-alive (nginx ``proxy_pass``).
+* ``--upstream h2c``: over cleartext HTTP/2, the origin listening with ``http2``; nginx
+  uses ``grpc_pass`` (its only HTTP/2 upstream), HAProxy ``server ... proto h2``, ferryman
+  ``protocol: h2c``.
+
+``h2load -n N -c C -m M`` is the client. The proxy is pinned to core 0, the origin and
+h2load to core 1; the proxy order rotates each round. Reported: requests per second, the
+proxy's CPU microseconds per request (from /proc), h2load's errors, and ratios to nginx.
+Loopback only; every run is bounded by a timeout.
 """
 
 from __future__ import annotations
@@ -47,23 +53,60 @@ PROXY_CPU, LOAD_CPU = 0, 1
 RUN_TIMEOUT = 300.0
 
 
-def nginx_h2_config(dest: Path, port: int, origin: int) -> Path:
-    """The reference proxy config with its listener speaking HTTP/2 (prior knowledge)."""
+def _edit(dest: Path, text: str, old: str, new: str, what: str) -> str:
+    if text.count(old) != 1:
+        raise BenchError(f"the reference config {dest.name} changed: cannot {what}")
+    return text.replace(old, new)
+
+
+def nginx_h2_config(dest: Path, port: int, origin: int, upstream: str) -> Path:
+    """The reference proxy config with its listener speaking HTTP/2 (prior knowledge),
+    and with ``grpc_pass`` (HTTP/2 to the origin) for ``upstream == "h2c"``."""
     render_config(CONFIG_DIR / "proxy-nginx.conf", dest, port, origin)
     text = dest.read_text()
-    old = f"listen 127.0.0.1:{port} backlog=4096;"
-    if text.count(old) != 1:
-        raise BenchError("the reference nginx proxy config changed: cannot add http2")
-    dest.write_text(text.replace(old, f"listen 127.0.0.1:{port} http2 backlog=4096;"))
+    text = _edit(
+        dest, text, f"listen 127.0.0.1:{port} backlog=4096;",
+        f"listen 127.0.0.1:{port} http2 backlog=4096;", "add http2",
+    )
+    if upstream == "h2c":
+        text = _edit(
+            dest, text, "proxy_pass http://origin;", "grpc_pass grpc://origin;", "use grpc_pass"
+        )
+    dest.write_text(text)
     return dest
 
 
-def ferryman_config(dest: Path, port: int, origin: int) -> Path:
+def haproxy_h2_config(dest: Path, port: int, origin: int, upstream: str) -> Path:
+    """The reference HAProxy config taking HTTP/2 (and speaking it to the origin for h2c)."""
+    render_config(CONFIG_DIR / "proxy-haproxy.cfg", dest, port, origin)
+    text = dest.read_text()
+    text = _edit(
+        dest, text, f"bind 127.0.0.1:{port}\n", f"bind 127.0.0.1:{port} proto h2\n", "add h2"
+    )
+    if upstream == "h2c":
+        line = f"server s1 127.0.0.1:{origin}"
+        text = _edit(dest, text, line + "\n", line + " proto h2\n", "add proto h2")
+    dest.write_text(text)
+    return dest
+
+
+def origin_config(dest: Path, origin: int, upstream: str) -> Path:
+    """The reference origin, listening with ``http2`` for an h2c upstream."""
+    render_config(CONFIG_DIR / "origin-nginx.conf", dest, 0, origin)
+    if upstream == "h2c":
+        text = dest.read_text()
+        old = f"listen 127.0.0.1:{origin} reuseport"
+        dest.write_text(_edit(dest, text, old, old + " http2", "add http2"))
+    return dest
+
+
+def ferryman_config(dest: Path, port: int, origin: int, upstream: str) -> Path:
+    protocol = ", protocol: h2c" if upstream == "h2c" else ""
     dest.write_text(
         "server: {workers: 1, forwarded: {x_forwarded_for: false, x_forwarded_proto: false, "
         "x_forwarded_host: false}}\n"
         f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app, h2c: true}}]\n'
-        f'upstreams: {{app: {{servers: ["127.0.0.1:{origin}"]}}}}\n'
+        f'upstreams: {{app: {{servers: ["127.0.0.1:{origin}"]{protocol}}}}}\n'
     )
     return dest
 
@@ -135,14 +178,18 @@ def measure(name: str, proc: Managed, port: int, args: argparse.Namespace) -> di
 
 
 def run(args: argparse.Namespace) -> int:
-    for tool in ("nginx", "h2load", "taskset"):
+    for tool in ("nginx", "haproxy", "h2load", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            raise BenchError(f"missing {tool}: apt-get install -y nginx nghttp2-client util-linux")
+            raise BenchError(
+                f"missing {tool}: apt-get install -y nginx haproxy nghttp2-client util-linux"
+            )
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    upstream = args.upstream
     work = Path(tempfile.mkdtemp(prefix="ferryman-h2bench-"))
     work.chmod(0o711)
-    origin_port, nginx_port, ferryman_port = free_ports(3)
-    render_config(CONFIG_DIR / "origin-nginx.conf", work / "origin.conf", 0, origin_port)
+    origin_port, nginx_port, haproxy_port, ferryman_port = free_ports(4)
+    origin_config(work / "origin.conf", origin_port, upstream)
     (work / "o").mkdir()
     origin = Managed(
         "origin",
@@ -159,26 +206,34 @@ def run(args: argparse.Namespace) -> int:
                 "-p",
                 str(work / "n"),
                 "-c",
-                str(nginx_h2_config(work / "nginx.conf", nginx_port, origin_port)),
+                str(nginx_h2_config(work / "nginx.conf", nginx_port, origin_port, upstream)),
             ],
         ),
         work,
     )
-    argv, env = ferryman_command(
-        args.ferryman_bin,
-        ["run", "-c", str(ferryman_config(work / "ferryman.yaml", ferryman_port, origin_port))],
+    haproxy_conf = haproxy_h2_config(work / "haproxy.cfg", haproxy_port, origin_port, upstream)
+    haproxy_proc = Managed(
+        "haproxy", taskset(PROXY_CPU, [haproxy, "-f", str(haproxy_conf), "-db"]), work
     )
+    ferryman_yaml = ferryman_config(work / "ferryman.yaml", ferryman_port, origin_port, upstream)
+    argv, env = ferryman_command(args.ferryman_bin, ["run", "-c", str(ferryman_yaml)])
     ferry = Managed("ferryman", taskset(PROXY_CPU, argv), work, env=env)
     time.sleep(1.0)
     wait_ready(origin, origin_port, 10)
     wait_ready_h2(nginx_proc, nginx_port, 10)
+    wait_ready_h2(haproxy_proc, haproxy_port, 10)
     wait_ready_h2(ferry, ferryman_port, 30)
-    results: dict[str, list[dict[str, float]]] = {"nginx": [], "ferryman": []}
-    order = [("nginx", nginx_proc, nginx_port), ("ferryman", ferry, ferryman_port)]
+    results: dict[str, list[dict[str, float]]] = {"nginx": [], "haproxy": [], "ferryman": []}
+    order = [
+        ("nginx", nginx_proc, nginx_port),
+        ("haproxy", haproxy_proc, haproxy_port),
+        ("ferryman", ferry, ferryman_port),
+    ]
     for rnd in range(args.rounds):
-        for name, proc, port in order if rnd % 2 == 0 else order[::-1]:
+        shift = rnd % len(order)
+        for name, proc, port in order[shift:] + order[:shift]:
             results[name].append(measure(name, proc, port, args))
-    for proc in (ferry, nginx_proc, origin):
+    for proc in (ferry, haproxy_proc, nginx_proc, origin):
         proc.stop()
     med = {
         name: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
@@ -186,15 +241,17 @@ def run(args: argparse.Namespace) -> int:
     }
     print(f"Command: `python benchmarks/h2_proxy.py {' '.join(sys.argv[1:])}`  ")
     versions = f"{tool_version(['nginx', '-v'])}; {tool_version(['h2load', '--version'])}"
+    versions += f"; {tool_version(['haproxy', '-v'])}"
     print(
-        f"h2load -n {args.requests} -c {args.clients} -m {args.streams}; "
+        f"h2load -n {args.requests} -c {args.clients} -m {args.streams}; upstream "
+        f"{'HTTP/2 (h2c)' if upstream == 'h2c' else 'HTTP/1.1'}; "
         f"{args.rounds} rounds (medians); {versions}"
     )
     print()
     print("| proxy | req/s | CPU µs/req | errors | req/s ratio | CPU ratio |")
     print("|---|---:|---:|---:|---:|---:|")
     base = med["nginx"]
-    for name in ("nginx", "ferryman"):
+    for name in ("nginx", "haproxy", "ferryman"):
         m = med[name]
         print(
             f"| {name} | {m['rps']:,.0f} | {m['cpu_us']:.1f} | {m['errors']:.0f} | "
@@ -209,9 +266,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--clients", type=int, default=10)
     p.add_argument("--streams", type=int, default=10)
+    p.add_argument("--upstream", choices=("h1", "h2c"), default="h1")
     p.add_argument("--ferryman-bin", default=None)
     args = p.parse_args()
-    return guarded_main(lambda: run(args), "stopped nginx and ferryman")
+    return guarded_main(lambda: run(args), "stopped nginx, haproxy and ferryman")
 
 
 if __name__ == "__main__":
