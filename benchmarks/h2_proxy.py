@@ -219,7 +219,10 @@ def run(args: argparse.Namespace) -> int:
     argv, env = ferryman_command(args.ferryman_bin, ["run", "-c", str(ferryman_yaml)])
     ferry = Managed("ferryman", taskset(PROXY_CPU, argv), work, env=env)
     time.sleep(1.0)
-    wait_ready(origin, origin_port, 10)
+    if upstream == "h2c":
+        wait_ready_h2(origin, origin_port, 10)
+    else:
+        wait_ready(origin, origin_port, 10)
     wait_ready_h2(nginx_proc, nginx_port, 10)
     wait_ready_h2(haproxy_proc, haproxy_port, 10)
     wait_ready_h2(ferry, ferryman_port, 30)

@@ -44,6 +44,7 @@ needs_curl = pytest.mark.skipif(CURL is None, reason="curl not installed")
 
 @dataclass
 class Rig:
+    ca: str  # CA bundle for clients of the TLS listener
     proxy: ProxyProcess
     h2c: H2Origin  # cleartext HTTP/2 origin
     h2tls: H2Origin  # TLS origin, ALPN h2
@@ -100,7 +101,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
         "          timeouts: {ping: 0.3s, read: 1s, idle: 60s}}\n"
     )
     proxy = start_ferryman(workdir, yaml_text, ports[0])
-    yield Rig(proxy, h2c, h2tls, h1tls, small, *ports)
+    yield Rig(str(ca_path), proxy, h2c, h2tls, h1tls, small, *ports)
     code = proxy.stop(signal.SIGINT)
     log = proxy.log_text()
     for origin in (h2c, h2tls, small, h1tls):
@@ -287,7 +288,36 @@ def test_chunked_upload_from_an_http1_client(rig: Rig) -> None:
     assert out.stdout.decode() == f"100000 {sha(b'x' * 100_000)}"
 
 
-def test_httpx_http2_over_tls_to_a_tls_h2_upstream(rig: Rig) -> None:
+@needs_curl
+@pytest.mark.parametrize("size", [1_000_000, 100_000_000])
+def test_curl_http2_over_tls_both_ways(rig: Rig, tmp_path: Path, size: int) -> None:
+    url = f"https://localhost:{rig.tls_in}"
+    tls = ["--http2", "--cacert", rig.ca, "--resolve", f"localhost:{rig.tls_in}:127.0.0.1"]
+    target = tmp_path / "down"
+    out = curl(*tls, "-w", "%{http_version}", "-o", str(target), f"{url}/big?size={size}")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == b"2"
+    assert sha(target.read_bytes()) == sha(pattern_bytes(size))
+    source = tmp_path / "up"
+    source.write_bytes(pattern_bytes(size))
+    out = curl(*tls, "--data-binary", f"@{source}", f"{url}/sha")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.decode() == f"{size} {sha(pattern_bytes(size))}"
+
+
+def test_httpx_http2_over_tls_both_ways(rig: Rig) -> None:
+    body = pattern_bytes(1_000_000)
+    ctx = ssl.create_default_context(cafile=rig.ca)
+    with httpx.Client(http2=True, verify=ctx, timeout=30) as client:
+        r = client.post(f"https://localhost:{rig.tls_in}/sha", content=body)
+        assert r.http_version == "HTTP/2"
+        assert r.text == f"{len(body)} {sha(body)}"
+        r = client.get(f"https://localhost:{rig.tls_in}/big?size=1000000")
+        assert r.http_version == "HTTP/2"
+        assert r.content == body
+
+
+def test_httpx_http2_prior_knowledge_to_a_tls_h2_upstream(rig: Rig) -> None:
     body = pattern_bytes(1_000_000)
     with httpx.Client(http2=True, http1=False, timeout=30) as client:
         r = client.post(f"http://127.0.0.1:{rig.to_h2tls}/sha", content=body)
