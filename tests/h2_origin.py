@@ -129,6 +129,7 @@ class _Connection(asyncio.Protocol):
                 with origin.lock:
                     origin.requests.append((stream.method, stream.target, stream.headers))
                     origin.served_on[stream.target] = self.serial
+                    origin.served_by.add(self.serial)
                     origin.active += 1
                     origin.max_active = max(origin.max_active, origin.active)
                     origin.max_per_connection = max(origin.max_per_connection, self.active)
@@ -161,6 +162,13 @@ class _Connection(asyncio.Protocol):
                     if stream.task is not None:
                         stream.task.cancel()
                     self._stream_gone(stream)
+            elif isinstance(event, h2.events.TrailersReceived):
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    with self.origin.lock:
+                        self.origin.request_trailers[stream.target] = [
+                            (bytes(n), bytes(v)) for n, v in event.headers
+                        ]
             elif isinstance(event, h2.events.PingReceived):
                 with self.origin.lock:
                     self.origin.pings += 1
@@ -266,6 +274,7 @@ class _Connection(asyncio.Protocol):
             goaway.last_stream_id = self.highest
             assert self.transport is not None
             self.transport.write(goaway.serialize())
+            self.origin.goaway_sent.set()
             stream.task = asyncio.get_running_loop().create_task(
                 self._later(stream, int(q.get("ms", "300")) / 1000, b"finished", head=False)
             )
@@ -335,6 +344,12 @@ class H2Origin:
         self.connections_ever = 0
         #: which connection (numbered from 1) the last request for a target came on
         self.served_on: dict[str, int] = {}
+        #: the connections that carried requests since the last reset_counts
+        self.served_by: set[int] = set()
+        #: request trailers by target
+        self.request_trailers: dict[str, list[tuple[bytes, bytes]]] = {}
+        #: set when /goaway has written its GOAWAY
+        self.goaway_sent = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -383,6 +398,9 @@ class H2Origin:
             self.max_active = self.active
             self.max_per_connection = 0
             self.pings = 0
+            self.served_by.clear()
+            self.request_trailers.clear()
+            self.goaway_sent.clear()
 
     def sent_for(self, target: str) -> int:
         """Response body bytes sent so far to the open stream for ``target``."""

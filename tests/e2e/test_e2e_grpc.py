@@ -212,17 +212,19 @@ def test_error_status_and_message_reach_the_client(rig: GrpcRig) -> None:
     assert ("x-reason", "missing") in error.trailing_metadata()
 
 
-def test_deadline_reaches_the_server_and_expiry_cancels_it(rig: GrpcRig) -> None:
+def test_deadline_reaches_the_server_and_expiry_ends_the_call(rig: GrpcRig) -> None:
     call = method(rig, "unary_unary", "Slow")
     started = time.monotonic()
     with pytest.raises(grpc.RpcError) as info:
-        call(b"deadline", timeout=0.8)
+        call(b"deadline", timeout=2.0)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5
     # grpc-timeout went through: the server knew how long it had
+    assert rig.seen.event("deadline:started").wait(5)
     remaining = rig.seen.time_remaining[-1]
-    assert remaining is not None and 0 < remaining <= 0.85  # (grpc-timeout rounds up)
-    # and the expired call was cancelled at the server (RST_STREAM through the proxy)
+    assert remaining is not None and 0 < remaining <= 2.05  # (grpc-timeout rounds up)
+    # and the call ended at the server too (its own deadline, or the RST_STREAM from the
+    # client through the proxy; the cancel tests below show the RST_STREAM alone)
     assert rig.seen.event("deadline:cancelled").wait(5)
 
 

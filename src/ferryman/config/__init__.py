@@ -151,8 +151,9 @@ Every key, with its default (all optional unless marked *required*)::
           max_streams: 1000      # HTTP/2: concurrent requests per connection (the server's
                                  # limit wins when lower); full: another connection opens
         protocol: h1             # h1 (default); h2: HTTP/2 over TLS, chosen with ALPN
-                                 # (HTTP/1.1 if the server does not pick it); h2c:
-                                 # cleartext HTTP/2 by prior knowledge
+                                 # (HTTP/1.1 if the server does not pick it), needs
+                                 # `tls`; h2c: cleartext HTTP/2 by prior knowledge,
+                                 # without `tls`
         max_retries: 1           # retries of a failed attempt, on a server not tried yet:
                                  # after a connect failure, or (GET/HEAD/PUT/DELETE/...)
                                  # when the server closed or timed out before answering,

@@ -134,6 +134,14 @@ class H2Downstream(asyncio.Protocol):
                 ),
             },
         )
+        # The HPACK decoder keeps its own limit on decoded header bytes (its default is
+        # 64 KiB, whatever SETTINGS say): twice ours, so a section between the two gets
+        # its 431 and only one far past it ends the connection (GOAWAY 0xB). Its dynamic
+        # table stays at the 4096 bytes SETTINGS_HEADER_TABLE_SIZE announces.
+        conn.decoder.max_header_list_size = 2 * max(
+            32768, self._options.limits.max_header_bytes
+        )
+        conn.decoder.max_allowed_table_size = 4096
         conn.initiate_connection()
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.service.connections.add(self)  # type: ignore[arg-type]

@@ -26,7 +26,9 @@ class ListenerTls:
 
     ``cert``/``key`` is the default certificate; ``sni`` adds more, chosen by the name the
     client asks for. ``client_ca`` with ``client_verify`` ``"optional"`` or ``"required"``
-    turns on client-certificate verification (mTLS). ``alpn`` lists the protocols offered.
+    turns on client-certificate verification (mTLS). ``alpn`` lists the protocols offered:
+    HTTP/1.1 only by default here, ``("h2", "http/1.1")`` to offer HTTP/2 too (a config
+    file's listener offers both by default: ``alpn: h2_preferred``).
     """
 
     cert: str
