@@ -227,13 +227,33 @@ def test_request_headers_reach_the_origin_as_http11(rig: H2Rig) -> None:
 def test_nghttp(rig: H2Rig) -> None:
     assert NGHTTP is not None
     out = subprocess.run(
-        [NGHTTP, "-n", "-s", f"http://127.0.0.1:{rig.h2c}/big?size=100"],
+        [NGHTTP, "-v", f"http://127.0.0.1:{rig.h2c}/big?size=100"],
         capture_output=True,
         timeout=30,
-        text=True,
     )
     assert out.returncode == 0, out.stderr
-    assert "200" in out.stdout or out.returncode == 0
+    assert b":status: 200" in out.stdout
+    assert out.stdout.endswith(pattern_bytes(100)) or pattern_bytes(100) in out.stdout
+
+
+@pytest.mark.skipif(NGHTTP is None, reason="nghttp not installed")
+@pytest.mark.parametrize("size", [1_000_000])
+def test_nghttp_bodies_both_ways(rig: H2Rig, tmp_path: Path, size: int) -> None:
+    assert NGHTTP is not None
+    down = subprocess.run(
+        [NGHTTP, f"http://127.0.0.1:{rig.h2c}/big?size={size}"], capture_output=True, timeout=60
+    )
+    assert down.returncode == 0, down.stderr
+    assert down.stdout == pattern_bytes(size)
+    source = tmp_path / "up"
+    source.write_bytes(pattern_bytes(size))
+    up = subprocess.run(
+        [NGHTTP, "-d", str(source), f"http://127.0.0.1:{rig.h2c}/echo"],
+        capture_output=True,
+        timeout=60,
+    )
+    assert up.returncode == 0, up.stderr
+    assert up.stdout == pattern_bytes(size)
 
 
 @pytest.mark.skipif(H2LOAD is None, reason="h2load not installed")
@@ -542,7 +562,10 @@ def test_graceful_stop_lets_an_http2_request_finish(tmp_path: Path) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # the request is at the origin, in flight
+        while not any(r[1].startswith("/slow") for r in origin.requests):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         proxy.proc.send_signal(signal.SIGTERM)
         out, err = client.communicate(timeout=15)
         assert client.returncode == 0, err
