@@ -23,6 +23,7 @@ COMPILED = [
     "src/ferryman/protocols/h1.py",
     "src/ferryman/protocols/h2_guard.py",
     "src/ferryman/protocols/h2_goaway.py",
+    "src/ferryman/protocols/h2_send.py",
     "src/ferryman/upstream/peer.py",
     "src/ferryman/upstream/connection.py",
     "src/ferryman/upstream/h2_connection.py",

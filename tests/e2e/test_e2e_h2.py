@@ -682,29 +682,10 @@ def test_a_stream_that_stops_reading_is_reset_after_body_write(tmp_path: Path) -
     try:
         sid = client.get("/big?size=2000000")
         started = time.monotonic()
-        raw = b""  # read raw: the client's state machine is not consulted again
-        client.sock.settimeout(0.5)
-        while time.monotonic() - started < 10:
-            try:
-                piece = client.sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not piece:
-                break
-            raw += piece
-        frames = []
-        pos = 0
-        while pos + 9 <= len(raw):
-            length = int.from_bytes(raw[pos : pos + 3], "big")
-            frames.append(
-                (
-                    raw[pos + 3],
-                    int.from_bytes(raw[pos + 5 : pos + 9], "big"),
-                    raw[pos + 9 : pos + 9 + length],
-                )
-            )
-            pos += 9 + length
-        resets = [(sid_, payload) for kind, sid_, payload in frames if kind == 0x3]
+        # read raw: the client's state machine is not consulted again
+        frames, closed = _raw_frames(client.sock, 10)
+        assert closed
+        resets = [(sid_, payload) for kind, _, sid_, payload in frames if kind == 0x3]
         assert resets == [(sid, b"\x00\x00\x00\x08")]  # RST_STREAM CANCEL
         assert frames[-1][0] == 0x7  # then GOAWAY, and the close: nothing leaked
         assert time.monotonic() - started < 6
@@ -855,3 +836,31 @@ def test_client_goaway_answers_the_streams_in_flight_unless_it_is_an_error(
         assert on_stream[-1][1] & 0x1  # END_STREAM
     else:
         assert not [f for f in on_stream if f[0] in (0x0, 0x1)]  # abandoned: no answer
+
+
+@needs_curl
+@pytest.mark.parametrize("size", [300_000, 330_000, 400_000])
+def test_an_upstream_connection_paused_by_a_slow_stream_is_pooled_reading(
+    tmp_path: Path, size: int
+) -> None:
+    """A response that ends in the very read that made its HTTP/2 client's stream
+    write-paused: the upstream connection goes back to the pool, and must read again
+    there, or the next request on it would never be answered."""
+    origin = OriginServer().start()
+    proxy = _h2c_proxy(tmp_path, origin.address)
+    try:
+        for _ in range(3):
+            client = H2Client(proxy.port)  # its 64 KiB window is never credited back
+            client.get(f"/big?size={size}")
+            for _ in range(4):
+                client.events(0.05)
+            client.close()
+            out = curl(
+                "--http2-prior-knowledge", "--max-time", "5",
+                f"http://127.0.0.1:{proxy.port}/big?size=10",
+            )
+            assert out.returncode == 0, out.stderr
+            assert out.stdout == pattern_bytes(10)
+    finally:
+        proxy.stop(signal.SIGINT)
+        origin.stop()

@@ -115,6 +115,20 @@ def curl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[bytes]
     return subprocess.run([CURL, "-sS", *args], capture_output=True, timeout=timeout)
 
 
+def h2load(requests: int, clients: int, streams: int, url: str) -> None:
+    """Run ``h2load -n requests -c clients -m streams url``; every request must succeed."""
+    assert H2LOAD is not None
+    out = subprocess.run(
+        [H2LOAD, "-n", str(requests), "-c", str(clients), "-m", str(streams), url],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    done = f"{requests} succeeded, 0 failed, 0 errored, 0 timeout"
+    assert done in out.stdout, out.stdout
+
+
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -198,13 +212,7 @@ def test_response_header_larger_than_hpacks_default_limit(rig: Rig) -> None:
 
 @pytest.mark.skipif(H2LOAD is None, reason="h2load not installed")
 def test_burst_to_an_h2_group_whose_server_speaks_http1(rig: Rig) -> None:
-    out = subprocess.run(
-        [H2LOAD, "-n", "600", "-c", "6", "-m", "10", f"http://127.0.0.1:{rig.to_h1tls}/"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "600 succeeded, 0 failed, 0 errored, 0 timeout" in out.stdout, out.stdout
+    h2load(600, 6, 10, f"http://127.0.0.1:{rig.to_h1tls}/")
 
 
 @needs_curl
@@ -399,31 +407,14 @@ def test_h2_upstream_falls_back_to_http1_when_alpn_does_not_pick_h2(rig: Rig) ->
 @pytest.mark.skipif(H2LOAD is None, reason="h2load not installed")
 def test_h2load_100k_through_an_h2_upstream(rig: Rig) -> None:
     rig.h2c.reset_counts()
-    out = subprocess.run(
-        [H2LOAD, "-n", "100000", "-c", "10", "-m", "10", f"http://127.0.0.1:{rig.to_h2c}/"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "100000 succeeded, 0 failed, 0 errored, 0 timeout" in out.stdout, out.stdout
+    h2load(100000, 10, 10, f"http://127.0.0.1:{rig.to_h2c}/")
     assert len(rig.h2c.served_by) <= 2
 
 
 @pytest.mark.skipif(H2LOAD is None, reason="h2load not installed")
 def test_1000_concurrent_streams_share_at_most_two_upstream_connections(rig: Rig) -> None:
     rig.h2c.reset_counts()
-    out = subprocess.run(
-        [
-            H2LOAD, "-n", "1000", "-c", "10", "-m", "100",
-            f"http://127.0.0.1:{rig.to_h2c}/delay?ms=3000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "1000 succeeded, 0 failed, 0 errored, 0 timeout" in out.stdout, out.stdout
+    h2load(1000, 10, 100, f"http://127.0.0.1:{rig.to_h2c}/delay?ms=3000")
     assert rig.h2c.max_active == 1000  # all of them at the origin at once
     assert len(rig.h2c.served_by) <= 2  # over at most two connections (pooled or new)
 
@@ -431,16 +422,7 @@ def test_1000_concurrent_streams_share_at_most_two_upstream_connections(rig: Rig
 @pytest.mark.skipif(H2LOAD is None, reason="h2load not installed")
 def test_the_servers_stream_limit_is_respected_and_more_connections_open(rig: Rig) -> None:
     rig.small.reset_counts()
-    out = subprocess.run(
-        [
-            H2LOAD, "-n", "300", "-c", "3", "-m", "100",
-            f"http://127.0.0.1:{rig.to_small}/delay?ms=3000",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert "300 succeeded, 0 failed" in out.stdout, out.stdout
+    h2load(300, 3, 100, f"http://127.0.0.1:{rig.to_small}/delay?ms=3000")
     assert rig.small.max_per_connection == 50  # never above its SETTINGS
     assert rig.small.connections >= 6  # 300 at once need six connections of 50
     assert rig.small.max_active == 300

@@ -5,19 +5,11 @@ from __future__ import annotations
 import struct
 
 import pytest
+from h2_frames import frame
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from ferryman.protocols.h2_goaway import GoawayFilter
-
-
-def frame(kind: int, flags: int = 0, stream: int = 0, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([kind, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
 
 
 def goaway(last: int, code: int = 0, debug: bytes = b"") -> bytes:

@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
+from h2_frames import frame
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 from ferryman.protocols.h2_guard import FrameGuard
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-
-def frame(kind: int, flags: int = 0, stream: int = 0, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([kind, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
 
 
 def feed_all(guard: FrameGuard, data: bytes, now: float = 0.0, step: int = 0) -> str | None:

@@ -36,6 +36,7 @@ from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
 from ferryman.protocols.h2_goaway import GoawayFilter
 from ferryman.protocols.h2_guard import ENHANCE_YOUR_CALM, FrameGuard
+from ferryman.protocols.h2_send import CONNECTION_SPECIFIC, send_end, send_within_window
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.proxy.client import ClientSide
 from ferryman.proxy.engine import start_session
@@ -66,13 +67,6 @@ STREAM_LOW_WATER: Final = 64 * 1024
 
 _METHOD: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _PATH: Final = re.compile(rb"/[\x21-\x7e\x80-\xff]*|\*")
-
-#: Response header fields that are connection-specific in HTTP/1.1 and must not appear in
-#: HTTP/2 (RFC 9113 §8.2.2).
-_CONNECTION_SPECIFIC: Final = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-)
-
 
 class H2Downstream(asyncio.Protocol):
     """One client connection speaking HTTP/2 (see the module docstring)."""
@@ -564,7 +558,7 @@ class H2Stream(ClientSide):
         fields = [(b":status", b"%d" % response.status)]
         for name, value in response.headers._items:
             lname = name.lower()
-            if lname not in _CONNECTION_SPECIFIC:
+            if lname not in CONNECTION_SPECIFIC:
                 fields.append((lname, value))
         try:
             self.owner.conn.send_headers(self.stream_id, fields, end_stream=end_stream)
@@ -609,32 +603,10 @@ class H2Stream(ClientSide):
         stream_id = self.stream_id
         buffer = self._buffer
         try:
-            while buffer:
-                window = min(
-                    conn.local_flow_control_window(stream_id), conn.max_outbound_frame_size
-                )
-                if window <= 0:
-                    break
-                piece = buffer[0]
-                if len(piece) <= window:
-                    buffer.pop(0)
-                else:
-                    buffer[0] = piece[window:]
-                    piece = piece[:window]
-                self._buffered -= len(piece)
-                conn.send_data(stream_id, piece)
+            self._buffered -= send_within_window(conn, stream_id, buffer)
             if not buffer and self._end is not None and not self._ended:
-                trailers = self._end[0]
                 self._ended = True
-                fields = [
-                    (n.lower(), v)
-                    for n, v in (trailers._items if trailers else ())
-                    if n[:1] != b":" and n.lower() not in _CONNECTION_SPECIFIC
-                ]
-                if fields:
-                    conn.send_headers(stream_id, fields, end_stream=True)
-                else:
-                    conn.send_data(stream_id, b"", end_stream=True)
+                send_end(conn, stream_id, self._end[0])
                 if self._finished:
                     self.owner.flush()
                     self._release()

@@ -598,17 +598,31 @@ class Session(UpstreamSink):
 
     def _send_request(self, up: UpstreamChannel, request: RequestHeader) -> None:
         """Send the head, what was sent before (on a retry) and what is buffered."""
+        # (the body an earlier attempt sent, kept for a retry, goes again first)
+        body = list(self._retry_buf) if self._retry_buf else []
+        pieces = self._take_buffered()
+        if pieces is None:
+            return  # request_body_filter failed: the request is over
+        body += pieces
         if up.multiplexed:
-            self._send_request_multiplexed(up, request)
+            self._send_request_multiplexed(up, request, body)
             return
         parts = [request.to_bytes()]
         chunked = self._up_chunked
-        if self._retry_buf:
-            for piece in self._retry_buf:
-                if chunked:
-                    parts += chunk(piece)
-                else:
-                    parts.append(piece)
+        for piece in body:
+            if chunked:
+                parts += chunk(piece)
+            else:
+                parts.append(piece)
+        if self._req_done and chunked:
+            parts.append(last_chunk(self._req_trailers))
+        up.writelines(parts)
+        self._down.resume(PAUSE_BODY)
+
+    def _take_buffered(self) -> list[bytes] | None:
+        """The request body buffered so far, through ``request_body_filter`` (with its
+        end-of-body call when the body is complete), counted as sent; ``None`` when the
+        filter failed. From now on the body streams upstream as it arrives."""
         pending, self._req_buf = self._req_buf, []
         self._req_buffered = 0
         self._up_streaming = True
@@ -619,59 +633,35 @@ class Session(UpstreamSink):
             last = len(pending) - 1
         else:
             last = -1
+        if not filtered:
+            for piece in pending:
+                self._record_sent(piece)
+            return pending
+        out: list[bytes] = []
         for i, piece in enumerate(pending):
-            if filtered:
-                out = self._filter_body(piece, i == last)
-                if self._error is not None:
-                    return
-                if not out:
-                    continue
-                piece = out
-            self._record_sent(piece)
-            if chunked:
-                parts += chunk(piece)
-            else:
-                parts.append(piece)
-        if self._req_done and chunked:
-            parts.append(last_chunk(self._req_trailers))
-        up.writelines(parts)
-        self._down.resume(PAUSE_BODY)
+            filtered_piece = self._filter_body(piece, i == last)
+            if self._error is not None:
+                return None
+            if filtered_piece:
+                self._record_sent(filtered_piece)
+                out.append(filtered_piece)
+        return out
 
-    def _send_request_multiplexed(self, up: UpstreamChannel, request: RequestHeader) -> None:
+    def _send_request_multiplexed(
+        self, up: UpstreamChannel, request: RequestHeader, body: list[bytes]
+    ) -> None:
         """:meth:`_send_request` for an HTTP/2 channel: the head (ending the stream when
         there is no body), then the body so far, then the end if it came."""
-        pending, self._req_buf = self._req_buf, []
-        self._req_buffered = 0
-        self._up_streaming = True
-        filtered = self._body_filter and self._body_kind != BODY_NONE
-        if self._req_done and not self._retry_buf and not pending and not filtered:
+        if self._req_done and not body:
             up.send_head(request, self._req_trailers is None)
             if self._req_trailers is not None:
                 up.end_request(self._req_trailers)
-            self._down.resume(PAUSE_BODY)
-            return
-        up.send_head(request, False)
-        if self._retry_buf:
-            for piece in self._retry_buf:
-                up.write(piece)
-        if filtered and self._req_done and not self._filter_ended:
-            self._filter_ended = True
-            pending.append(b"")
-            last = len(pending) - 1
         else:
-            last = -1
-        for i, piece in enumerate(pending):
-            if filtered:
-                out = self._filter_body(piece, i == last)
-                if self._error is not None:
-                    return
-                if not out:
-                    continue
-                piece = out
-            self._record_sent(piece)
-            up.write(piece)
-        if self._req_done:
-            up.end_request(self._req_trailers)
+            up.send_head(request, False)
+            for piece in body:
+                up.write(piece)
+            if self._req_done:
+                up.end_request(self._req_trailers)
         self._down.resume(PAUSE_BODY)
 
     def _send_continue(self) -> None:

@@ -149,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol, UpstreamChannel):
         "received",
         "reused",
         "multiplexed",
+        "reading_paused",
     )
 
     def __init__(self, peer: HttpPeer, connector: Connector) -> None:
@@ -168,6 +169,8 @@ class UpstreamConnection(asyncio.Protocol, UpstreamChannel):
         self.received = False
         self.reused = False
         self.multiplexed = False
+        #: the session paused reading (its client is slow)
+        self.reading_paused = False
 
     # asyncio.Protocol -------------------------------------------------------------------
 
@@ -286,11 +289,13 @@ class UpstreamConnection(asyncio.Protocol, UpstreamChannel):
     def pause_reading(self) -> None:
         """Stop reading the socket (the client is slow)."""
         if self.transport is not None and not self.closed:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         """Read the socket again."""
         if self.transport is not None and not self.closed:
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def write_eof(self) -> None:
@@ -345,6 +350,10 @@ class UpstreamConnection(asyncio.Protocol, UpstreamChannel):
         if self.write_blocked:
             self.close()
             return
+        if self.reading_paused:
+            # (the response ended in the same read that made its client slow: a pooled
+            # connection must read, or the next request's answer would never arrive)
+            self.resume_reading()
         self.connector.release(self)
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ import h2.settings
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
 from ferryman.protocols.h2_goaway import GoawayFilter
+from ferryman.protocols.h2_send import CONNECTION_SPECIFIC, send_end, send_within_window
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.upstream.connection import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamChannel
 
@@ -63,11 +64,6 @@ SEND_LOW_WATER: Final = 64 * 1024
 #: Most bytes of response header fields accepted (SETTINGS_MAX_HEADER_LIST_SIZE).
 MAX_HEADER_LIST: Final = 256 * 1024
 
-#: Request fields that are connection-specific in HTTP/1.1 and may not appear in HTTP/2
-#: (RFC 9113 §8.2.2); ``te`` is allowed only as "trailers".
-_CONNECTION_SPECIFIC: Final = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade")
-)
 _H2_ERRORS: Final = (h2.exceptions.ProtocolError, h2.exceptions.StreamClosedError)
 #: A connection whose stream ids reach this takes no new streams (the last is 2^31 - 1).
 _LAST_STREAM_IDS: Final = 2**31 - 2**16
@@ -455,7 +451,7 @@ class H2Channel(UpstreamChannel):
                 if not authority:
                     authority = value
                 continue
-            if lname in _CONNECTION_SPECIFIC or (lname == b"te" and value != b"trailers"):
+            if lname in CONNECTION_SPECIFIC or (lname == b"te" and value != b"trailers"):
                 continue
             fields.append((lname, value))
         fields[2] = (b":authority", authority or self.peer.name.encode())
@@ -649,30 +645,10 @@ class H2Channel(UpstreamChannel):
         stream_id = self.stream_id
         buffer = self._buffer
         try:
-            while buffer:
-                window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
-                if window <= 0:
-                    break
-                piece = buffer[0]
-                if len(piece) <= window:
-                    buffer.pop(0)
-                else:
-                    buffer[0] = piece[window:]
-                    piece = piece[:window]
-                self._buffered -= len(piece)
-                h2c.send_data(stream_id, piece)
+            self._buffered -= send_within_window(h2c, stream_id, buffer)
             if not buffer and self._end is not None and not self._ended:
-                trailers = self._end[0]
                 self._ended = True
-                fields = [
-                    (n.lower(), v)
-                    for n, v in (trailers._items if trailers else ())
-                    if n[:1] != b":" and n.lower() not in _CONNECTION_SPECIFIC
-                ]
-                if fields:
-                    h2c.send_headers(stream_id, fields, end_stream=True)
-                else:
-                    h2c.end_stream(stream_id)
+                send_end(h2c, stream_id, self._end[0])
         except _H2_ERRORS as exc:
             self.fail(
                 ProxyError(
