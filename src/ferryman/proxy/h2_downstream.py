@@ -36,7 +36,12 @@ from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
 from ferryman.protocols.h2_goaway import GoawayFilter
 from ferryman.protocols.h2_guard import ENHANCE_YOUR_CALM, FrameGuard
-from ferryman.protocols.h2_send import CONNECTION_SPECIFIC, send_end, send_within_window
+from ferryman.protocols.h2_send import (
+    CONNECTION_SPECIFIC,
+    new_connection,
+    send_end,
+    send_within_window,
+)
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.proxy.client import ClientSide
 from ferryman.proxy.engine import start_session
@@ -82,18 +87,7 @@ class H2Downstream(asyncio.Protocol):
         self.loop = service.loop
         self.tls_info = tls_info
         self.transport: asyncio.Transport | None = None
-        # Inbound headers are validated by h2 (pseudo-headers, connection-specific fields,
-        # case). Outbound ones are built here already lowercase and without
-        # connection-specific fields, so h2's checks of them are skipped: they cost 10%
-        # of a request's CPU in a profile of h2load traffic.
-        config = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.conn = h2.connection.H2Connection(config=config)
+        self.conn = new_connection(client_side=False)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
         self.draining = False

@@ -40,7 +40,12 @@ import h2.settings
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH, BODY_NONE
 from ferryman.protocols.h2_goaway import GoawayFilter
-from ferryman.protocols.h2_send import CONNECTION_SPECIFIC, send_end, send_within_window
+from ferryman.protocols.h2_send import (
+    CONNECTION_SPECIFIC,
+    new_connection,
+    send_end,
+    send_within_window,
+)
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.upstream.connection import WRITE_HIGH_WATER, WRITE_LOW_WATER, UpstreamChannel
 
@@ -88,15 +93,7 @@ class H2UpstreamConnection(asyncio.Protocol):
         self.connector = connector
         self.loop = connector.loop
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(
-            client_side=True,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            # requests are built here lowercase and without connection-specific fields
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = new_connection(client_side=True)
         # (the limit announced in SETTINGS below is the one the HPACK decoder enforces)
         self.h2.decoder.max_header_list_size = MAX_HEADER_LIST
         #: open streams by id
