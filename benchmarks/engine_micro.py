@@ -21,7 +21,7 @@ from typing import Any
 
 import uvloop
 
-from ferryman import HttpPeer, HttpProxyService, Listener, ProxyHttp
+from ferryman import HttpPeer, HttpProxyService, Listener, ProxyHttp, ProxyOptions
 from ferryman.upstream.connection import UpstreamConnection
 
 REQUEST = (
@@ -102,10 +102,15 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--app", choices=["minimal", "config"], default="minimal")
+    ap.add_argument(
+        "--request-id", choices=["on", "off"], default="on",
+        help="send X-Request-Id upstream (server.forwarded.request_id)",
+    )
     args = ap.parse_args()
     loop = uvloop.new_event_loop()
     proxy, peer = make_proxy(args.app)
-    service = HttpProxyService(proxy, [Listener("127.0.0.1:8080")])
+    options = ProxyOptions(request_id=args.request_id == "on")
+    service = HttpProxyService(proxy, [Listener("127.0.0.1:8080")], options)
     service.start(loop)
     up = UpstreamConnection(peer, service.connector)
     up_t = FakeTransport()

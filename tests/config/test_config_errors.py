@@ -168,11 +168,32 @@ SERVER_CASES = [
          "\"ferryman\", got ''", "via-name-empty"),
     case(L + U + "server:\n  forwarded:\n    real_ip: true\n",
          'ferryman.yaml:5: server.forwarded.real_ip: unknown key "real_ip"; expected one '
-         "of: x_forwarded_for, x_forwarded_proto, x_forwarded_host, via, via_name",
+         "of: x_forwarded_for, x_forwarded_proto, x_forwarded_host, via, via_name, request_id",
          "forwarded-unknown-key"),
 ]
 
 LISTENER_CASES = [
+    case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n    access_log: verbose\n',
+         "ferryman.yaml:5: listeners[0].access_log: expected off, combined, json, or a mapping "
+         'with format, path ("-" for standard output), buffer and flush, got \'verbose\'',
+         "access-log-word"),
+    case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n    access_log: {format: xml}\n',
+         "ferryman.yaml:5: listeners[0].access_log.format: expected combined or json, got 'xml'",
+         "access-log-format"),
+    case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n'
+         "    access_log: {path: /nonexistent-dir/a.log}\n",
+         "ferryman.yaml:5: listeners[0].access_log.path: expected a file path in a writable "
+         'directory, or "-" for standard output, got \'/nonexistent-dir/a.log\' '
+         "(/nonexistent-dir does not exist)", "access-log-path"),
+    case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n    access_log: {size: 1}\n',
+         'ferryman.yaml:5: listeners[0].access_log.size: unknown key "size"; expected one of: '
+         "format, path, buffer, flush", "access-log-unknown-key"),
+    case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n    access_log: {flush: 0}\n',
+         "ferryman.yaml:5: listeners[0].access_log.flush: expected a positive duration such as "
+         '"2s" or "500ms", got 0', "access-log-flush-zero"),
+    case(L + U + "server:\n  forwarded:\n    request_id: 'yes'\n",
+         "ferryman.yaml:5: server.forwarded.request_id: expected true or false, got 'yes'",
+         "request-id-not-bool"),
     case(U, 'ferryman.yaml:1: missing required key "listeners" (expected a non-empty list of '
          "listeners)", "listeners-missing"),
     case(U + "listeners: []\n",
@@ -230,7 +251,7 @@ LISTENER_CASES = [
          'ferryman.yaml:3: listeners[0]: missing required key "upstream" or "routes" (expected '
          'the name of an upstream group, or a list of routes; required unless "app" is set)\n'
          'ferryman.yaml:4: listeners[0].upstreams: unknown key "upstreams" (did you mean '
-         '"upstream"?); expected one of: bind, upstream, tls, routes, h2c',
+         '"upstream"?); expected one of: bind, upstream, tls, routes, h2c, access_log',
          "listener-unknown-key"),
     case(U + 'listeners:\n  - bind: ":80"\n    upstream: app\n    tls: true\n',
          "ferryman.yaml:5: listeners[0].tls: expected a mapping, got true", "listener-tls-bool"),

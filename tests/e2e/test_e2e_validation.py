@@ -139,7 +139,7 @@ def test_check_prints_every_problem_of_a_file(tmp_path: Path) -> None:
         'bad.yaml:3: server.grace_period: expected a duration such as "2s" or "500ms", '
         "got 'soon'",
         'bad.yaml:6: listeners[0].colour: unknown key "colour"; expected one of: bind, '
-        "upstream, tls, routes, h2c",
+        "upstream, tls, routes, h2c, access_log",
         'bad.yaml:9: listeners[0].routes[0].upstream: unknown upstream "nope" (defined: app)',
         "bad.yaml:10: listeners[0].routes[1].match.path_regex: expected a regular expression, "
         "got '*' (nothing to repeat at position 0)",

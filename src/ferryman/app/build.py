@@ -11,6 +11,7 @@ from ferryman.app.config_proxy import ConfigProxy, hash_key_function, make_disco
 from ferryman.config import Config, ListenerConfig
 from ferryman.lb import HealthBoard, run_control_process
 from ferryman.protocols.h1 import RequestLimits
+from ferryman.proxy.access_log import AccessLog
 from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.options import ProxyOptions
 from ferryman.proxy.service import HttpProxyService
@@ -60,6 +61,7 @@ def proxy_options(config: Config) -> ProxyOptions:
         x_forwarded_host=s.forwarded.x_forwarded_host,
         via=s.forwarded.via,
         via_name=s.forwarded.via_name,
+        request_id=s.forwarded.request_id,
         grace_period=s.grace_period,
     )
 
@@ -77,7 +79,13 @@ def make_listener(listener: ListenerConfig) -> Listener:
             client_verify=t.client_verify,
             alpn=tuple(t.alpn),
         )
-    return Listener((listener.bind[0], listener.bind[1]), tls=tls, h2c=listener.h2c)
+    access_log = None
+    if listener.access_log is not None:
+        a = listener.access_log
+        access_log = AccessLog(a.path, a.format, buffer_size=a.buffer, flush_interval=a.flush)
+    return Listener(
+        (listener.bind[0], listener.bind[1]), tls=tls, h2c=listener.h2c, access_log=access_log
+    )
 
 
 def check_tls_material(config: Config) -> None:

@@ -43,12 +43,18 @@ Every key, with its default (all optional unless marked *required*)::
         x_forwarded_host: true
         via: false               # add "Via: 1.1 <via_name>"
         via_name: ferryman
+        request_id: true         # X-Request-Id upstream: the client's when usable (1-200
+                                 # visible ASCII chars), else a new one (32 hex digits)
     listeners:                   # required, at least one
       - bind: ":8080"            # required; "host:port", "[::1]:8080", ":8080" = 0.0.0.0
         upstream: app            # every request goes to group "app" (a key of `upstreams`):
                                  # short for `routes: [{upstream: app}]`. A listener needs
                                  # `upstream` or `routes`, not both (neither: the `app` decides)
         h2c: false               # true: also accept cleartext HTTP/2 with prior knowledge
+        access_log: off          # off (default), combined or json (to standard output), or:
+                                 # {format: json, path: logs/access.log, buffer: 64k,
+                                 #  flush: 1s}; path "-" = standard output; lines are
+                                 # written when `buffer` bytes gathered or after `flush`
       - bind: "0.0.0.0:8443"
         tls:
           cert: certs/site.pem   # required; relative paths are taken from this file's

@@ -108,6 +108,9 @@ class ForwardedConfig:
         x_forwarded_host: set ``X-Forwarded-Host`` to the client's ``Host``. Default True.
         via: append ``Via: 1.1 <via_name>`` to requests and responses. Default False.
         via_name: the pseudonym used in ``Via`` (an HTTP token). Default ``"ferryman"``.
+        request_id: send ``X-Request-Id`` upstream: the client's when it sent a usable one
+            (1 to 200 visible ASCII characters), else a new one (32 hex digits). The same
+            id is ``Session.request_id`` and the access log's ``request_id``. Default True.
     """
 
     x_forwarded_for: bool = True
@@ -115,6 +118,26 @@ class ForwardedConfig:
     x_forwarded_host: bool = True
     via: bool = False
     via_name: str = "ferryman"
+    request_id: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """A listener's access log (key ``listeners[].access_log``).
+
+    Fields:
+        format: ``"combined"`` (the combined log format, then ``key=value`` fields) or
+            ``"json"`` (one JSON object per line). Default ``"combined"``.
+        path: absolute path of the file appended to, or None for standard output
+            (``"-"`` in the file). Default None.
+        buffer: bytes gathered before a write. Default 65536.
+        flush: longest time in seconds a line waits in the buffer. Default 1.0.
+    """
+
+    format: Literal["combined", "json"] = "combined"
+    path: str | None = None
+    buffer: int = 65536
+    flush: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -353,6 +376,7 @@ class ListenerConfig:
             Default ``()``.
         h2c: accept cleartext HTTP/2 with prior knowledge next to HTTP/1.x (the connection
             preface tells them apart). Default False.
+        access_log: the listener's access log, or None for none. Default None.
     """
 
     bind: Address
@@ -360,6 +384,7 @@ class ListenerConfig:
     tls: ListenerTls | None = None
     routes: tuple[RouteConfig, ...] = ()
     h2c: bool = False
+    access_log: AccessLogConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,8 @@ recorded.
 
 from __future__ import annotations
 
-from typing import cast
+import os
+from typing import Literal, cast
 
 from yaml.nodes import Node, ScalarNode
 
@@ -18,6 +19,7 @@ from .address import address_key
 from .common import APP, APP_EXPECTED, TOKEN, check_upstream_ref, is_server_name, subsection
 from .model import (
     DEFAULT_ALPN,
+    AccessLogConfig,
     ClientVerify,
     Config,
     DownstreamLimits,
@@ -39,8 +41,17 @@ TOP_KEYS = ("app", "server", "listeners", "upstreams")
 SERVER_KEYS = ("workers", "grace_period", "timeouts", "limits", "forwarded")
 DOWNSTREAM_TIMEOUT_KEYS = ("header_read", "keepalive", "body_read", "body_write")
 LIMIT_KEYS = ("max_request_line", "max_header_bytes", "max_headers", "max_body")
-FORWARDED_KEYS = ("x_forwarded_for", "x_forwarded_proto", "x_forwarded_host", "via", "via_name")
-LISTENER_KEYS = ("bind", "upstream", "tls", "routes", "h2c")
+FORWARDED_KEYS = (
+    "x_forwarded_for", "x_forwarded_proto", "x_forwarded_host", "via", "via_name", "request_id"
+)
+LISTENER_KEYS = ("bind", "upstream", "tls", "routes", "h2c", "access_log")
+ACCESS_LOG_KEYS = ("format", "path", "buffer", "flush")
+ACCESS_LOG_FORMATS = ("combined", "json")
+ACCESS_LOG_EXPECTED = (
+    'off, combined, json, or a mapping with format, path ("-" for standard output), '
+    "buffer and flush"
+)
+ACCESS_LOG_PATH_EXPECTED = 'a file path in a writable directory, or "-" for standard output'
 LISTENER_TLS_KEYS = ("cert", "key", "sni", "client_ca", "client_verify", "alpn")
 SNI_KEYS = ("server_names", "cert", "key")
 
@@ -161,6 +172,7 @@ def _forwarded(server: Section) -> ForwardedConfig:
         x_forwarded_host=sec.boolean("x_forwarded_host", d.x_forwarded_host),
         via=sec.boolean("via", d.via),
         via_name=via_name,
+        request_id=sec.boolean("request_id", d.request_id),
     )
 
 
@@ -201,11 +213,75 @@ def _listeners(
         if tls_node is not None:
             tls = _listener_tls(tls_node, sec.path_of("tls"), reader)
         h2c = sec.boolean("h2c", False)
+        access_log = _access_log(sec, reader)
         if bind is not None:
             listeners.append(
-                ListenerConfig(bind=bind, upstream=upstream, tls=tls, routes=routes, h2c=h2c)
+                ListenerConfig(
+                    bind=bind,
+                    upstream=upstream,
+                    tls=tls,
+                    routes=routes,
+                    h2c=h2c,
+                    access_log=access_log,
+                )
             )
     return tuple(listeners)
+
+
+def _access_log(sec: Section, reader: Reader) -> AccessLogConfig | None:
+    """``off`` (or absent, or false), a format name (to standard output), or a mapping."""
+    node = sec.get("access_log")
+    if node is None:
+        return None
+    path = sec.path_of("access_log")
+    if isinstance(node, ScalarNode):
+        ok, value = reader.scalar(node, path, ACCESS_LOG_EXPECTED)
+        if not ok:
+            return None
+        if value is False or value == "off":
+            return None
+        if value in ACCESS_LOG_FORMATS:
+            return AccessLogConfig(format=cast(Literal["combined", "json"], value))
+        reader.expected(node, path, ACCESS_LOG_EXPECTED)
+        return None
+    log_sec = reader.section(node, path, ACCESS_LOG_KEYS)
+    if log_sec is None:
+        return None
+    d = AccessLogConfig()
+    fmt: str = log_sec.read(
+        "format",
+        lambda n, p: reader.string(
+            n, p, "combined or json", check=lambda s: s in ACCESS_LOG_FORMATS
+        ),
+        "combined",
+    )
+    log_path = log_sec.read("path", lambda n, p: _log_path(n, p, reader), "-")
+    return AccessLogConfig(
+        format=cast(Literal["combined", "json"], fmt),
+        path=None if log_path == "-" else log_path,
+        buffer=log_sec.size("buffer", d.buffer, positive=True),
+        flush=log_sec.duration("flush", d.flush, positive=True),
+    )
+
+
+def _log_path(node: Node, path: str, reader: Reader) -> str | None:
+    """``"-"``, or a file (relative to the config's directory) that can be appended to."""
+    text = reader.string(node, path, ACCESS_LOG_PATH_EXPECTED)
+    if text is None or text == "-":
+        return text
+    full = os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(text)))
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{full} is a directory")
+    elif not os.path.isdir(parent):
+        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{parent} does not exist")
+    elif os.path.exists(full) and not os.access(full, os.W_OK):
+        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{full} is not writable")
+    elif not os.path.exists(full) and not os.access(parent, os.W_OK):
+        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{parent} is not writable")
+    else:
+        return full
+    return None
 
 
 def _targets(

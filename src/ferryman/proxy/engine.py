@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import TYPE_CHECKING, Any, Final
 
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, internal_error, status_for
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_NONE
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.proxy import session as _session_module
-from ferryman.proxy.session import _WAIT_END, _WAIT_HEAD, Session
+from ferryman.proxy.session import (
+    _WAIT_END,
+    _WAIT_HEAD,
+    Session,
+    new_request_id,
+    usable_request_id,
+)
 
 if TYPE_CHECKING:
     from ferryman.upstream.connection import UpstreamChannel
@@ -58,6 +65,7 @@ _REQ_SPECIAL: Final = HOP_BY_HOP | {
     b"x-forwarded-proto",
     b"x-forwarded-host",
     b"via",
+    b"x-request-id",
 }
 _REQ_LENS: Final = sum({1 << len(n) for n in _REQ_SPECIAL})
 #: Methods whose request may be sent again after a failure (RFC 9110 §9.2.2).
@@ -115,6 +123,7 @@ def build_upstream_request(session: Session) -> RequestHeader:
     xff: bytes | None = None
     via: bytes | None = None
     host: bytes | None = None
+    given_id: bytes | None = None
     for pair in req.headers._items:
         name = pair[0]
         if (_REQ_LENS >> len(name)) & 1:
@@ -140,6 +149,10 @@ def build_upstream_request(session: Session) -> RequestHeader:
                 elif lname == b"via" and options.via:
                     via = pair[1] if via is None else via + b", " + pair[1]
                     continue
+                elif lname == b"x-request-id" and options.request_id:
+                    if given_id is None:  # (the first, as Headers.get gives hooks)
+                        given_id = pair[1]
+                    continue  # (re-added below: the client's when usable, else ours)
         out.append(pair)
     if named:
         out = [p for p in out if p[0].lower() not in named]
@@ -163,6 +176,15 @@ def build_upstream_request(session: Session) -> RequestHeader:
     if options.via:
         mine = options.via_value
         out.append((b"Via", via + b", " + mine if via else mine))
+    if options.request_id:
+        rid = session._request_id
+        if rid is None:  # (no hook asked for it yet)
+            if given_id is not None and usable_request_id(given_id):
+                rid = given_id
+            else:
+                rid = new_request_id()
+            session._request_id = rid
+        out.append((b"X-Request-Id", rid))
     body_kind = session._body_kind
     up = session._up
     if up is not None and up.multiplexed:
@@ -287,7 +309,9 @@ async def _connect_then_send(session: Session, peer: HttpPeer) -> None:
     try:
         while True:
             try:
+                began = time.monotonic()
                 up = await connector.connect(peer)
+                session.upstream_connect_time = time.monotonic() - began
                 break
             except ProxyError as failure:
                 err = failure
@@ -318,6 +342,9 @@ def _send_upstream(session: Session, up: UpstreamChannel, reused: bool) -> None:
     ctx = session.ctx
     session._up = up
     session._phase = _PH_BUSY
+    session.upstream_reused = reused
+    if reused:
+        session.upstream_connect_time = 0.0
     try:
         if plan.connected_to_upstream:
             proxy.connected_to_upstream(session, reused, up.peer, ctx)
@@ -469,10 +496,22 @@ def _complete(session: Session, error: ProxyError | None) -> None:
             proxy.logging(session, error, session.ctx)
         except Exception:  # noqa: BLE001 - a logging hook must never break the connection
             log.exception("logging hook failed")
+    if session._plan.timed:
+        _access_log(session, error)
 
 
 # --------------------------------------------------------------------------------------
 # shared by both modes
+
+
+def _access_log(session: Session, error: ProxyError | None) -> None:
+    """Add the request's line to its listener's access log, if that listener keeps one."""
+    listener = session._down.listener
+    if listener is not None and listener.access_log is not None:
+        try:
+            listener.access_log.record(session, error)
+        except Exception:  # noqa: BLE001 - logging must never break the connection
+            log.exception("access log failed")
 
 
 def _hook_error(exc: Exception) -> ProxyError:
@@ -608,6 +647,8 @@ async def run_session(session: Session) -> None:
                 await r
         except Exception:  # noqa: BLE001 - a logging hook must never break the connection
             log.exception("logging hook failed")
+    if plan.timed:
+        _access_log(session, error)
 
 
 async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
@@ -649,7 +690,9 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
         reused = up is not None
         if up is None:
             try:
+                began = time.monotonic()
                 up = await connector.connect(peer)
+                session.upstream_connect_time = time.monotonic() - began
             except ProxyError as exc:
                 err = exc
                 if plan.fail_to_connect:
@@ -663,6 +706,9 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             up.release()
             raise session._error
         session._up = up
+        session.upstream_reused = reused
+        if reused:
+            session.upstream_connect_time = 0.0
         if plan.connected_to_upstream:
             r = proxy.connected_to_upstream(session, reused, peer, ctx)
             if "connected_to_upstream" in async_hooks:

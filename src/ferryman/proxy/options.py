@@ -21,8 +21,9 @@ class ProxyOptions:
 
     Limits (``limits``) give 414, 431 and 413. The ``x_forwarded_*`` and ``via`` switches
     decide which forwarding headers are added to the request sent upstream (``via`` also
-    to the response). ``max_retries`` is how many times a retryable failure may send the
-    request back to ``upstream_peer``.
+    to the response). ``request_id`` sends ``X-Request-Id`` upstream, the client's or one
+    made here (``Session.request_id``). ``max_retries`` is how many times a retryable
+    failure may send the request back to ``upstream_peer``.
     """
 
     header_read_timeout: float = 10.0
@@ -35,5 +36,6 @@ class ProxyOptions:
     x_forwarded_host: bool = True
     via: bool = False
     via_name: str = "ferryman"
+    request_id: bool = True
     max_retries: int = 1
     grace_period: float = 10.0

@@ -26,6 +26,8 @@ class RequestPlan:
     can change the upstream response's framing headers. The forwarding switches copy
     :class:`~ferryman.proxy.options.ProxyOptions`; ``via_value`` is this proxy's own
     ``Via`` entry (``1.1 <via_name>``). ``connector`` is the worker's upstream pool.
+    ``timed``: some listener of the service keeps an access log, so requests record the
+    times it reports.
     """
 
     __slots__ = (
@@ -53,9 +55,13 @@ class RequestPlan:
         "x_forwarded_host",
         "via",
         "via_value",
+        "request_id",
+        "timed",
     )
 
-    def __init__(self, proxy: Any, options: ProxyOptions, connector: Connector) -> None:
+    def __init__(
+        self, proxy: Any, options: ProxyOptions, connector: Connector, timed: bool = False
+    ) -> None:
         self.proxy: Any = proxy
         self.options = options
         self.connector = connector
@@ -81,3 +87,5 @@ class RequestPlan:
         self.x_forwarded_host: bool = options.x_forwarded_host
         self.via: bool = options.via
         self.via_value = b"1.1 " + options.via_name.encode()
+        self.request_id: bool = options.request_id
+        self.timed = timed

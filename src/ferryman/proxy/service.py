@@ -70,7 +70,10 @@ class HttpProxyService:
         self.running = True
         self.proxy.worker_start(self)
         # after worker_start, which may still change the proxy's hooks or the options
-        self.plan = RequestPlan(self.proxy, self.options, self.connector)
+        logs = [lst.access_log for lst in self.listeners if lst.access_log is not None]
+        for access_log in logs:
+            access_log.open(loop)
+        self.plan = RequestPlan(self.proxy, self.options, self.connector, timed=bool(logs))
 
     def protocol_factory(self, listener: Listener | None = None) -> Callable[[], asyncio.Protocol]:
         """A factory of client-connection protocols for ``loop.create_server``."""
@@ -99,4 +102,7 @@ class HttpProxyService:
         for conn in list(self.connections):
             conn._abort()
         self.connector.close_all()
+        for listener in self.listeners:
+            if listener.access_log is not None:
+                listener.access_log.close()  # (what is buffered is written)
         return clean

@@ -11,6 +11,7 @@ client, with backpressure passed across in both directions.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -43,6 +44,41 @@ PUMP_BUDGET: Final = 1024 * 1024
 
 
 
+_VISIBLE: Final = bytes(range(0x21, 0x7F))
+
+
+def usable_request_id(value: bytes) -> bool:
+    """Whether a client's ``X-Request-Id`` may be kept: 1 to 200 visible ASCII bytes."""
+    return 0 < len(value) <= 200 and not value.translate(None, _VISIBLE)
+
+
+class _RequestIds:
+    """Request ids: a random per-process prefix and a counter (no syscall per id)."""
+
+    def __init__(self) -> None:
+        self.prefix = b""
+        self.counter = 0
+        self.reseed()
+
+    def reseed(self) -> None:
+        """A new prefix (at start and in each forked worker)."""
+        self.prefix = os.urandom(8).hex().encode()
+        self.counter = 0
+
+    def next(self) -> bytes:
+        self.counter += 1
+        return b"%s%016x" % (self.prefix, self.counter)
+
+
+_ids = _RequestIds()
+os.register_at_fork(after_in_child=_ids.reseed)
+
+
+def new_request_id() -> bytes:
+    """A request id unique across processes: 32 hex digits."""
+    return _ids.next()
+
+
 class BodySource(Protocol):
     """Where :meth:`Session.send_body_from` pulls a response body from (a binary file)."""
 
@@ -73,6 +109,12 @@ class Session(UpstreamSink):
         upstream_status: the status the upstream answered, if any.
         peer: the last :class:`HttpPeer` chosen.
         start_time: ``time.time()`` when the request head arrived.
+        upstream_connect_time: seconds it took to open the upstream connection (0.0 for
+            a pooled or shared one; -1.0 while none was used).
+        upstream_reused: the upstream connection carried requests before.
+        upstream_header_at: ``time.time()`` when the upstream's response head arrived
+            (0.0 if none did), recorded when a listener of the service keeps an access
+            log.
     """
 
     __slots__ = (
@@ -87,6 +129,10 @@ class Session(UpstreamSink):
         "upstream_status",
         "peer",
         "start_time",
+        "upstream_connect_time",
+        "upstream_reused",
+        "upstream_header_at",
+        "_request_id",
         "ctx",
         "_down",
         "_proxy",
@@ -157,6 +203,10 @@ class Session(UpstreamSink):
         self.upstream_status: int | None = None
         self.peer: HttpPeer | None = None
         self.start_time = time.time()
+        self.upstream_connect_time = -1.0
+        self.upstream_reused = False
+        self.upstream_header_at = 0.0
+        self._request_id: bytes | None = None
         self.ctx: Any = None
         self._body_kind = body_kind
         self.keep_alive = keep_alive
@@ -249,6 +299,23 @@ class Session(UpstreamSink):
     def response_started(self) -> bool:
         """Whether a response head was already sent to the client."""
         return self.response_header is not None
+
+    @property
+    def request_id(self) -> str:
+        """This request's id: the client's ``X-Request-Id`` when it sent a usable one
+        (1 to 200 visible ASCII characters), else one made here (32 hex digits, unique
+        across processes). The same value goes upstream (``server.forwarded.request_id``)
+        and into the access log."""
+        return self.request_id_bytes().decode("latin-1")
+
+    def request_id_bytes(self) -> bytes:
+        """:attr:`request_id` as bytes."""
+        rid = self._request_id
+        if rid is None:
+            given = self.req_header.headers.get(b"x-request-id")
+            rid = given if given is not None and usable_request_id(given) else new_request_id()
+            self._request_id = rid
+        return rid
 
     @property
     def status(self) -> int:
@@ -688,6 +755,8 @@ class Session(UpstreamSink):
     # UpstreamSink: upstream → client ----------------------------------------------------
 
     def on_response_head(self, head: ResponseHeader, body_kind: int) -> None:
+        if self._plan.timed:
+            self.upstream_header_at = time.time()
         self._up_resp = head
         self._up_body_kind = body_kind
         self.upstream_status = head.status

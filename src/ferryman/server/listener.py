@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass, field
+from typing import Any
 
 from ferryman.upstream.peer import parse_address
 
@@ -49,6 +50,9 @@ class Listener:
     #: accept cleartext HTTP/2 with prior knowledge next to HTTP/1.x (told apart by the
     #: connection preface)
     h2c: bool = False
+    #: an :class:`~ferryman.proxy.access_log.AccessLog` for this listener's requests, or
+    #: None for none
+    access_log: Any = None
     address: tuple[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
