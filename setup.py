@@ -32,6 +32,7 @@ COMPILED = [
     "src/ferryman/proxy/plan.py",
     "src/ferryman/proxy/client.py",
     "src/ferryman/proxy/session.py",
+    "src/ferryman/proxy/access_log.py",
     "src/ferryman/proxy/engine.py",
     "src/ferryman/proxy/downstream.py",
     "src/ferryman/proxy/h2_downstream.py",

@@ -22,6 +22,7 @@ from typing import Any
 import uvloop
 
 from ferryman import HttpPeer, HttpProxyService, Listener, ProxyHttp, ProxyOptions
+from ferryman.proxy.access_log import AccessLog
 from ferryman.upstream.connection import UpstreamConnection
 
 REQUEST = (
@@ -106,17 +107,25 @@ def main() -> None:
         "--request-id", choices=["on", "off"], default="on",
         help="send X-Request-Id upstream (server.forwarded.request_id)",
     )
+    ap.add_argument(
+        "--access-log", choices=["off", "json", "combined"], default="off",
+        help="keep an access log (written to /dev/null)",
+    )
     args = ap.parse_args()
     loop = uvloop.new_event_loop()
     proxy, peer = make_proxy(args.app)
     options = ProxyOptions(request_id=args.request_id == "on")
-    service = HttpProxyService(proxy, [Listener("127.0.0.1:8080")], options)
+    access_log = (
+        AccessLog("/dev/null", args.access_log) if args.access_log != "off" else None
+    )
+    listener = Listener("127.0.0.1:8080", access_log=access_log)
+    service = HttpProxyService(proxy, [listener], options)
     service.start(loop)
     up = UpstreamConnection(peer, service.connector)
     up_t = FakeTransport()
     up.connection_made(up_t)  # type: ignore[arg-type]
     service.connector.release(up)
-    down = service.protocol_factory()()
+    down = service.protocol_factory(listener)()
     down_t = FakeTransport()
     down.connection_made(down_t)  # type: ignore[arg-type]
 
