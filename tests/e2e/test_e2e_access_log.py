@@ -256,3 +256,36 @@ def test_buffered_lines_are_written_at_shutdown_and_workers_share_the_file(
     lines = (tmp_path / "access.log").read_text().splitlines()
     entries = [json.loads(line) for line in lines]  # every line whole
     assert sorted(e["path"] for e in entries) == sorted(f"/?n={i}" for i in range(200))
+
+
+def test_sigusr1_reopens_the_log_after_a_rotation(tmp_path: Path) -> None:
+    origin = OriginServer().start()
+    port = free_port()
+    yaml_text = (
+        "server: {workers: 2}\n"
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app,\n'
+        "  access_log: {format: json, path: access.log, flush: 0.1s}}]\n"
+        f'upstreams: {{app: {{servers: ["{origin.address}"]}}}}\n'
+    )
+    proxy = start_ferryman(tmp_path, yaml_text, port)
+    current, rotated = tmp_path / "access.log", tmp_path / "access.log.1"
+    try:
+        assert get(port, "/?before")[0] == 200
+        assert log_lines(current, 1)
+        current.rename(rotated)  # what logrotate does, then it signals the server
+        proxy.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not current.exists():  # each worker opens the path afresh
+            assert time.monotonic() < deadline, "the log was not reopened"
+            time.sleep(0.05)
+        for i in range(20):  # (both workers)
+            assert get(port, f"/?after={i}")[0] == 200
+        after = log_lines(current, 20)
+    finally:
+        code = proxy.stop(signal.SIGTERM)
+        origin.stop()
+    assert code == 0
+    assert [json.loads(line)["path"] for line in rotated.read_text().splitlines()] == ["/?before"]
+    assert sorted(json.loads(line)["path"] for line in after) == sorted(
+        f"/?after={i}" for i in range(20)
+    )

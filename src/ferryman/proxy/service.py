@@ -75,6 +75,16 @@ class HttpProxyService:
             access_log.open(loop)
         self.plan = RequestPlan(self.proxy, self.options, self.connector, timed=bool(logs))
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: write what the access logs buffered and open their files afresh (after
+        a rotation moved them)."""
+        for listener in self.listeners:
+            if listener.access_log is not None:
+                try:
+                    listener.access_log.reopen()
+                except OSError:
+                    log.exception("cannot reopen the access log %s", listener.access_log.path)
+
     def protocol_factory(self, listener: Listener | None = None) -> Callable[[], asyncio.Protocol]:
         """A factory of client-connection protocols for ``loop.create_server``."""
         if listener is not None and listener.h2c:

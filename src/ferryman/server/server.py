@@ -9,6 +9,8 @@ Signals (to the main process):
 * ``SIGTERM`` – graceful: stop accepting, let in-flight requests finish, close idle
   keep-alive connections, exit 0 within ``grace_period`` (stragglers are closed then).
 * ``SIGINT`` – fast: close everything and exit now.
+* ``SIGUSR1`` – reopen log files (after logrotate moved them): relayed to the workers,
+  which write what they buffered and open each access log's path afresh.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class Server:
         self._sockets: list[tuple[Service, Listener, socket.socket]] = []
         self._children: dict[int, int] = {}
         self._stop: str | None = None
+        self._reopen = False
         #: Functions each run in a process of its own next to the workers (the control
         #: process running health checks and discovery), restarted if they exit.
         self.extra_processes: list[Callable[[], None]] = []
@@ -95,6 +98,10 @@ class Server:
         """
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGUSR1, self._on_reopen)
+
+    def _on_reopen(self, _signum: int, _frame: object) -> None:
+        self._reopen = True
 
     def run_forever(self) -> int:
         """Bind, fork the workers and supervise them until a signal; return the exit code."""
@@ -169,6 +176,10 @@ class Server:
         deadline = 0.0
         failures = 0
         while True:
+            if self._reopen:
+                self._reopen = False
+                for pid in self._children:
+                    _signal(pid, signal.SIGUSR1)
             if self._stop is not None and sent != self._stop:
                 if sent is None:
                     # stop listening here too, so that new connections are refused rather
@@ -246,8 +257,15 @@ class Server:
             if kind == "fast":
                 fast.set()
 
+        def reopen_logs() -> None:
+            for service in self.services:
+                reopen = getattr(service, "reopen_logs", None)
+                if reopen is not None:
+                    reopen()
+
         loop.add_signal_handler(signal.SIGTERM, on_signal, "graceful")
         loop.add_signal_handler(signal.SIGINT, on_signal, "fast")
+        loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         servers = await self.start_services(loop)
         await stop.wait()
