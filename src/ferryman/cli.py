@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     run.add_argument("--workers", type=int, default=None, help="override server.workers")
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--daemon",
+        action="store_true",
+        help="detach once listening: log lines go to server.error_log (required), the pid "
+        "to server.pid_file",
+    )
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     return parser
@@ -61,16 +67,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers is not None and args.workers < 1:
         print("ferryman: --workers: expected an integer >= 1", file=sys.stderr)
         return 2
+    from ferryman.server.process import ProcessSetupError, daemonize, redirect_output
+
+    if args.daemon and config.server.error_log is None:
+        print(
+            f"ferryman: --daemon needs server.error_log in {args.config}: the file log "
+            "lines go to once detached from the terminal",
+            file=sys.stderr,
+        )
+        return 2
     try:
         server = build_server(config, workers=args.workers)
         server.install_signal_handlers()
         server.bind()
+        server.check_account()
     except AppLoadError as exc:
         print(f"ferryman: {args.config}: {exc}", file=sys.stderr)
         return 2
+    except ProcessSetupError as exc:
+        print(f"ferryman: {args.config}: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"ferryman: cannot listen: {exc}", file=sys.stderr)
         return 1
+    # the sockets are bound: errors that stop the start have been shown on the terminal
+    if args.daemon:
+        assert server.error_log is not None
+        server.daemon = True
+        daemonize(server.error_log, server.pid_file)
+    elif server.error_log is not None:
+        redirect_output(server.error_log, stdout_too=False)
     return server.run_forever()
 
 

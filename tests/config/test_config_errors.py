@@ -82,6 +82,19 @@ DOCUMENT_CASES = [
 ]
 
 SERVER_CASES = [
+    case(L + U + "server:\n  user: no-such-user-here\n",
+         "ferryman.yaml:4: server.user: expected the name of an existing user, got "
+         "'no-such-user-here' (no user 'no-such-user-here' on this system)", "user-unknown"),
+    case(L + U + "server:\n  group: no-such-group-here\n",
+         "ferryman.yaml:4: server.group: expected the name of an existing group, got "
+         "'no-such-group-here' (no group 'no-such-group-here' on this system)",
+         "group-unknown"),
+    case(L + U + "server:\n  pid_file: /nonexistent-dir/ferryman.pid\n",
+         "ferryman.yaml:4: server.pid_file: expected a file path in a writable directory, got "
+         "'/nonexistent-dir/ferryman.pid' (/nonexistent-dir does not exist)", "pid-file-dir"),
+    case(L + U + "server:\n  error_log: /\n",
+         "ferryman.yaml:4: server.error_log: expected a file path in a writable directory, got "
+         "'/' (/ is a directory)", "error-log-directory"),
     case(L + U + "server: []\n",
          "ferryman.yaml:3: server: expected a mapping, got an empty list", "server-list"),
     case(L + U + "server: 4\n", "ferryman.yaml:3: server: expected a mapping, got 4",
@@ -106,7 +119,8 @@ SERVER_CASES = [
          "workers-mapping"),
     case(L + U + "server:\n  worker: 2\n",
          'ferryman.yaml:4: server.worker: unknown key "worker" (did you mean "workers"?); '
-         "expected one of: workers, grace_period, timeouts, limits, forwarded",
+         "expected one of: workers, grace_period, timeouts, limits, forwarded, pid_file, "
+         "error_log, user, group",
          "server-unknown-key"),
     case(L + U + "server:\n  grace_period: fast\n",
          f"ferryman.yaml:4: server.grace_period: expected {DURATION}, got 'fast'",
@@ -383,7 +397,7 @@ def test_every_problem_is_collected(config_error: Callable[[str], ConfigError]) 
         "ferryman.yaml:2: server.workers: expected an integer >= 1, got 0",
         f"ferryman.yaml:3: server.grace_period: expected {DURATION}, got 'fast'",
         'ferryman.yaml:4: server.bogus: unknown key "bogus"; expected one of: workers, '
-        "grace_period, timeouts, limits, forwarded",
+        "grace_period, timeouts, limits, forwarded, pid_file, error_log, user, group",
         f"ferryman.yaml:6: listeners[0].bind: expected {BIND}, got '127.0.0.1' (missing :port)",
         'ferryman.yaml:7: listeners[0].upstream: unknown upstream "nope" (defined: app)',
         'ferryman.yaml:8: listeners[1]: missing required key "upstream" or "routes" (expected '

@@ -374,6 +374,8 @@ def test_docstring_full_example_is_valid(tmp_path: Path) -> None:
                  "internal-ca.pem", "client.pem", "client.key"):
         write(tmp_path / "certs" / name, "placeholder\n")
     (tmp_path / "site").mkdir()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "logs").mkdir()
     write(tmp_path / "servers.yaml", '["127.0.0.1:9001"]\n')
     example = _doc_block("(all optional unless marked *required*)::")
     path = write(tmp_path / "ferryman.yaml", example)
@@ -384,6 +386,9 @@ def test_docstring_full_example_is_valid(tmp_path: Path) -> None:
     assert config.server.limits == DownstreamLimits()
     assert config.server.timeouts == DownstreamTimeouts()
     assert config.server.forwarded == ForwardedConfig()
+    assert config.server.pid_file == str(tmp_path / "run" / "ferryman.pid")
+    assert config.server.error_log == str(tmp_path / "logs" / "error.log")
+    assert (config.server.user, config.server.group) == ("www-data", "www-data")
     assert config.listeners[1].tls == ListenerTls(
         cert=str(certs / "site.pem"),
         key=str(certs / "site.key"),

@@ -39,7 +39,8 @@ CASES = [
     pytest.param(
         LISTENER + UPSTREAM + "server: {workers: 2, wokers: 3}\n",
         'bad.yaml:3: server.wokers: unknown key "wokers" (did you mean "workers"?); '
-        "expected one of: workers, grace_period, timeouts, limits, forwarded",
+        "expected one of: workers, grace_period, timeouts, limits, forwarded, pid_file, "
+        "error_log, user, group",
         id="unknown-key",
     ),
     pytest.param(

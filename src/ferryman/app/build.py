@@ -161,6 +161,10 @@ def build_server(config: Config, workers: int | None = None) -> Server:
     server = Server(
         workers=workers if workers is not None else config.server.workers,
         grace_period=config.server.grace_period,
+        pid_file=config.server.pid_file,
+        error_log=config.server.error_log,
+        user=config.server.user,
+        group=config.server.group,
     )
     if isinstance(proxy, ConfigProxy) and proxy.monitors():
         board = HealthBoard()

@@ -45,6 +45,12 @@ Every key, with its default (all optional unless marked *required*)::
         via_name: ferryman
         request_id: true         # X-Request-Id upstream: the client's when usable (1-200
                                  # visible ASCII chars), else a new one (32 hex digits)
+      pid_file: run/ferryman.pid # the main process's pid while it runs; default none
+      error_log: logs/error.log  # where log lines go; default: standard error. Required
+                                 # with --daemon. SIGUSR1 reopens it (and the access logs)
+                                 # after logrotate. Paths: in existing writable directories
+      user: www-data             # workers switch to this user (and group) once the ports
+      group: www-data            # are bound; the main process keeps its rights
     listeners:                   # required, at least one
       - bind: ":8080"            # required; "host:port", "[::1]:8080", ":8080" = 0.0.0.0
         upstream: app            # every request goes to group "app" (a key of `upstreams`):

@@ -151,6 +151,14 @@ class ServerConfig:
         timeouts: timeouts towards clients; see ``DownstreamTimeouts``.
         limits: request size limits; see ``DownstreamLimits``.
         forwarded: forwarding headers added upstream; see ``ForwardedConfig``.
+        pid_file: absolute path where the main process writes its pid (removed at exit),
+            or None. Default None.
+        error_log: absolute path of the file the processes' log lines (standard error)
+            go to, or None for standard error itself. Required with ``--daemon``;
+            reopened on SIGUSR1. Default None.
+        user, group: the user and group the workers and the control process switch to
+            after the listening sockets are bound (the main process keeps its rights, as
+            nginx's master does), or None to stay. Default None.
     """
 
     workers: int = field(default_factory=default_workers)
@@ -158,6 +166,10 @@ class ServerConfig:
     timeouts: DownstreamTimeouts = field(default_factory=DownstreamTimeouts)
     limits: DownstreamLimits = field(default_factory=DownstreamLimits)
     forwarded: ForwardedConfig = field(default_factory=ForwardedConfig)
+    pid_file: str | None = None
+    error_log: str | None = None
+    user: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,9 @@ recorded.
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 from typing import Literal, cast
 
 from yaml.nodes import Node, ScalarNode
@@ -38,7 +40,10 @@ from .upstreams import build_upstreams
 __all__ = ["build_config"]
 
 TOP_KEYS = ("app", "server", "listeners", "upstreams")
-SERVER_KEYS = ("workers", "grace_period", "timeouts", "limits", "forwarded")
+SERVER_KEYS = (
+    "workers", "grace_period", "timeouts", "limits", "forwarded", "pid_file", "error_log",
+    "user", "group",
+)
 DOWNSTREAM_TIMEOUT_KEYS = ("header_read", "keepalive", "body_read", "body_write")
 LIMIT_KEYS = ("max_request_line", "max_header_bytes", "max_headers", "max_body")
 FORWARDED_KEYS = (
@@ -124,7 +129,50 @@ def _server(top: Section, reader: Reader) -> ServerConfig:
         timeouts=_downstream_timeouts(sec),
         limits=_limits(sec),
         forwarded=_forwarded(sec),
+        pid_file=sec.read("pid_file", lambda n, p: _writable_path(n, p, reader), None),
+        error_log=sec.read("error_log", lambda n, p: _writable_path(n, p, reader), None),
+        user=sec.read("user", lambda n, p: _account(n, p, reader, "user"), None),
+        group=sec.read("group", lambda n, p: _account(n, p, reader, "group"), None),
     )
+
+
+def _account(node: Node, path: str, reader: Reader, kind: str) -> str | None:
+    """The name of an existing user or group."""
+    expected = f"the name of an existing {kind}"
+    name = reader.string(node, path, expected)
+    if name is None:
+        return None
+    try:
+        if kind == "user":
+            pwd.getpwnam(name)
+        else:
+            grp.getgrnam(name)
+    except KeyError:
+        reader.expected(node, path, expected, f"no {kind} {name!r} on this system")
+        return None
+    return name
+
+
+def _writable_path(
+    node: Node, path: str, reader: Reader, expected: str = "a file path in a writable directory"
+) -> str | None:
+    """A file (relative to the config's directory) that can be written or created."""
+    text = reader.string(node, path, expected)
+    if text is None:
+        return None
+    full = os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(text)))
+    parent = os.path.dirname(full)
+    if os.path.isdir(full):
+        reader.expected(node, path, expected, f"{full} is a directory")
+    elif not os.path.isdir(parent):
+        reader.expected(node, path, expected, f"{parent} does not exist")
+    elif os.path.exists(full) and not os.access(full, os.W_OK):
+        reader.expected(node, path, expected, f"{full} is not writable")
+    elif not os.path.exists(full) and not os.access(parent, os.W_OK):
+        reader.expected(node, path, expected, f"{parent} is not writable")
+    else:
+        return full
+    return None
 
 
 def _downstream_timeouts(server: Section) -> DownstreamTimeouts:
@@ -269,19 +317,7 @@ def _log_path(node: Node, path: str, reader: Reader) -> str | None:
     text = reader.string(node, path, ACCESS_LOG_PATH_EXPECTED)
     if text is None or text == "-":
         return text
-    full = os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(text)))
-    parent = os.path.dirname(full)
-    if os.path.isdir(full):
-        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{full} is a directory")
-    elif not os.path.isdir(parent):
-        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{parent} does not exist")
-    elif os.path.exists(full) and not os.access(full, os.W_OK):
-        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{full} is not writable")
-    elif not os.path.exists(full) and not os.access(parent, os.W_OK):
-        reader.expected(node, path, ACCESS_LOG_PATH_EXPECTED, f"{parent} is not writable")
-    else:
-        return full
-    return None
+    return _writable_path(node, path, reader, ACCESS_LOG_PATH_EXPECTED)
 
 
 def _targets(

@@ -30,6 +30,13 @@ import uvloop
 
 from ferryman.server.listener import Listener
 from ferryman.server.memory import tune_malloc
+from ferryman.server.process import (
+    drop_privileges,
+    redirect_output,
+    remove_pid_file,
+    resolve_account,
+    write_pid_file,
+)
 from ferryman.server.tls import server_ssl_context
 
 log = logging.getLogger("ferryman.server")
@@ -58,11 +65,32 @@ class Server:
     Args:
         workers: number of worker processes (default: the number of CPUs).
         grace_period: seconds a graceful shutdown waits for in-flight requests.
+        pid_file: where the main process writes its pid while it runs, or None.
+        error_log: the file standard error goes to (reopened on SIGUSR1), or None.
+        user, group: what the workers and helper processes switch to once the sockets
+            are bound and the logs opened (the main process keeps its rights).
     """
 
-    def __init__(self, workers: int | None = None, grace_period: float = 10.0) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        grace_period: float = 10.0,
+        *,
+        pid_file: str | None = None,
+        error_log: str | None = None,
+        user: str | None = None,
+        group: str | None = None,
+    ) -> None:
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self.grace_period = grace_period
+        self.pid_file = pid_file
+        self.error_log = error_log
+        self.user = user
+        self.group = group
+        #: detached (``--daemon``): standard output goes to the error log too
+        self.daemon = False
+        #: (uid, gid) the children switch to, checked by :meth:`check_account`
+        self._account: tuple[int | None, int | None] = (None, None)
         self.services: list[Service] = []
         self._sockets: list[tuple[Service, Listener, socket.socket]] = []
         self._children: dict[int, int] = {}
@@ -103,10 +131,25 @@ class Server:
     def _on_reopen(self, _signum: int, _frame: object) -> None:
         self._reopen = True
 
+    def check_account(self) -> None:
+        """Resolve ``user``/``group`` now, in the main process: raises
+        :class:`~ferryman.server.process.ProcessSetupError` when they cannot be used."""
+        self._account = resolve_account(self.user, self.group)
+
     def run_forever(self) -> int:
         """Bind, fork the workers and supervise them until a signal; return the exit code."""
         self.install_signal_handlers()
         self.bind()
+        self.check_account()
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file)
+        try:
+            return self._run()
+        finally:
+            if self.pid_file is not None:
+                remove_pid_file(self.pid_file)
+
+    def _run(self) -> int:
         for service, listener, sock in self._sockets:
             # check TLS material now, so a bad certificate fails before any fork
             if listener.tls is not None:
@@ -159,8 +202,11 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             for _, _, sock in self._sockets:
                 sock.close()
+            # (reopening is the workers' business; the helper has no logs of its own)
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             code = 0
             try:
+                drop_privileges(*self._account)
                 fn()
             except BaseException:  # noqa: BLE001 - report and exit the child, never return
                 log.exception("helper process failed")
@@ -178,7 +224,14 @@ class Server:
         while True:
             if self._reopen:
                 self._reopen = False
+                if self.error_log is not None:
+                    try:
+                        redirect_output(self.error_log, stdout_too=self.daemon)
+                    except OSError as exc:
+                        log.error("cannot reopen server.error_log %s: %s", self.error_log, exc)
                 for pid in self._children:
+                    _signal(pid, signal.SIGUSR1)
+                for pid in self._helpers:
                     _signal(pid, signal.SIGUSR1)
             if self._stop is not None and sent != self._stop:
                 if sent is None:
@@ -258,6 +311,11 @@ class Server:
                 fast.set()
 
         def reopen_logs() -> None:
+            if self.error_log is not None:
+                try:
+                    redirect_output(self.error_log, stdout_too=self.daemon)
+                except OSError as exc:
+                    log.error("cannot reopen server.error_log %s: %s", self.error_log, exc)
             for service in self.services:
                 reopen = getattr(service, "reopen_logs", None)
                 if reopen is not None:
@@ -268,6 +326,8 @@ class Server:
         loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         servers = await self.start_services(loop)
+        # the sockets are bound and the access logs open: the rest runs with less rights
+        drop_privileges(*self._account)
         await stop.wait()
         for srv in servers:
             srv.close()
