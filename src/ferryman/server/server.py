@@ -131,6 +131,15 @@ class Server:
     def _on_reopen(self, _signum: int, _frame: object) -> None:
         self._reopen = True
 
+    def reopen_error_log(self) -> None:
+        """SIGUSR1: point standard error (and, detached, standard output) at a fresh open
+        of ``error_log``, after a rotation moved the old file."""
+        if self.error_log is not None:
+            try:
+                redirect_output(self.error_log, stdout_too=self.daemon)
+            except OSError as exc:
+                log.error("cannot reopen server.error_log %s: %s", self.error_log, exc)
+
     def check_account(self) -> None:
         """Resolve ``user``/``group`` now, in the main process: raises
         :class:`~ferryman.server.process.ProcessSetupError` when they cannot be used."""
@@ -202,8 +211,7 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             for _, _, sock in self._sockets:
                 sock.close()
-            # (reopening is the workers' business; the helper has no logs of its own)
-            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+            signal.signal(signal.SIGUSR1, lambda _s, _f: self.reopen_error_log())
             code = 0
             try:
                 drop_privileges(*self._account)
@@ -224,11 +232,7 @@ class Server:
         while True:
             if self._reopen:
                 self._reopen = False
-                if self.error_log is not None:
-                    try:
-                        redirect_output(self.error_log, stdout_too=self.daemon)
-                    except OSError as exc:
-                        log.error("cannot reopen server.error_log %s: %s", self.error_log, exc)
+                self.reopen_error_log()
                 for pid in self._children:
                     _signal(pid, signal.SIGUSR1)
                 for pid in self._helpers:
@@ -311,11 +315,7 @@ class Server:
                 fast.set()
 
         def reopen_logs() -> None:
-            if self.error_log is not None:
-                try:
-                    redirect_output(self.error_log, stdout_too=self.daemon)
-                except OSError as exc:
-                    log.error("cannot reopen server.error_log %s: %s", self.error_log, exc)
+            self.reopen_error_log()
             for service in self.services:
                 reopen = getattr(service, "reopen_logs", None)
                 if reopen is not None:
