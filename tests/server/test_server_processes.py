@@ -460,3 +460,66 @@ def test_check_with_unloadable_certificate_exits_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "bad-cert.pem" in proc.stderr.decode()
+
+
+def test_killing_a_worker_leaves_the_other_workers_clients_untouched(  # type: ignore[no-untyped-def]
+    origin: OriginServer, run_ferryman
+) -> None:
+    import http.client
+
+    proxy = run_ferryman(origin.address)
+    conns: dict[int, http.client.HTTPConnection] = {}
+    for _ in range(400):  # keep-alive connections until one lands on each worker
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        resp.read()
+        pid = int(resp.getheader("X-Worker-Pid") or 0)
+        if pid in conns:
+            conn.close()
+        else:
+            conns[pid] = conn
+        if len(conns) == 2:
+            break
+    assert len(conns) == 2, "every connection went to one worker"
+    victim, survivor = sorted(conns)
+    served: list[int] = []
+    failures: list[BaseException] = []
+    stop = threading.Event()
+
+    def keep_asking() -> None:  # the survivor's client, busy while the other worker dies
+        conn = conns[survivor]
+        try:
+            while not stop.is_set():
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                body = resp.read()
+                assert (resp.status, body) == (200, b"hello world\n")
+                assert int(resp.getheader("X-Worker-Pid") or 0) == survivor
+                served.append(1)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test below
+            failures.append(exc)
+
+    client = threading.Thread(target=keep_asking)
+    client.start()
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGKILL)
+    replaced = wait_for(
+        lambda: len(child_pids(proxy.pid)) == 2 and victim not in child_pids(proxy.pid), 10
+    )
+    time.sleep(0.3)
+    stop.set()
+    client.join(10)
+    for conn in conns.values():
+        conn.close()
+    assert replaced, proxy.log_text()
+    assert failures == []
+    assert len(served) > 10
+    assert "restarting in 0.0s" in proxy.log_text()  # the first death: at once
+
+
+def test_restart_delay_backs_off_for_a_worker_that_keeps_dying() -> None:
+    from ferryman.server.server import restart_delay
+
+    assert [restart_delay(n) for n in range(1, 6)] == [0.0, 0.1, 0.2, 0.4, 0.8]
+    assert restart_delay(20) == 30.0

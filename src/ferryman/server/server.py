@@ -96,6 +96,9 @@ class Server:
         self._children: dict[int, int] = {}
         self._stop: str | None = None
         self._reopen = False
+        self._worker_started: dict[int, float] = {}
+        self._worker_failures: dict[int, int] = {}
+        self._worker_restarts: list[tuple[float, int]] = []
         #: Functions each run in a process of its own next to the workers (the control
         #: process running health checks and discovery), restarted if they exit.
         self.extra_processes: list[Callable[[], None]] = []
@@ -201,6 +204,7 @@ class Server:
                 sys.stderr.flush()
                 os._exit(code)
         self._children[pid] = index
+        self._worker_started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, pid)
 
     def _spawn_helper(self, fn: Callable[[], None]) -> int:
@@ -228,7 +232,6 @@ class Server:
     def _supervise(self) -> int:
         sent: str | None = None
         deadline = 0.0
-        failures = 0
         while True:
             if self._reopen:
                 self._reopen = False
@@ -277,13 +280,24 @@ class Server:
             if pid:
                 index = self._children.pop(pid, None)
                 code = os.waitstatus_to_exitcode(status)
-                if code != 0:
-                    failures += 1
                 if index is not None and self._stop is None:
-                    log.warning("worker %d (pid %d) exited with %s; restarting", index, pid, code)
-                    time.sleep(min(0.1 * failures, 2.0))
-                    self._spawn(index)
+                    # a worker that dies young again and again is restarted more slowly:
+                    # at once, then 0.1 s, 0.2 s ... 30 s; one that lived a while resets it
+                    lived = time.monotonic() - self._worker_started.get(index, 0.0)
+                    failures = self._worker_failures.get(index, 0) + 1 if lived < 10.0 else 1
+                    self._worker_failures[index] = failures
+                    delay = restart_delay(failures)
+                    log.warning(
+                        "worker %d (pid %d) exited with %s; restarting in %.1fs",
+                        index, pid, code, delay,
+                    )
+                    self._worker_restarts.append((time.monotonic() + delay, index))
                 continue
+            if self._worker_restarts and self._stop is None:
+                now = time.monotonic()
+                for when, index in [r for r in self._worker_restarts if r[0] <= now]:
+                    self._worker_restarts.remove((when, index))
+                    self._spawn(index)
             if self._stop is not None and not self._children:
                 return 0
             if self._stop is not None and time.monotonic() > deadline:
@@ -366,6 +380,12 @@ class Server:
     def addresses(self) -> list[tuple[str, int]]:
         """The bound ``(host, port)`` of every listener (after :meth:`bind`)."""
         return [sock.getsockname()[:2] for _, _, sock in self._sockets]
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds before restarting a worker that died young ``failures`` times in a row:
+    0 the first time, then 0.1 s doubling up to 30 s."""
+    return 0.0 if failures <= 1 else min(0.1 * 2 ** (failures - 2), 30.0)
 
 
 def _signal(pid: int, sig: int) -> None:
