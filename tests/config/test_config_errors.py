@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +20,9 @@ BIND = 'an address such as "127.0.0.1:8080", "[::1]:8080" or ":8080"'
 SERVER = 'a "host:port" address such as "127.0.0.1:9001" or "[::1]:9001"'
 
 ErrorText = Callable[[str], str]
+
+
+ALLOWED_CPUS = ", ".join(map(str, sorted(os.sched_getaffinity(0))))
 
 
 def case(text: str, message: str, id: str) -> object:
@@ -82,6 +86,12 @@ DOCUMENT_CASES = [
 ]
 
 SERVER_CASES = [
+    case(L + U + "server:\n  cpu_affinity: [4096]\n",
+         "ferryman.yaml:4: server.cpu_affinity[0]: expected a CPU this process may use, got "
+         f"4096 (allowed: {ALLOWED_CPUS})", "cpu-not-allowed"),
+    case(L + U + "server:\n  cpu_affinity: all\n",
+         "ferryman.yaml:4: server.cpu_affinity: expected auto, off, or a list of CPU numbers "
+         "this process may use, got 'all'", "cpu-affinity-word"),
     case(L + U + "server:\n  user: no-such-user-here\n",
          "ferryman.yaml:4: server.user: expected the name of an existing user, got "
          "'no-such-user-here' (no user 'no-such-user-here' on this system)", "user-unknown"),
@@ -120,7 +130,7 @@ SERVER_CASES = [
     case(L + U + "server:\n  worker: 2\n",
          'ferryman.yaml:4: server.worker: unknown key "worker" (did you mean "workers"?); '
          "expected one of: workers, grace_period, timeouts, limits, forwarded, pid_file, "
-         "error_log, user, group",
+         "error_log, user, group, cpu_affinity",
          "server-unknown-key"),
     case(L + U + "server:\n  grace_period: fast\n",
          f"ferryman.yaml:4: server.grace_period: expected {DURATION}, got 'fast'",
@@ -397,7 +407,7 @@ def test_every_problem_is_collected(config_error: Callable[[str], ConfigError]) 
         "ferryman.yaml:2: server.workers: expected an integer >= 1, got 0",
         f"ferryman.yaml:3: server.grace_period: expected {DURATION}, got 'fast'",
         'ferryman.yaml:4: server.bogus: unknown key "bogus"; expected one of: workers, '
-        "grace_period, timeouts, limits, forwarded, pid_file, error_log, user, group",
+        "grace_period, timeouts, limits, forwarded, pid_file, error_log, user, group, cpu_affinity",
         f"ferryman.yaml:6: listeners[0].bind: expected {BIND}, got '127.0.0.1' (missing :port)",
         'ferryman.yaml:7: listeners[0].upstream: unknown upstream "nope" (defined: app)',
         'ferryman.yaml:8: listeners[1]: missing required key "upstream" or "routes" (expected '

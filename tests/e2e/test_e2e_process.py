@@ -179,3 +179,28 @@ def test_an_occupied_port_exits_1(tmp_path: Path) -> None:
         )
     assert out.returncode == 1
     assert out.stderr.decode().startswith("ferryman: cannot listen: ")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_cpu_affinity_pins_each_worker_to_its_cpu(tmp_path: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    origin = OriginServer().start()
+    port = free_port()
+    yaml_text = (
+        f"server: {{workers: 2, cpu_affinity: [{cpus[0]}, {cpus[1]}]}}\n"
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
+        f'upstreams: {{app: {{servers: ["{origin.address}"]}}}}\n'
+    )
+    proxy = start_ferryman(tmp_path, yaml_text, port)
+    try:
+        assert _get(port) == 200
+        deadline = time.monotonic() + 10
+        while len(proxy.worker_pids()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pinned = sorted(tuple(sorted(os.sched_getaffinity(p))) for p in proxy.worker_pids())
+        assert pinned == [(cpus[0],), (cpus[1],)]
+        assert os.sched_getaffinity(proxy.pid) == set(os.sched_getaffinity(0))
+    finally:
+        assert proxy.stop(signal.SIGTERM) == 0
+        origin.stop()

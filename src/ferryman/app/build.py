@@ -165,6 +165,7 @@ def build_server(config: Config, workers: int | None = None) -> Server:
         error_log=config.server.error_log,
         user=config.server.user,
         group=config.server.group,
+        cpus=config.server.cpu_affinity,
     )
     if isinstance(proxy, ConfigProxy) and proxy.monitors():
         board = HealthBoard()

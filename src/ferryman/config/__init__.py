@@ -51,6 +51,8 @@ Every key, with its default (all optional unless marked *required*)::
                                  # after logrotate. Paths: in existing writable directories
       user: www-data             # workers switch to this user (and group) once the ports
       group: www-data            # are bound; the main process keeps its rights
+      cpu_affinity: off          # off (default); auto: worker i on the i-th allowed CPU;
+                                 # or a list such as [0, 2]
     listeners:                   # required, at least one
       - bind: ":8080"            # required; "host:port", "[::1]:8080", ":8080" = 0.0.0.0
         upstream: app            # every request goes to group "app" (a key of `upstreams`):

@@ -159,6 +159,9 @@ class ServerConfig:
         user, group: the user and group the workers and the control process switch to
             after the listening sockets are bound (the main process keeps its rights, as
             nginx's master does), or None to stay. Default None.
+        cpu_affinity: the CPUs workers are pinned to, worker ``i`` on the ``i``-th (round
+            robin); ``()`` for no pinning. ``auto`` in the file is every CPU this process
+            may use, in order. Default ``()``.
     """
 
     workers: int = field(default_factory=default_workers)
@@ -170,6 +173,7 @@ class ServerConfig:
     error_log: str | None = None
     user: str | None = None
     group: str | None = None
+    cpu_affinity: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

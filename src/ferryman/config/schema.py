@@ -42,8 +42,9 @@ __all__ = ["build_config"]
 TOP_KEYS = ("app", "server", "listeners", "upstreams")
 SERVER_KEYS = (
     "workers", "grace_period", "timeouts", "limits", "forwarded", "pid_file", "error_log",
-    "user", "group",
+    "user", "group", "cpu_affinity",
 )
+CPU_AFFINITY_EXPECTED = "auto, off, or a list of CPU numbers this process may use"
 DOWNSTREAM_TIMEOUT_KEYS = ("header_read", "keepalive", "body_read", "body_write")
 LIMIT_KEYS = ("max_request_line", "max_header_bytes", "max_headers", "max_body")
 FORWARDED_KEYS = (
@@ -133,7 +134,39 @@ def _server(top: Section, reader: Reader) -> ServerConfig:
         error_log=sec.read("error_log", lambda n, p: _writable_path(n, p, reader), None),
         user=sec.read("user", lambda n, p: _account(n, p, reader, "user"), None),
         group=sec.read("group", lambda n, p: _account(n, p, reader, "group"), None),
+        cpu_affinity=sec.read("cpu_affinity", lambda n, p: _cpus(n, p, reader), ()),
     )
+
+
+def _cpus(node: Node, path: str, reader: Reader) -> tuple[int, ...] | None:
+    """``auto`` (every CPU allowed, in order), ``off``, or a list of allowed CPU numbers."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if isinstance(node, ScalarNode):
+        ok, value = reader.scalar(node, path, CPU_AFFINITY_EXPECTED)
+        if not ok:
+            return None
+        if value == "auto":
+            return tuple(allowed)
+        if value == "off" or value is False:
+            return ()
+        reader.expected(node, path, CPU_AFFINITY_EXPECTED)
+        return None
+    items = reader.sequence(node, path, CPU_AFFINITY_EXPECTED, non_empty=True)
+    if items is None:
+        return None
+    cpus: list[int] = []
+    for item_path, item in items:
+        cpu = reader.integer(item, item_path, minimum=0)
+        if cpu is None:
+            continue
+        if cpu not in allowed:
+            reader.expected(
+                item, item_path, "a CPU this process may use",
+                f"allowed: {', '.join(map(str, allowed))}",
+            )
+        else:
+            cpus.append(cpu)
+    return tuple(cpus)
 
 
 def _account(node: Node, path: str, reader: Reader, kind: str) -> str | None:

@@ -69,6 +69,7 @@ class Server:
         error_log: the file standard error goes to (reopened on SIGUSR1), or None.
         user, group: what the workers and helper processes switch to once the sockets
             are bound and the logs opened (the main process keeps its rights).
+        cpus: pin worker ``i`` to ``cpus[i % len(cpus)]``; empty: no pinning.
     """
 
     def __init__(
@@ -80,6 +81,7 @@ class Server:
         error_log: str | None = None,
         user: str | None = None,
         group: str | None = None,
+        cpus: tuple[int, ...] = (),
     ) -> None:
         self.workers = workers if workers is not None else (os.cpu_count() or 1)
         self.grace_period = grace_period
@@ -87,6 +89,7 @@ class Server:
         self.error_log = error_log
         self.user = user
         self.group = group
+        self.cpus = cpus
         #: detached (``--daemon``): standard output goes to the error log too
         self.daemon = False
         #: (uid, gid) the children switch to, checked by :meth:`check_account`
@@ -196,6 +199,9 @@ class Server:
         if pid == 0:
             code = 1
             try:
+                if self.cpus:
+                    # worker i on the i-th CPU of the list, round robin
+                    os.sched_setaffinity(0, {self.cpus[index % len(self.cpus)]})
                 code = self._worker_main()
             except BaseException:  # noqa: BLE001 - report and exit the child, never return
                 log.exception("worker crashed")
