@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_util import ferryman_cmd, start_ferryman, wait_for_port
+from e2e_util import ProxyProcess, ferryman_cmd, start_ferryman, wait_for_port
 
 from origin import OriginServer, free_port
 
@@ -37,6 +37,26 @@ def _wait_gone(pid: int, timeout: float = 15.0) -> None:
             return
         assert time.monotonic() < deadline, f"process {pid} did not exit"
         time.sleep(0.05)
+
+
+def _two_workers(tmp_path: Path, origin: OriginServer, port: int, server: str) -> ProxyProcess:
+    """``ferryman run`` with 2 workers and the ``server`` settings, once both are up."""
+    yaml_text = (
+        f"server: {{workers: 2, {server}}}\n"
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
+        f'upstreams: {{app: {{servers: ["{origin.address}"]}}}}\n'
+    )
+    proxy = start_ferryman(tmp_path, yaml_text, port)
+    try:
+        assert _get(port) == 200
+        deadline = time.monotonic() + 10
+        while len(proxy.worker_pids()) < 2:
+            assert time.monotonic() < deadline, "the workers did not start"
+            time.sleep(0.05)
+    except BaseException:
+        proxy.stop(signal.SIGKILL)
+        raise
+    return proxy
 
 
 def _get(port: int, path: str = "/") -> int:
@@ -137,18 +157,8 @@ def test_workers_run_as_server_user_and_group(tmp_path: Path) -> None:
     nobody = pwd.getpwnam("nobody")
     origin = OriginServer().start()
     port = free_port()
-    yaml_text = (
-        "server: {workers: 2, user: nobody, group: nogroup}\n"
-        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
-        f'upstreams: {{app: {{servers: ["{origin.address}"]}}}}\n'
-    )
-    proxy = start_ferryman(tmp_path, yaml_text, port)
+    proxy = _two_workers(tmp_path, origin, port, "user: nobody, group: nogroup")
     try:
-        assert _get(port) == 200
-        deadline = time.monotonic() + 10
-        while len(proxy.worker_pids()) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         for pid in proxy.worker_pids():
             status = Path(f"/proc/{pid}/status").read_text()
             uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
@@ -186,18 +196,8 @@ def test_cpu_affinity_pins_each_worker_to_its_cpu(tmp_path: Path) -> None:
     cpus = sorted(os.sched_getaffinity(0))[:2]
     origin = OriginServer().start()
     port = free_port()
-    yaml_text = (
-        f"server: {{workers: 2, cpu_affinity: [{cpus[0]}, {cpus[1]}]}}\n"
-        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
-        f'upstreams: {{app: {{servers: ["{origin.address}"]}}}}\n'
-    )
-    proxy = start_ferryman(tmp_path, yaml_text, port)
+    proxy = _two_workers(tmp_path, origin, port, f"cpu_affinity: [{cpus[0]}, {cpus[1]}]")
     try:
-        assert _get(port) == 200
-        deadline = time.monotonic() + 10
-        while len(proxy.worker_pids()) < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
         pinned = sorted(tuple(sorted(os.sched_getaffinity(p))) for p in proxy.worker_pids())
         assert pinned == [(cpus[0],), (cpus[1],)]
         assert os.sched_getaffinity(proxy.pid) == set(os.sched_getaffinity(0))
