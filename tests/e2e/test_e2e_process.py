@@ -204,3 +204,34 @@ def test_cpu_affinity_pins_each_worker_to_its_cpu(tmp_path: Path) -> None:
     finally:
         assert proxy.stop(signal.SIGTERM) == 0
         origin.stop()
+
+
+def test_health_checks_keep_running_under_daemon(tmp_path: Path) -> None:
+    """The control process (health checks) watches its supervisor: under --daemon that is
+    the detached process, not the one that ran the command."""
+    origin = OriginServer().start()
+    port = free_port()
+    config = tmp_path / "ferryman.yaml"
+    config.write_text(
+        "server: {workers: 1, pid_file: ferryman.pid, error_log: error.log}\n"
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
+        f'upstreams: {{app: {{servers: ["{origin.address}"],\n'
+        "  health_check: {type: http, interval: 0.2s, timeout: 0.2s}}}\n"
+    )
+    try:
+        out = subprocess.run(
+            ferryman_cmd("run", "-c", str(config), "--daemon"), capture_output=True, timeout=30
+        )
+        assert out.returncode == 0, out.stderr
+        pid = int((tmp_path / "ferryman.pid").read_text())
+        wait_for_port(port, 15)
+        before = len(origin.requests)
+        time.sleep(2.0)  # ten check intervals
+        checks = len(origin.requests) - before
+        os.kill(pid, signal.SIGTERM)
+        _wait_gone(pid)
+    finally:
+        origin.stop()
+    log = (tmp_path / "error.log").read_text()
+    assert "helper process" not in log, log  # never exited and restarted
+    assert checks >= 5, log  # the checks kept coming

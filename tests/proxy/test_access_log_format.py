@@ -37,3 +37,39 @@ def test_clock_formats() -> None:
     assert clock.clf(when) == b"27/Nov/2026:16:50:01 +0000"
     assert clock.iso(when + 1.5) == b"2026-11-27T16:50:02.623Z"
     assert clock.iso(when + 0.8769) == b"2026-11-27T16:50:01.999Z"  # (never .1000)
+
+
+def test_pipe_writes_are_whole_lines_of_at_most_pipe_buf() -> None:
+    from ferryman.proxy.access_log import PIPE_BUF, _line_pieces
+
+    lines = [b"x" * (n % 300 + 1) + b"\n" for n in range(200)] + [b"y" * 9000 + b"\n", b"z\n"]
+    data = b"".join(lines)
+    pieces = _line_pieces(data)
+    assert b"".join(pieces) == data
+    for piece in pieces:
+        assert piece.endswith(b"\n")
+        assert len(piece) <= PIPE_BUF or piece.count(b"\n") == 1  # (one long line alone)
+
+
+def test_reopen_that_fails_keeps_the_old_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import os
+
+    import pytest
+
+    from ferryman.proxy.access_log import AccessLog
+
+    path = tmp_path / "logs" / "access.log"
+    path.parent.mkdir()
+    log = AccessLog(str(path), "json")
+    log.open()
+    path.rename(tmp_path / "logs" / "access.log.1")
+    path.parent.chmod(0o500)  # (the new file cannot be created)
+    try:
+        if os.geteuid() == 0:
+            pytest.skip("root creates the file anyway")
+        with pytest.raises(PermissionError):
+            log.reopen()
+        assert log._fd >= 0  # still writing to the old file
+    finally:
+        path.parent.chmod(0o700)
+        log.close()

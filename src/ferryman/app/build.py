@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import ssl
 from typing import Any
 
@@ -170,9 +169,9 @@ def build_server(config: Config, workers: int | None = None) -> Server:
     if isinstance(proxy, ConfigProxy) and proxy.monitors():
         board = HealthBoard()
         proxy.board = board
-        supervisor = os.getpid()
+        # (the supervisor's pid as of the fork: --daemon forks after this function)
         server.extra_processes.append(
-            lambda: run_control_process(board, proxy.monitors(), supervisor)
+            lambda: run_control_process(board, proxy.monitors(), server.supervisor_pid)
         )
     server.add_service(HttpProxyService(proxy, listeners, proxy_options(config)))
     return server

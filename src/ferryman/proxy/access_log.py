@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Final
@@ -67,6 +68,9 @@ class AccessLog:
         self._lines: list[bytes] = []
         self._size = 0
         self._oldest = 0.0
+        self._pipe = False
+        #: bytes of lines that could not be written (full disk, full pipe)
+        self.dropped = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._clock = _Clock()
@@ -79,6 +83,11 @@ class AccessLog:
         write what waited ``flush_interval`` on that loop's timer."""
         if self.path is not None and self._fd < 0:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = self._fd if self.path is not None else sys.stdout.fileno()
+        try:
+            self._pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            self._pipe = True
         if loop is not None and self._timer is None:
             self._loop = loop
             self._timer = loop.call_later(self.flush_interval, self._on_timer)
@@ -89,11 +98,13 @@ class AccessLog:
             self._timer = self._loop.call_later(self.flush_interval, self._on_timer)
 
     def reopen(self) -> None:
-        """After a rotation: write what is buffered, then open the path afresh."""
+        """After a rotation: write what is buffered, then open the path afresh. If it
+        cannot be opened the old file is kept (and the error raised to be logged)."""
         self.flush()
         if self.path is not None:
-            old, self._fd = self._fd, -1
-            self.open()
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            old, self._fd = self._fd, fd
+            self._pipe = not stat.S_ISREG(os.fstat(fd).st_mode)
             if old >= 0:
                 os.close(old)
 
@@ -120,8 +131,9 @@ class AccessLog:
             self.flush()
 
     def tick(self) -> None:
-        """Called periodically: write lines that have waited ``flush_interval``."""
-        if self._lines and time.monotonic() - self._oldest >= self.flush_interval:
+        """Called every ``flush_interval``: write what is buffered (so no line waits
+        longer than that)."""
+        if self._lines:
             self.flush()
 
     def flush(self) -> None:
@@ -134,15 +146,23 @@ class AccessLog:
         fd = self._fd if self.path is not None else sys.stdout.fileno()
         if fd < 0:
             return  # (not opened: a log that was never started)
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(fd, view)
-            except BlockingIOError:
-                continue  # (a non-blocking stdout pipe that is full: keep trying)
-            except OSError:
-                return  # a full disk must not take requests down with it
-            view = view[written:]
+        if self._pipe and len(data) > PIPE_BUF:
+            # a pipe (or terminal) shared by the workers: only writes of up to PIPE_BUF
+            # bytes stay whole, so write whole lines in pieces no larger than that
+            pieces = _line_pieces(data)
+        else:
+            pieces = [data]  # (appends to a regular file are whole whatever their size)
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                try:
+                    written = os.write(fd, view)
+                except OSError:
+                    # a full disk, or a full non-blocking pipe: the lines are dropped,
+                    # never the requests (nor the event loop, spinning)
+                    self.dropped += len(view)
+                    return
+                view = view[written:]
 
     # formats ----------------------------------------------------------------------------
     #
@@ -174,9 +194,9 @@ class AccessLog:
                 parts.append(b',"upstream_header_time":%.6f' % (session.upstream_header_at - start))
             status = session.upstream_status
             parts.append(
-                b',"upstream_addr":"%s","upstream_status":%s,"reused":%s'
+                b',"upstream_addr":%s,"upstream_status":%s,"reused":%s'
                 % (
-                    peer.name.encode(),
+                    _json_str(peer.name.encode()),
                     b"null" if status is None else b"%d" % status,
                     b"true" if session.upstream_reused else b"false",
                 )
@@ -211,7 +231,7 @@ class AccessLog:
             parts.append(
                 b" upstream_addr=%s upstream_status=%s reused=%d"
                 % (
-                    peer.name.encode(),
+                    _text_escaped(peer.name.encode()).replace(b" ", b"\\x20"),
                     b"-" if status is None else b"%d" % status,
                     session.upstream_reused,
                 )
@@ -222,6 +242,26 @@ class AccessLog:
             parts.append(b" error=" + error.kind.value.encode())
         parts.append(b"\n")
         return b"".join(parts)
+
+
+#: Writes to a pipe up to this size are atomic (Linux's PIPE_BUF).
+PIPE_BUF: Final = 4096
+
+
+def _line_pieces(data: bytes) -> list[bytes]:
+    """``data`` (whole lines) cut at line ends into pieces of at most PIPE_BUF bytes (a
+    longer line is a piece of its own)."""
+    pieces = []
+    start = 0
+    end = len(data)
+    while start < end:
+        stop = min(start + PIPE_BUF, end)
+        if stop < end:
+            cut = data.rfind(b"\n", start, stop)
+            stop = cut + 1 if cut >= start else data.find(b"\n", stop) + 1 or end
+        pieces.append(data[start:stop])
+        start = stop
+    return pieces
 
 
 #: Bytes that go into a line as they are: printable ASCII but the quote and backslash.

@@ -111,6 +111,9 @@ class HttpProxyService:
         clean = not self.connections
         for conn in list(self.connections):
             conn._abort()
+        if not clean:
+            # (the aborted requests end, and log their lines, on the next loop turns)
+            await asyncio.sleep(0.05)
         self.connector.close_all()
         for listener in self.listeners:
             if listener.access_log is not None:

@@ -63,9 +63,17 @@ def resolve_account(user: str | None, group: str | None) -> tuple[int | None, in
 
 
 def drop_privileges(uid: int | None, gid: int | None) -> None:
-    """Switch this process to ``gid`` then ``uid`` (no-op for None or the current ids)."""
+    """Switch this process to ``gid`` then ``uid`` (no-op for None). As root, the
+    supplementary groups become those of the new user (or just ``gid``): none of root's
+    are kept."""
+    if uid is None and gid is None:
+        return
+    if os.geteuid() == 0:
+        if uid is not None:
+            os.initgroups(pwd.getpwuid(uid).pw_name, gid if gid is not None else os.getegid())
+        elif gid is not None:
+            os.setgroups([gid])
     if gid is not None and gid != os.getegid():
-        os.setgroups([gid])
         os.setgid(gid)
     if uid is not None and uid != os.geteuid():
         os.setuid(uid)

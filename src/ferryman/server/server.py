@@ -42,6 +42,9 @@ from ferryman.server.tls import server_ssl_context
 log = logging.getLogger("ferryman.server")
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+#: blocked across a fork until the child has its own handlers (a SIGUSR1 relayed to a
+#: child that just started is then handled late, not lost)
+_FORK_BLOCKED = _STOP_SIGNALS | {signal.SIGUSR1}
 
 
 class Service(Protocol):
@@ -92,6 +95,8 @@ class Server:
         self.cpus = cpus
         #: detached (``--daemon``): standard output goes to the error log too
         self.daemon = False
+        #: the supervising (main) process's pid, set when it starts running
+        self.supervisor_pid = os.getpid()
         #: (uid, gid) the children switch to, checked by :meth:`check_account`
         self._account: tuple[int | None, int | None] = (None, None)
         self.services: list[Service] = []
@@ -156,6 +161,7 @@ class Server:
         self.install_signal_handlers()
         self.bind()
         self.check_account()
+        self.supervisor_pid = os.getpid()
         if self.pid_file is not None:
             write_pid_file(self.pid_file)
         try:
@@ -192,10 +198,10 @@ class Server:
     def _spawn(self, index: int) -> None:
         # Signals stay blocked across the fork until the worker's loop has its handlers,
         # so a SIGTERM during a worker's start still drains it gracefully.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         pid = os.fork()
         if pid != 0:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         if pid == 0:
             code = 1
             try:
@@ -214,14 +220,17 @@ class Server:
         log.info("worker %d started (pid %d)", index, pid)
 
     def _spawn_helper(self, fn: Callable[[], None]) -> int:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         pid = os.fork()
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         if pid == 0:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            signal.signal(signal.SIGUSR1, lambda _s, _f: self.reopen_error_log())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
             for _, _, sock in self._sockets:
                 sock.close()
-            signal.signal(signal.SIGUSR1, lambda _s, _f: self.reopen_error_log())
             code = 0
             try:
                 drop_privileges(*self._account)
@@ -344,7 +353,7 @@ class Server:
         loop.add_signal_handler(signal.SIGTERM, on_signal, "graceful")
         loop.add_signal_handler(signal.SIGINT, on_signal, "fast")
         loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         servers = await self.start_services(loop)
         # the sockets are bound and the access logs open: the rest runs with less rights
         drop_privileges(*self._account)
