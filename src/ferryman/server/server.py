@@ -366,6 +366,7 @@ class Server:
         await asyncio.wait([drain, interrupt], return_when=asyncio.FIRST_COMPLETED)
         if not drain.done():  # SIGINT during a graceful drain: stop waiting now
             drain.cancel()
+            await asyncio.gather(drain, return_exceptions=True)  # (its CancelledError)
             await asyncio.gather(*(svc.drain(0.0) for svc in self.services))
         interrupt.cancel()
         return 0
