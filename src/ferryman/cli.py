@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
         help="detach once listening: log lines go to server.error_log (required), the pid "
         "to server.pid_file",
     )
+    run.add_argument(
+        "--upgrade",
+        action="store_true",
+        help="take the listening sockets over from the server running with this config's "
+        "server.upgrade_sock, which then drains and exits (zero-downtime upgrade)",
+    )
     check = sub.add_parser("check", help="validate a config file and exit")
     check.add_argument("-c", "--config", required=True, metavar="FILE", help="YAML config file")
     return parser
@@ -76,11 +82,25 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.upgrade and config.server.upgrade_sock is None:
+        print(
+            f"ferryman: --upgrade needs server.upgrade_sock in {args.config}: the socket the "
+            "running server hands its listening sockets over on",
+            file=sys.stderr,
+        )
+        return 2
+    from ferryman.server.upgrade import take_over
+
     try:
-        server = build_server(config, workers=args.workers)
+        server = build_server(config, workers=args.workers, config_path=args.config)
         server.install_signal_handlers()
+        if args.upgrade:
+            assert config.server.upgrade_sock is not None
+            server.handover = take_over(config.server.upgrade_sock)
         server.bind()
         server.check_account()
+        if not args.upgrade:
+            server.open_upgrade_socket(replace=False)
     except AppLoadError as exc:
         print(f"ferryman: {args.config}: {exc}", file=sys.stderr)
         return 2

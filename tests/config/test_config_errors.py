@@ -130,7 +130,7 @@ SERVER_CASES = [
     case(L + U + "server:\n  worker: 2\n",
          'ferryman.yaml:4: server.worker: unknown key "worker" (did you mean "workers"?); '
          "expected one of: workers, grace_period, timeouts, limits, forwarded, pid_file, "
-         "error_log, user, group, cpu_affinity",
+         "error_log, user, group, cpu_affinity, upgrade_sock, metrics",
          "server-unknown-key"),
     case(L + U + "server:\n  grace_period: fast\n",
          f"ferryman.yaml:4: server.grace_period: expected {DURATION}, got 'fast'",
@@ -407,7 +407,8 @@ def test_every_problem_is_collected(config_error: Callable[[str], ConfigError]) 
         "ferryman.yaml:2: server.workers: expected an integer >= 1, got 0",
         f"ferryman.yaml:3: server.grace_period: expected {DURATION}, got 'fast'",
         'ferryman.yaml:4: server.bogus: unknown key "bogus"; expected one of: workers, '
-        "grace_period, timeouts, limits, forwarded, pid_file, error_log, user, group, cpu_affinity",
+        "grace_period, timeouts, limits, forwarded, pid_file, error_log, user, group, "
+        "cpu_affinity, upgrade_sock, metrics",
         f"ferryman.yaml:6: listeners[0].bind: expected {BIND}, got '127.0.0.1' (missing :port)",
         'ferryman.yaml:7: listeners[0].upstream: unknown upstream "nope" (defined: app)',
         'ferryman.yaml:8: listeners[1]: missing required key "upstream" or "routes" (expected '

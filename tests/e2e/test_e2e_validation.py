@@ -40,7 +40,7 @@ CASES = [
         LISTENER + UPSTREAM + "server: {workers: 2, wokers: 3}\n",
         'bad.yaml:3: server.wokers: unknown key "wokers" (did you mean "workers"?); '
         "expected one of: workers, grace_period, timeouts, limits, forwarded, pid_file, "
-        "error_log, user, group, cpu_affinity",
+        "error_log, user, group, cpu_affinity, upgrade_sock, metrics",
         id="unknown-key",
     ),
     pytest.param(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import ssl
+from collections.abc import Callable
 from typing import Any
 
 from ferryman.app.config_proxy import ConfigProxy, hash_key_function, make_discovery
-from ferryman.config import Config, ListenerConfig
+from ferryman.config import Config, ConfigError, ListenerConfig, load_config
 from ferryman.lb import HealthBoard, run_control_process
 from ferryman.protocols.h1 import RequestLimits
 from ferryman.proxy.access_log import AccessLog
@@ -15,8 +18,10 @@ from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.options import ProxyOptions
 from ferryman.proxy.service import HttpProxyService
 from ferryman.server.listener import Listener, ListenerTls, SniCertificate
-from ferryman.server.server import Server
+from ferryman.server.server import ReloadError, Server
 from ferryman.server.tls import server_ssl_context
+
+log = logging.getLogger("ferryman.server")
 
 
 class AppLoadError(Exception):
@@ -147,12 +152,15 @@ def build_proxy(config: Config) -> ProxyHttp:
     return cls.from_config(config)
 
 
-def build_server(config: Config, workers: int | None = None) -> Server:
+def build_server(
+    config: Config, workers: int | None = None, config_path: str | None = None
+) -> Server:
     """A Server with one HTTP proxy service for all listeners of ``config``.
 
     With the built-in proxy, discovery and active health checks run in one control
     process next to the workers, which read the results from a shared
-    :class:`~ferryman.lb.HealthBoard`.
+    :class:`~ferryman.lb.HealthBoard`. With ``config_path``, SIGHUP reloads that file
+    (see :class:`ConfigSource`).
     """
     check_tls_material(config)
     proxy = build_proxy(config)
@@ -166,12 +174,91 @@ def build_server(config: Config, workers: int | None = None) -> Server:
         group=config.server.group,
         cpus=config.server.cpu_affinity,
     )
-    if isinstance(proxy, ConfigProxy) and proxy.monitors():
-        board = HealthBoard()
-        proxy.board = board
-        # (the supervisor's pid as of the fork: --daemon forks after this function)
-        server.extra_processes.append(
-            lambda: run_control_process(board, proxy.monitors(), server.supervisor_pid)
-        )
+    server.upgrade_sock = config.server.upgrade_sock
+    # (made before any fork, whether or not this config needs it: a reload may)
+    source = ConfigSource(config_path or config.source, workers, HealthBoard())
+    server.extra_processes = source.helper_processes(server, proxy)
     server.add_service(HttpProxyService(proxy, listeners, proxy_options(config)))
+    if config_path is not None:
+        server.config_source = source
+    source.running = config
     return server
+
+
+#: ``server`` settings a reload cannot change in running processes (an upgrade can).
+_FIXED_ON_RELOAD = ("user", "group", "pid_file", "error_log", "upgrade_sock")
+
+
+class ConfigSource:
+    """The config file of a running server, read again on SIGHUP.
+
+    Args:
+        path: the config file (made absolute: ``--daemon`` changes directory).
+        workers: the ``--workers`` override, kept across reloads (None: the file's).
+        board: the health board shared by the control process and the workers.
+    """
+
+    def __init__(self, path: str, workers: int | None, board: HealthBoard) -> None:
+        self.path = os.path.abspath(path)
+        self.workers = workers
+        self.board = board
+        #: the config being served (updated by :meth:`apply`)
+        self.running: Config | None = None
+
+    def load(self) -> Config:
+        """Read and check the file as ``ferryman check`` does; raises
+        :class:`~ferryman.server.server.ReloadError` naming file, key path and reason."""
+        try:
+            config = load_config(self.path)
+        except ConfigError as exc:
+            raise ReloadError(str(exc)) from None
+        except OSError as exc:
+            raise ReloadError(f"{self.path}: cannot read the config: {exc.strerror}") from None
+        try:
+            check_tls_material(config)
+            build_proxy(config)
+        except AppLoadError as exc:
+            raise ReloadError(f"{self.path}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's app
+            raise ReloadError(f"{self.path}: app: {exc}") from None
+        running = self.running
+        if running is not None:
+            for key in _FIXED_ON_RELOAD:
+                if getattr(config.server, key) != getattr(running.server, key):
+                    log.warning(
+                        "%s: server.%s changed: a reload keeps %r (restart or upgrade to "
+                        "change it)", self.path, key, getattr(running.server, key),
+                    )
+        return config
+
+    def addresses(self, config: Config) -> list[tuple[str, tuple[str, int]]]:
+        """Every socket ``config`` listens on."""
+        out = [("listener", (lc.bind[0], lc.bind[1])) for lc in config.listeners]
+        return out
+
+    def apply(self, server: Server, config: Config) -> None:
+        """Reconfigure ``server`` (main process or worker) for ``config``."""
+        proxy = build_proxy(config)
+        listeners = [make_listener(lc) for lc in config.listeners]
+        server.extra_processes = self.helper_processes(server, proxy)
+        service = server.services[0]
+        assert isinstance(service, HttpProxyService)
+        service.reconfigure(proxy, listeners, proxy_options(config))
+        server.grace_period = config.server.grace_period
+        server.workers = self.workers if self.workers is not None else config.server.workers
+        server.cpus = config.server.cpu_affinity
+        self.running = config
+
+    def helper_processes(self, server: Server, proxy: ProxyHttp) -> list[Callable[[], None]]:
+        """The processes to run next to the workers for ``proxy``: the control process
+        when some upstream group has discovery or health checks (``proxy`` then follows
+        the board)."""
+        if not isinstance(proxy, ConfigProxy):
+            return []
+        monitors = proxy.monitors()
+        if not monitors:
+            return []
+        board = self.board
+        proxy.board = board
+        # (the supervisor's pid as of the fork: --daemon forks after build_server)
+        return [lambda: run_control_process(board, proxy.monitors(), server.supervisor_pid)]

@@ -521,6 +521,11 @@ class ConfigProxy(ProxyHttp):
             for name, group in self.groups.items()
             if not group.config.servers
         }
+        # (a proxy built by a reload: what the board holds was read by the previous one)
+        current = board.latest()
+        if current is not None:
+            self.apply_state(current)
+            pending -= current.keys()
         deadline = time.monotonic() + DISCOVERY_WAIT
         while pending and time.monotonic() < deadline:
             state = board.read()

@@ -53,6 +53,9 @@ Every key, with its default (all optional unless marked *required*)::
       group: www-data            # are bound; the main process keeps its rights
       cpu_affinity: off          # off (default); auto: worker i on the i-th allowed CPU;
                                  # or a list such as [0, 2]
+      upgrade_sock: run/upgrade.sock  # `ferryman run --upgrade` takes the listening
+                                 # sockets over from the server listening here; default none
+      metrics: 127.0.0.1:9090    # Prometheus endpoint (GET /metrics); default off
     listeners:                   # required, at least one
       - bind: ":8080"            # required; "host:port", "[::1]:8080", ":8080" = 0.0.0.0
         upstream: app            # every request goes to group "app" (a key of `upstreams`):

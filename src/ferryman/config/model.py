@@ -162,6 +162,11 @@ class ServerConfig:
         cpu_affinity: the CPUs workers are pinned to, worker ``i`` on the ``i``-th (round
             robin); ``()`` for no pinning. ``auto`` in the file is every CPU this process
             may use, in order. Default ``()``.
+        upgrade_sock: absolute path of the unix socket a running server listens on for
+            ``ferryman run --upgrade`` (which asks it for its listening sockets), or None:
+            no upgrade. Default None.
+        metrics: ``(host, port)`` of the Prometheus endpoint (``/metrics``, served by a
+            process of its own with the counters of every worker), or None. Default None.
     """
 
     workers: int = field(default_factory=default_workers)
@@ -174,6 +179,8 @@ class ServerConfig:
     user: str | None = None
     group: str | None = None
     cpu_affinity: tuple[int, ...] = ()
+    upgrade_sock: str | None = None
+    metrics: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ __all__ = ["build_config"]
 TOP_KEYS = ("app", "server", "listeners", "upstreams")
 SERVER_KEYS = (
     "workers", "grace_period", "timeouts", "limits", "forwarded", "pid_file", "error_log",
-    "user", "group", "cpu_affinity",
+    "user", "group", "cpu_affinity", "upgrade_sock", "metrics",
 )
 CPU_AFFINITY_EXPECTED = "auto, off, or a list of CPU numbers this process may use"
 DOWNSTREAM_TIMEOUT_KEYS = ("header_read", "keepalive", "body_read", "body_write")
@@ -106,7 +106,10 @@ def build_config(root: Node | None, reader: Reader) -> Config | None:
 
     server = _server(top, reader)
     upstreams, upstream_names = build_upstreams(top, reader)
-    listeners = _listeners(top, reader, has_app="app" in top, upstream_names=upstream_names)
+    reserved = {} if server.metrics is None else {address_key(server.metrics): "server.metrics"}
+    listeners = _listeners(
+        top, reader, has_app="app" in top, upstream_names=upstream_names, reserved=reserved
+    )
     return Config(
         source=reader.source,
         app=app,
@@ -135,7 +138,20 @@ def _server(top: Section, reader: Reader) -> ServerConfig:
         user=sec.read("user", lambda n, p: _account(n, p, reader, "user"), None),
         group=sec.read("group", lambda n, p: _account(n, p, reader, "group"), None),
         cpu_affinity=sec.read("cpu_affinity", lambda n, p: _cpus(n, p, reader), ()),
+        upgrade_sock=sec.read(
+            "upgrade_sock",
+            lambda n, p: _writable_path(n, p, reader, "a socket path in a writable directory"),
+            None,
+        ),
+        metrics=sec.read("metrics", lambda n, p: _metrics_address(n, p, reader), None),
     )
+
+
+def _metrics_address(node: Node, path: str, reader: Reader) -> tuple[str, int] | None:
+    """``host:port`` of the Prometheus endpoint, or ``off``."""
+    if isinstance(node, ScalarNode) and node.value in ("off", "false"):
+        return None
+    return reader.address(node, path, require_host=False)
 
 
 def _cpus(node: Node, path: str, reader: Reader) -> tuple[int, ...] | None:
@@ -261,7 +277,12 @@ def _forwarded(server: Section) -> ForwardedConfig:
 
 
 def _listeners(
-    top: Section, reader: Reader, *, has_app: bool, upstream_names: list[str] | None
+    top: Section,
+    reader: Reader,
+    *,
+    has_app: bool,
+    upstream_names: list[str] | None,
+    reserved: dict[tuple[str, int], str],
 ) -> tuple[ListenerConfig, ...]:
     node = top.require("listeners", LISTENERS_EXPECTED)
     if node is None:
@@ -270,7 +291,7 @@ def _listeners(
     if items is None:
         return ()
     listeners: list[ListenerConfig] = []
-    bound: dict[tuple[str, int], str] = {}
+    bound: dict[tuple[str, int], str] = dict(reserved)  # (the metrics endpoint's address)
     for path, item in items:
         sec = reader.section(item, path, LISTENER_KEYS)
         if sec is None:

@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import struct
+import time
 from typing import Any
 
 __all__ = ["HealthBoard", "run_control_process"]
@@ -65,6 +66,21 @@ class HealthBoard:
         self._seen = seq
         doc: dict[str, Any] = json.loads(data)
         return doc
+
+    def latest(self) -> dict[str, Any] | None:
+        """The current document whether or not this reader saw it already (a proxy built
+        by a reload starts from it), or None before the first publication."""
+        for _ in range(100):
+            seq = self._seen
+            self._seen = 0
+            doc = self.read()
+            if doc is not None:
+                return doc
+            self._seen = seq
+            if self.sequence == 0:
+                return None
+            time.sleep(0.001)  # a write in progress
+        return None  # (a writer that never finishes: as if nothing were published)
 
     @property
     def sequence(self) -> int:

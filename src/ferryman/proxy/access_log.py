@@ -78,6 +78,11 @@ class AccessLog:
 
     # lifecycle --------------------------------------------------------------------------
 
+    def settings(self) -> tuple[str | None, str, int, float]:
+        """What this log was configured with (a reload keeps a log whose settings did not
+        change open, with its buffer)."""
+        return (self.path, self.format, self.buffer_size, self.flush_interval)
+
     def open(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Open the file (in each worker; standard output needs nothing); with ``loop``,
         write what waited ``flush_interval`` on that loop's timer."""

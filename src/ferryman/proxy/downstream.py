@@ -493,12 +493,23 @@ class H1Downstream(asyncio.Protocol, ClientSide):
             self._sweep.discard(self)
             self.transport.close()  # type: ignore[union-attr]
 
-    def start_draining(self) -> None:
-        """Graceful shutdown: close now if idle, else after the current response."""
+    def start_draining(self, idle_wait: float = 0.0) -> None:
+        """Graceful shutdown: close after the current response, or once idle for
+        ``idle_wait`` seconds (now if 0).
+
+        An idle keep-alive client may have sent its next request already: closing at once
+        would lose it (the client sees the connection close with no answer). Waiting a
+        moment lets that request arrive; it is answered with ``Connection: close``.
+        """
         self.draining = True
         parser = self.parser
         if self.active is None and (parser is None or not parser.in_message):
-            self.close()
+            if idle_wait <= 0.0:
+                self.close()
+                return
+            deadline = self._sweep.now + idle_wait
+            if self.deadline == 0.0 or deadline < self.deadline:
+                self.deadline = deadline
 
     @property
     def client_addr(self) -> tuple[Any, ...] | None:

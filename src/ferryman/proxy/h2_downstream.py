@@ -391,8 +391,10 @@ class H2Downstream(asyncio.Protocol):
             self._sweep.discard(self)
             self.transport.close()
 
-    def start_draining(self) -> None:
-        """Graceful shutdown: GOAWAY now, close once the open streams are done.
+    def start_draining(self, idle_wait: float = 0.0) -> None:
+        """Graceful shutdown: GOAWAY now, close once the open streams are done
+        (``idle_wait`` is for HTTP/1.1's sake: GOAWAY tells a client which streams were
+        seen, so nothing is lost by closing an idle connection at once).
 
         The GOAWAY is written as a frame of its own: h2's ``close_connection`` would also
         close its state machine, and the streams in flight could not be answered.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ferryman.proxy.downstream import H1Downstream, ParserLender
 from ferryman.proxy.h2_downstream import PrefaceSniffer
@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from ferryman.server.listener import Listener
 
 log = logging.getLogger("ferryman.service")
+
+#: How long a graceful stop leaves an idle HTTP/1.1 keep-alive connection open for a
+#: request its client may have sent already (it is answered with ``Connection: close``).
+DRAIN_IDLE_WAIT = 1.0
 
 
 class HttpProxyService:
@@ -75,6 +79,74 @@ class HttpProxyService:
             access_log.open(loop)
         self.plan = RequestPlan(self.proxy, self.options, self.connector, timed=bool(logs))
 
+    def reconfigure(
+        self, proxy: ProxyHttp, listeners: list[Listener], options: ProxyOptions
+    ) -> None:
+        """Reload: serve new requests with ``proxy``, ``listeners`` and ``options``.
+
+        In a worker (after :meth:`start`): the old proxy's ``worker_stop`` and the new one's
+        ``worker_start`` run; requests in flight finish with the proxy and plan they
+        started with, and the next request on a kept connection uses the new ones. The
+        upstream connector, and with it every pooled connection, is kept. Connections of a
+        listener that is gone are drained; access logs whose settings did not change are
+        kept open, the others closed once the grace period has passed. New request size
+        limits apply to new connections. In the main process (before :meth:`start`) it
+        only replaces what workers started later will use.
+        """
+        if not isinstance(proxy, ProxyHttp):
+            raise TypeError(f"{proxy!r} is not a ferryman.ProxyHttp")
+        if "upstream_peer" not in proxy.overridden:
+            raise TypeError(f"{type(proxy).__name__} must implement upstream_peer")
+        old_by_address = {lst.address: lst for lst in self.listeners}
+        kept_logs: set[int] = set()
+        for lst in listeners:
+            old = old_by_address.get(lst.address)
+            if (
+                old is not None
+                and old.access_log is not None
+                and lst.access_log is not None
+                and old.access_log.settings() == lst.access_log.settings()
+            ):
+                lst.access_log = old.access_log
+                kept_logs.add(id(old.access_log))
+        old_proxy, old_listeners, old_options = self.proxy, self.listeners, self.options
+        self.proxy, self.listeners, self.options = proxy, listeners, options
+        if not self.running:
+            return
+        try:
+            old_proxy.worker_stop(self)
+        except Exception:  # noqa: BLE001 - the reload goes on whatever the old hook does
+            log.exception("worker_stop of the previous config failed")
+        if _limits(options) != _limits(old_options):
+            self.parsers = ParserLender(options.limits)
+            self.sweep.on_tick(self.parsers.reclaim)
+        self.proxy.worker_start(self)
+        logs = [lst.access_log for lst in listeners if lst.access_log is not None]
+        for access_log in logs:
+            if id(access_log) not in kept_logs:
+                access_log.open(self.loop)
+        self.plan = RequestPlan(self.proxy, options, self.connector, timed=bool(logs))
+        by_address = {lst.address: lst for lst in listeners}
+        wait = min(DRAIN_IDLE_WAIT, options.grace_period)
+        for conn in list(self.connections):
+            current = conn.listener
+            new = by_address.get(current.address) if current is not None else None
+            if current is not None and new is None:
+                conn.start_draining(wait)  # its listener was removed
+                continue
+            conn.listener = new
+            conn._options = options
+            if isinstance(conn, H1Downstream):
+                conn._plan = self.plan
+        retired = [
+            lst.access_log
+            for lst in old_listeners
+            if lst.access_log is not None and id(lst.access_log) not in kept_logs
+        ]
+        if retired:
+            # (requests in flight on a removed listener may still write a line)
+            self.loop.call_later(options.grace_period + 1.0, _close_logs, retired)
+
     def reopen_logs(self) -> None:
         """SIGUSR1: write what the access logs buffered and open their files afresh (after
         a rotation moved them)."""
@@ -103,8 +175,9 @@ class HttpProxyService:
                 self.proxy.worker_stop(self)
             except Exception:  # noqa: BLE001 - shutdown goes on whatever the hook does
                 log.exception("worker_stop failed")
+        wait = min(DRAIN_IDLE_WAIT, grace)
         for conn in list(self.connections):
-            conn.start_draining()
+            conn.start_draining(wait)
         deadline = self.loop.time() + grace
         while self.connections and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
@@ -119,3 +192,18 @@ class HttpProxyService:
             if listener.access_log is not None:
                 listener.access_log.close()  # (what is buffered is written)
         return clean
+
+
+def _close_logs(logs: list[Any]) -> None:
+    for access_log in logs:
+        try:
+            access_log.close()
+        except OSError:
+            log.exception("cannot close the access log %s", access_log.path)
+
+
+def _limits(options: ProxyOptions) -> tuple[int, int, int, int]:
+    limits = options.limits
+    return (
+        limits.max_request_line, limits.max_header_bytes, limits.max_headers, limits.max_body
+    )

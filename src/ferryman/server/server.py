@@ -11,6 +11,14 @@ Signals (to the main process):
 * ``SIGINT`` – fast: close everything and exit now.
 * ``SIGUSR1`` – reopen log files (after logrotate moved them): relayed to the workers,
   which write what they buffered and open each access log's path afresh.
+* ``SIGHUP`` – reload the config (see :meth:`Server.reload`): an invalid one is logged and
+  changes nothing; a valid one is applied by the main process and sent to every worker,
+  which serves its next requests with it while requests in flight finish on the old one.
+
+Each worker has a control channel (a socketpair) to the main process: the worker says
+``ready`` once it accepts, and receives ``reload`` messages with the listening sockets
+attached. The main process also hands its sockets to a successor
+(:mod:`ferryman.server.upgrade`) for a zero-downtime upgrade.
 """
 
 from __future__ import annotations
@@ -28,9 +36,11 @@ from typing import Any, Protocol
 
 import uvloop
 
-from ferryman.server.listener import Listener
+from ferryman.server.control import ChannelClosed, MessageReader, send_message, worker_channel
+from ferryman.server.listener import Listener, make_listening_socket
 from ferryman.server.memory import tune_malloc
 from ferryman.server.process import (
+    ProcessSetupError,
     drop_privileges,
     redirect_output,
     remove_pid_file,
@@ -38,13 +48,38 @@ from ferryman.server.process import (
     write_pid_file,
 )
 from ferryman.server.tls import server_ssl_context
+from ferryman.server.upgrade import Handover, UpgradeListener
 
 log = logging.getLogger("ferryman.server")
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 #: blocked across a fork until the child has its own handlers (a SIGUSR1 relayed to a
 #: child that just started is then handled late, not lost)
-_FORK_BLOCKED = _STOP_SIGNALS | {signal.SIGUSR1}
+_FORK_BLOCKED = _STOP_SIGNALS | {signal.SIGUSR1, signal.SIGHUP}
+#: Seconds an upgrading server waits for its workers to accept before it gives up (and
+#: the old server goes on).
+UPGRADE_READY_TIMEOUT = 30.0
+#: Seconds the main process waits for a worker to read a control message.
+CONTROL_SEND_TIMEOUT = 5.0
+
+
+class ReloadError(Exception):
+    """A config cannot be reloaded; the message names the file, key and reason."""
+
+
+class ConfigSource(Protocol):
+    """Where a server's config comes from, for reloads (see ``ferryman.app.build``)."""
+
+    def load(self) -> Any:
+        """Read and validate the config; a picklable object, or :class:`ReloadError`."""
+
+    def addresses(self, config: Any) -> list[tuple[str, tuple[str, int]]]:
+        """``(kind, address)`` of every socket ``config`` listens on (``"listener"``, or
+        the kind of an extra socket such as ``"metrics"``)."""
+
+    def apply(self, server: Server, config: Any) -> None:
+        """Make ``server`` use ``config``: reconfigure its services (in place: in a worker
+        they are running), worker count, grace period and helper processes."""
 
 
 class Service(Protocol):
@@ -114,18 +149,66 @@ class Server:
         # helpers waiting to be restarted: (when, function, consecutive quick failures)
         self._helper_restarts: list[tuple[float, Callable[[], None], int]] = []
         self._helper_failures: dict[Callable[[], None], int] = {}
+        #: where SIGHUP re-reads the config from (None: reloads are refused)
+        self.config_source: ConfigSource | None = None
+        #: called in the main process after each reload attempt with its outcome
+        self.on_reload: Callable[[bool], None] | None = None
+        self._reload_requested = False
+        #: sockets other than the services' listeners: ``kind -> (address, socket)``,
+        #: handed to successors too (the metrics endpoint's)
+        self.extra_sockets: dict[str, tuple[tuple[str, int], socket.socket]] = {}
+        #: the unix socket successors ask for the listening sockets (``upgrade_sock``)
+        self.upgrade_sock: str | None = None
+        self._upgrade: UpgradeListener | None = None
+        #: set by ``--upgrade``: the sockets received from the running server
+        self.handover: Handover | None = None
+        self._handover_deadline = 0.0
+        # main process: index -> (channel to the worker, its reader); in a worker: its end
+        self._channels: dict[int, tuple[socket.socket, MessageReader]] = {}
+        self._ready: set[int] = set()
+        self._channel: socket.socket | None = None
+        self._servers: list[asyncio.Server] = []
+        self._worker_index = -1
+        self._failed = False
 
     def add_service(self, service: Service) -> None:
         """Serve ``service`` on its listeners."""
         self.services.append(service)
 
     def bind(self) -> None:
-        """Create every listening socket (done before forking)."""
+        """Create every listening socket (done before forking); with :attr:`handover`,
+        those received from the running server are used instead of binding anew."""
         if self._sockets:
             return
-        for service in self.services:
-            for listener in service.listeners:
-                self._sockets.append((service, listener, listener.make_socket()))
+        try:
+            for service in self.services:
+                for listener in service.listeners:
+                    sock = None
+                    if self.handover is not None:
+                        sock = self.handover.take("listener", listener.address)
+                    if sock is None:
+                        sock = listener.make_socket()
+                    self._sockets.append((service, listener, sock))
+        except OSError:
+            for _, _, sock in self._sockets:
+                sock.close()
+            self._sockets = []
+            raise
+
+    def bind_extra(self, kind: str, address: tuple[str, int]) -> socket.socket:
+        """Bind (or take over from the running server) a socket of ``kind`` outside the
+        services, such as the metrics endpoint's."""
+        sock = self.handover.take(kind, address) if self.handover is not None else None
+        if sock is None:
+            sock = make_listening_socket(address)
+        self.extra_sockets[kind] = (address, sock)
+        return sock
+
+    def _all_sockets(self) -> list[tuple[str, tuple[str, int], socket.socket]]:
+        """Every listening socket as ``(kind, configured address, socket)``."""
+        out = [("listener", listener.address, sock) for _, listener, sock in self._sockets]
+        out += [(kind, address, sock) for kind, (address, sock) in self.extra_sockets.items()]
+        return out
 
     # supervisor -------------------------------------------------------------------------
 
@@ -138,9 +221,13 @@ class Server:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGUSR1, self._on_reopen)
+        signal.signal(signal.SIGHUP, self._on_reload_signal)
 
     def _on_reopen(self, _signum: int, _frame: object) -> None:
         self._reopen = True
+
+    def _on_reload_signal(self, _signum: int, _frame: object) -> None:
+        self._reload_requested = True
 
     def reopen_error_log(self) -> None:
         """SIGUSR1: point standard error (and, detached, standard output) at a fresh open
@@ -162,13 +249,29 @@ class Server:
         self.bind()
         self.check_account()
         self.supervisor_pid = os.getpid()
-        if self.pid_file is not None:
-            write_pid_file(self.pid_file)
+        if self.handover is not None:
+            self.handover.close_unused()
+            self._handover_deadline = time.monotonic() + UPGRADE_READY_TIMEOUT
+        else:
+            self.open_upgrade_socket(replace=False)
+            if self.pid_file is not None:
+                write_pid_file(self.pid_file)
         try:
             return self._run()
         finally:
             if self.pid_file is not None:
                 remove_pid_file(self.pid_file)
+            if self._upgrade is not None:
+                self._upgrade.close()
+
+    def open_upgrade_socket(self, replace: bool) -> None:
+        """Listen on :attr:`upgrade_sock` for a successor (``replace``: after taking over
+        from the server that listened there)."""
+        if self.upgrade_sock is None or self._upgrade is not None:
+            return
+        upgrade = UpgradeListener(self.upgrade_sock)
+        upgrade.open(replace=replace)
+        self._upgrade = upgrade
 
     def _run(self) -> int:
         for service, listener, sock in self._sockets:
@@ -187,8 +290,10 @@ class Server:
         for pid in list(self._helpers):
             _kill_wait(pid, signal.SIGTERM, 2.0)
         self._helpers.clear()
-        for _, _, sock in self._sockets:
+        for _, _, sock in self._all_sockets():
             sock.close()
+        for channel, _ in self._channels.values():
+            channel.close()
         return code
 
     def _on_signal(self, signum: int, _frame: object) -> None:
@@ -196,6 +301,7 @@ class Server:
             self._stop = "fast" if signum == signal.SIGINT else "graceful"
 
     def _spawn(self, index: int) -> None:
+        ours, theirs = worker_channel()
         # Signals stay blocked across the fork until the worker's loop has its handlers,
         # so a SIGTERM during a worker's start still drains it gracefully.
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
@@ -205,6 +311,14 @@ class Server:
         if pid == 0:
             code = 1
             try:
+                ours.close()
+                for channel, _ in self._channels.values():
+                    channel.close()  # (the other workers' channels)
+                self._channels = {}
+                if self._upgrade is not None:
+                    self._upgrade.detach()
+                self._channel = theirs
+                self._worker_index = index
                 if self.cpus:
                     # worker i on the i-th CPU of the list, round robin
                     os.sched_setaffinity(0, {self.cpus[index % len(self.cpus)]})
@@ -215,6 +329,13 @@ class Server:
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
+        theirs.close()
+        ours.setblocking(False)
+        old = self._channels.pop(index, None)
+        if old is not None:
+            old[0].close()
+        self._channels[index] = (ours, MessageReader())
+        self._ready.discard(index)
         self._children[pid] = index
         self._worker_started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, pid)
@@ -231,6 +352,10 @@ class Server:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
             for _, _, sock in self._sockets:
                 sock.close()
+            for channel, _ in self._channels.values():
+                channel.close()
+            if self._upgrade is not None:
+                self._upgrade.detach()
             code = 0
             try:
                 drop_privileges(*self._account)
@@ -248,6 +373,26 @@ class Server:
         sent: str | None = None
         deadline = 0.0
         while True:
+            self._read_channels()
+            if self.handover is not None and self._stop is None:
+                if self._ready >= set(range(self.workers)):
+                    self._finish_handover()
+                elif time.monotonic() > self._handover_deadline:
+                    log.error(
+                        "upgrade: the workers did not start within %.0fs; giving up (the "
+                        "running server goes on)", UPGRADE_READY_TIMEOUT,
+                    )
+                    self.handover.abort()
+                    self.handover = None
+                    self._stop = "fast"
+                    self._failed = True
+            if self._upgrade is not None and self._stop is None:
+                if self._upgrade.poll(self._all_sockets()):
+                    self._stop = "graceful"  # a successor took over: drain and go
+            if self._reload_requested:
+                self._reload_requested = False
+                if self._stop is None and self.handover is None:
+                    self.reload()
             if self._reopen:
                 self._reopen = False
                 self.reopen_error_log()
@@ -261,6 +406,9 @@ class Server:
                     # than left in a backlog nobody accepts from any more
                     for _, _, sock in self._sockets:
                         sock.close()
+                    if self._upgrade is not None:
+                        self._upgrade.close()  # (the next upgrade is the successor's)
+                        self._upgrade = None
                 sent = self._stop
                 sig = signal.SIGTERM if sent == "graceful" else signal.SIGINT
                 for pid in self._children:
@@ -295,7 +443,14 @@ class Server:
             if pid:
                 index = self._children.pop(pid, None)
                 code = os.waitstatus_to_exitcode(status)
-                if index is not None and self._stop is None:
+                if index is not None and index >= self.workers:
+                    # retired by a reload that lowered the worker count
+                    log.info("worker %d (pid %d) exited with %s", index, pid, code)
+                    channel = self._channels.pop(index, None)
+                    if channel is not None:
+                        channel[0].close()
+                    self._ready.discard(index)
+                elif index is not None and self._stop is None:
                     # a worker that dies young again and again is restarted more slowly:
                     # at once, then 0.1 s, 0.2 s ... 30 s; one that lived a while resets it
                     lived = time.monotonic() - self._worker_started.get(index, 0.0)
@@ -314,12 +469,141 @@ class Server:
                     self._worker_restarts.remove((when, index))
                     self._spawn(index)
             if self._stop is not None and not self._children:
-                return 0
+                return 1 if self._failed else 0
             if self._stop is not None and time.monotonic() > deadline:
                 for pid in list(self._children):
                     _signal(pid, signal.SIGKILL)
                 return 1
             time.sleep(0.05)
+
+    def _read_channels(self) -> None:
+        """Take the workers' messages (``ready``) without blocking."""
+        for index, (channel, reader) in list(self._channels.items()):
+            try:
+                messages = reader.read_from(channel)
+            except ChannelClosed:
+                continue  # (the worker exited: reaped and restarted by the loop)
+            except OSError:
+                continue
+            for message, fds in messages:
+                for fd in fds:
+                    os.close(fd)
+                if message == "ready":
+                    self._ready.add(index)
+
+    def _finish_handover(self) -> None:
+        """Every worker accepts: tell the old server to go, and take its place."""
+        assert self.handover is not None
+        log.info("upgrade: the workers accept; telling the old server (pid %d) to drain",
+                 self.handover.old_pid)
+        self.handover.confirm()
+        self.handover = None
+        if self.pid_file is not None:
+            write_pid_file(self.pid_file)
+        try:
+            self.open_upgrade_socket(replace=True)
+        except ProcessSetupError as exc:
+            log.error("%s: the next upgrade will not find this server", exc)
+
+    def reload(self) -> bool:
+        """SIGHUP: re-read the config and apply it; returns whether it was applied.
+
+        An invalid config (or one whose new listeners cannot be bound) is logged with the
+        file, key path and reason, and changes nothing. A valid one is applied here, and
+        sent to every worker with the listening sockets: new listeners are opened and
+        removed ones closed, the helper processes (health checks, metrics) restart with
+        it, and the number of workers follows ``workers``.
+        """
+        source = self.config_source
+        if source is None:
+            log.warning("SIGHUP: this server was not started from a config file; ignored")
+            return False
+        try:
+            config = source.load()
+        except ReloadError as exc:
+            log.error("reload failed; the running config stays:\n%s", exc)
+            self._reloaded(False)
+            return False
+        current = {
+            (kind, _address_key(address)): sock for kind, address, sock in self._all_sockets()
+        }
+        opened: dict[tuple[str, tuple[str, int]], socket.socket] = {}
+        try:
+            for kind, address in source.addresses(config):
+                key = (kind, _address_key(address))
+                if key not in current and key not in opened:
+                    opened[key] = make_listening_socket(address)
+        except OSError as exc:
+            for sock in opened.values():
+                sock.close()
+            host, port = address
+            log.error(
+                "reload failed; the running config stays:\n%s: cannot listen on %s:%d: %s",
+                getattr(config, "source", "config"), host, port, exc.strerror or exc,
+            )
+            self._reloaded(False)
+            return False
+        try:
+            source.apply(self, config)
+        except Exception:  # noqa: BLE001 - e.g. a user's app failing when built again
+            log.exception("reload failed while applying the config; the running one stays")
+            for sock in opened.values():
+                sock.close()
+            self._reloaded(False)
+            return False
+        pool = {**current, **opened}
+        sockets = []
+        for service in self.services:
+            for listener in service.listeners:
+                sock = pool.pop(("listener", _address_key(listener.address)))
+                sockets.append((service, listener, sock))
+        self._sockets = sockets
+        extra = {}
+        for kind, address in source.addresses(config):
+            if kind != "listener":
+                extra[kind] = (address, pool.pop((kind, _address_key(address))))
+        self.extra_sockets = extra
+        for sock in pool.values():
+            sock.close()  # (listeners removed: their addresses stop listening with the workers)
+        fds = [sock.fileno() for _, _, sock in self._sockets]
+        for index, (channel, _) in list(self._channels.items()):
+            if index not in self._children.values():
+                continue
+            try:
+                channel.settimeout(CONTROL_SEND_TIMEOUT)
+                send_message(channel, ("reload", config), fds)
+            except OSError as exc:
+                log.error("reload: worker %d did not take the new config (%s); restarting it",
+                          index, exc)
+                for pid, i in self._children.items():
+                    if i == index:
+                        _signal(pid, signal.SIGKILL)
+            finally:
+                channel.setblocking(False)
+        for pid in list(self._helpers):
+            _kill_wait(pid, signal.SIGTERM, 2.0)
+        self._helpers.clear()
+        self._helper_restarts = []
+        for fn in self.extra_processes:
+            self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
+        running = set(self._children.values())
+        for index in range(self.workers):
+            if index not in running and all(i != index for _, i in self._worker_restarts):
+                self._spawn(index)
+        for pid, index in list(self._children.items()):
+            if index >= self.workers:
+                _signal(pid, signal.SIGTERM)
+        self._worker_restarts = [r for r in self._worker_restarts if r[1] < self.workers]
+        log.info("config reloaded from %s", getattr(config, "source", "config"))
+        self._reloaded(True)
+        return True
+
+    def _reloaded(self, ok: bool) -> None:
+        if self.on_reload is not None:
+            try:
+                self.on_reload(ok)
+            except Exception:  # noqa: BLE001 - bookkeeping must not stop the server
+                log.exception("on_reload failed")
 
     # worker -----------------------------------------------------------------------------
 
@@ -353,12 +637,21 @@ class Server:
         loop.add_signal_handler(signal.SIGTERM, on_signal, "graceful")
         loop.add_signal_handler(signal.SIGINT, on_signal, "fast")
         loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (the main process reloads)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
-        servers = await self.start_services(loop)
+        self._servers = await self.start_services(loop)
         # the sockets are bound and the access logs open: the rest runs with less rights
         drop_privileges(*self._account)
+        channel = self._channel
+        if channel is not None:
+            channel.setblocking(False)
+            reader = MessageReader()
+            loop.add_reader(channel.fileno(), self._on_control, loop, channel, reader, stop)
+            self._tell_main("ready")
         await stop.wait()
-        for srv in servers:
+        if channel is not None:
+            loop.remove_reader(channel.fileno())
+        for srv in self._servers:
             srv.close()
         grace = 0.0 if fast.is_set() else self.grace_period
         drain: asyncio.Future[Any] = asyncio.gather(*(svc.drain(grace) for svc in self.services))
@@ -371,15 +664,82 @@ class Server:
         interrupt.cancel()
         return 0
 
+    def _tell_main(self, message: Any) -> None:
+        channel = self._channel
+        if channel is None:
+            return
+        try:
+            channel.settimeout(CONTROL_SEND_TIMEOUT)
+            send_message(channel, message)
+        except OSError as exc:
+            log.warning("cannot reach the main process: %s", exc)
+        finally:
+            channel.setblocking(False)
+
+    def _on_control(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        channel: socket.socket,
+        reader: MessageReader,
+        stop: asyncio.Event,
+    ) -> None:
+        """A message from the main process (a worker's control channel is readable)."""
+        try:
+            messages = reader.read_from(channel)
+        except (ChannelClosed, OSError):
+            loop.remove_reader(channel.fileno())
+            return  # (the main process is gone; the server's stop comes by signal)
+        for message, fds in messages:
+            if isinstance(message, tuple) and message[0] == "reload" and not stop.is_set():
+                loop.create_task(self._apply_reload(loop, message[1], fds))
+            else:
+                for fd in fds:
+                    os.close(fd)
+
+    async def _apply_reload(
+        self, loop: asyncio.AbstractEventLoop, config: Any, fds: list[int]
+    ) -> None:
+        """In a worker: serve ``config`` from now on, on the sockets ``fds`` (in the order
+        of the services' listeners)."""
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        try:
+            assert self.config_source is not None
+            self.config_source.apply(self, config)
+            pairs = [(svc, lst) for svc in self.services for lst in svc.listeners]
+            if len(pairs) != len(sockets):
+                raise RuntimeError(f"{len(sockets)} sockets for {len(pairs)} listeners")
+            old_servers = self._servers
+            old_sockets = self._sockets
+            self._sockets = [
+                (svc, lst, sock) for (svc, lst), sock in zip(pairs, sockets, strict=True)
+            ]
+            # accept on the new servers before the old ones stop: no gap
+            self._servers = await self._create_servers(loop)
+        except Exception:  # noqa: BLE001 - a worker that cannot follow is restarted
+            log.exception("worker %d cannot apply the new config; restarting", self._worker_index)
+            for sock in sockets:
+                sock.close()
+            os.kill(os.getpid(), signal.SIGKILL)
+            return
+        for srv in old_servers:
+            srv.close()
+        for _, _, sock in old_sockets:
+            sock.close()
+        self._tell_main("reloaded")
+
     async def start_services(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Server]:
         """Start every service on ``loop`` using the bound sockets (also used in tests)."""
         self.bind()
-        servers = []
         started: set[int] = set()
-        for service, listener, sock in self._sockets:
+        for service, _, _ in self._sockets:
             if id(service) not in started:
                 service.start(loop)
                 started.add(id(service))
+        return await self._create_servers(loop)
+
+    async def _create_servers(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Server]:
+        servers = []
+        for service, listener, sock in self._sockets:
             ctx: ssl.SSLContext | None = None
             if listener.tls is not None:
                 ctx = server_ssl_context(listener.tls)
@@ -396,6 +756,11 @@ class Server:
     def addresses(self) -> list[tuple[str, int]]:
         """The bound ``(host, port)`` of every listener (after :meth:`bind`)."""
         return [sock.getsockname()[:2] for _, _, sock in self._sockets]
+
+
+def _address_key(address: tuple[str, int]) -> tuple[str, int]:
+    host = address[0].strip("[]").lower()
+    return ("0.0.0.0" if host in ("", "*") else host, int(address[1]))
 
 
 def restart_delay(failures: int) -> float:
