@@ -28,6 +28,7 @@ COMPILED = [
     "src/ferryman/upstream/connection.py",
     "src/ferryman/upstream/h2_connection.py",
     "src/ferryman/upstream/connector.py",
+    "src/ferryman/metrics/recorder.py",
     "src/ferryman/proxy/options.py",
     "src/ferryman/proxy/plan.py",
     "src/ferryman/proxy/client.py",

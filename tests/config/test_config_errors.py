@@ -102,6 +102,13 @@ SERVER_CASES = [
     case(L + U + "server:\n  pid_file: /nonexistent-dir/ferryman.pid\n",
          "ferryman.yaml:4: server.pid_file: expected a file path in a writable directory, got "
          "'/nonexistent-dir/ferryman.pid' (/nonexistent-dir does not exist)", "pid-file-dir"),
+    case(L + U + "server:\n  metrics: nonsense\n",
+         'ferryman.yaml:4: server.metrics: expected an address such as "127.0.0.1:8080", '
+         "\"[::1]:8080\" or \":8080\", got 'nonsense' (missing :port)", "metrics-address"),
+    case(L + U + "server:\n  upgrade_sock: /nonexistent-dir/u.sock\n",
+         "ferryman.yaml:4: server.upgrade_sock: expected a socket path in a writable "
+         "directory, got '/nonexistent-dir/u.sock' (/nonexistent-dir does not exist)",
+         "upgrade-sock-dir"),
     case(L + U + "server:\n  error_log: /\n",
          "ferryman.yaml:4: server.error_log: expected a file path in a writable directory, got "
          "'/' (/ is a directory)", "error-log-directory"),

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ferryman.app.config_proxy import ConfigProxy, hash_key_function, make_discovery
 from ferryman.config import Config, ConfigError, ListenerConfig, load_config
 from ferryman.lb import HealthBoard, run_control_process
+from ferryman.metrics.board import MAX_WORKERS, MetricsBoard
+from ferryman.metrics.recorder import MainMetrics
 from ferryman.protocols.h1 import RequestLimits
 from ferryman.proxy.access_log import AccessLog
 from ferryman.proxy.hooks import ProxyHttp
@@ -175,6 +179,19 @@ def build_server(
         cpus=config.server.cpu_affinity,
     )
     server.upgrade_sock = config.server.upgrade_sock
+    if config.server.metrics is not None:
+        # (made before any fork: workers publish to it, the metrics process reads it)
+        board = MetricsBoard(workers=max(MAX_WORKERS, server.workers))
+        main_metrics = MainMetrics(loaded_at=time.time())
+        board.write(0, main_metrics.snapshot())
+        server.metrics_board = board
+        server.extra_addresses["metrics"] = config.server.metrics
+
+        def count_reload(ok: bool) -> None:
+            main_metrics.record_reload(ok)
+            board.write(0, main_metrics.snapshot())
+
+        server.on_reload = count_reload
     # (made before any fork, whether or not this config needs it: a reload may)
     source = ConfigSource(config_path or config.source, workers, HealthBoard())
     server.extra_processes = source.helper_processes(server, proxy)
@@ -186,7 +203,7 @@ def build_server(
 
 
 #: ``server`` settings a reload cannot change in running processes (an upgrade can).
-_FIXED_ON_RELOAD = ("user", "group", "pid_file", "error_log", "upgrade_sock")
+_FIXED_ON_RELOAD = ("user", "group", "pid_file", "error_log", "upgrade_sock", "metrics")
 
 
 class ConfigSource:
@@ -223,17 +240,25 @@ class ConfigSource:
             raise ReloadError(f"{self.path}: app: {exc}") from None
         running = self.running
         if running is not None:
+            kept = {}
             for key in _FIXED_ON_RELOAD:
                 if getattr(config.server, key) != getattr(running.server, key):
                     log.warning(
                         "%s: server.%s changed: a reload keeps %r (restart or upgrade to "
                         "change it)", self.path, key, getattr(running.server, key),
                     )
+                    kept[key] = getattr(running.server, key)
+            if kept:
+                config = dataclasses.replace(
+                    config, server=dataclasses.replace(config.server, **kept)
+                )
         return config
 
     def addresses(self, config: Config) -> list[tuple[str, tuple[str, int]]]:
         """Every socket ``config`` listens on."""
         out = [("listener", (lc.bind[0], lc.bind[1])) for lc in config.listeners]
+        if config.server.metrics is not None:
+            out.append(("metrics", config.server.metrics))
         return out
 
     def apply(self, server: Server, config: Config) -> None:
@@ -253,12 +278,26 @@ class ConfigSource:
         """The processes to run next to the workers for ``proxy``: the control process
         when some upstream group has discovery or health checks (``proxy`` then follows
         the board)."""
+        helpers: list[Callable[[], None]] = []
+        metrics_board = server.metrics_board
+        if metrics_board is not None:
+
+            def serve_metrics() -> None:
+                from ferryman.metrics.endpoint import run_metrics_process
+
+                sock = server.extra_sockets["metrics"][1]
+                run_metrics_process(sock, metrics_board, server.supervisor_pid)
+
+            helpers.append(serve_metrics)
         if not isinstance(proxy, ConfigProxy):
-            return []
+            return helpers
         monitors = proxy.monitors()
         if not monitors:
-            return []
+            return helpers
         board = self.board
         proxy.board = board
         # (the supervisor's pid as of the fork: --daemon forks after build_server)
-        return [lambda: run_control_process(board, proxy.monitors(), server.supervisor_pid)]
+        helpers.append(
+            lambda: run_control_process(board, proxy.monitors(), server.supervisor_pid)
+        )
+        return helpers

@@ -575,7 +575,23 @@ class ConfigProxy(ProxyHttp):
             log.exception("reading the health board failed")
         self._poll = service.loop.call_later(BOARD_POLL_INTERVAL, self._poll_board)
 
+    def health_report(self) -> list[tuple[str, str, bool]]:
+        """Every server of every group: healthy unless a check failed or passive health
+        ejected it."""
+        now = time.monotonic()
+        return [
+            (name, b.name, b.healthy and not b.ejected_until > now)
+            for name, group in self.groups.items()
+            for b in group.balancer.backends
+        ]
+
     # hooks --------------------------------------------------------------------------------
+
+    def metric_labels(self, session: Session, ctx: RequestState) -> tuple[str, str]:
+        """The matched route's name and the upstream group's."""
+        route = ctx.route
+        group = ctx.group
+        return (route.name if route is not None else "", group.name if group is not None else "")
 
     def new_ctx(self) -> RequestState:
         """A :class:`RequestState`."""

@@ -498,6 +498,8 @@ def _complete(session: Session, error: ProxyError | None) -> None:
             log.exception("logging hook failed")
     if session._plan.timed:
         _access_log(session, error)
+        if session._plan.metrics is not None:
+            _count(session)
 
 
 # --------------------------------------------------------------------------------------
@@ -512,6 +514,35 @@ def _access_log(session: Session, error: ProxyError | None) -> None:
             listener.access_log.record(session, error)
         except Exception:  # noqa: BLE001 - logging must never break the connection
             log.exception("access log failed")
+
+
+def _count(session: Session) -> None:
+    """Add the finished request to the worker's metrics."""
+    metrics = session._plan.metrics
+    if metrics is None:
+        return
+    proxy: Any = session._proxy
+    try:
+        route, upstream = proxy.metric_labels(session, session.ctx)
+    except Exception:  # noqa: BLE001 - a failing hook must not lose the count
+        log.exception("metric_labels failed")
+        route, upstream = "", ""
+    listener = session._down.listener
+    start = session.start_time
+    header_at = session.upstream_header_at
+    metrics.record(
+        listener.name if listener is not None else "",
+        route,
+        upstream,
+        session.status,
+        time.time() - start,
+        header_at - start if header_at else -1.0,
+        session.request_body_bytes,
+        session.response_body_bytes,
+        session.upstream_connect_time >= 0.0,
+        session.upstream_reused,
+        session.retries,
+    )
 
 
 def _hook_error(exc: Exception) -> ProxyError:
@@ -649,6 +680,8 @@ async def run_session(session: Session) -> None:
             log.exception("logging hook failed")
     if plan.timed:
         _access_log(session, error)
+        if plan.metrics is not None:
+            _count(session)
 
 
 async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:

@@ -102,6 +102,22 @@ class ProxyHttp:
         background work started in :meth:`worker_start`. Plain function. Default: nothing.
         """
 
+    def metric_labels(self, session: Session, ctx: Any) -> tuple[str, str]:
+        """The ``route`` and ``upstream`` labels of a finished request's metrics.
+
+        Runs once per request, after ``logging``, only when the server keeps metrics
+        (``server.metrics``). Plain function; return names from a small fixed set (each
+        distinct pair is a time series). Default: ``("", "")``; the config proxy gives the
+        route's and the upstream group's names.
+        """
+        return ("", "")
+
+    def health_report(self) -> list[tuple[str, str, bool]]:
+        """``(upstream, server, healthy)`` for each server this proxy balances over, as
+        exported in the metrics (read a few times a second, not per request).
+        Default: ``[]``."""
+        return []
+
     # 1 -------------------------------------------------------------------------------
     def new_ctx(self) -> Any:
         """Create the per-request state object passed to every later hook.

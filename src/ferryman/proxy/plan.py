@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ferryman.metrics.recorder import WorkerMetrics
 from ferryman.proxy.options import ProxyOptions
 from ferryman.upstream.connector import Connector
 
@@ -26,8 +27,9 @@ class RequestPlan:
     can change the upstream response's framing headers. The forwarding switches copy
     :class:`~ferryman.proxy.options.ProxyOptions`; ``via_value`` is this proxy's own
     ``Via`` entry (``1.1 <via_name>``). ``connector`` is the worker's upstream pool.
-    ``timed``: some listener of the service keeps an access log, so requests record the
-    times it reports.
+    ``timed``: some listener of the service keeps an access log, or metrics are kept, so
+    requests record the times they report. ``metrics``: the worker's
+    :class:`~ferryman.metrics.recorder.WorkerMetrics`, or None.
     """
 
     __slots__ = (
@@ -57,10 +59,16 @@ class RequestPlan:
         "via_value",
         "request_id",
         "timed",
+        "metrics",
     )
 
     def __init__(
-        self, proxy: Any, options: ProxyOptions, connector: Connector, timed: bool = False
+        self,
+        proxy: Any,
+        options: ProxyOptions,
+        connector: Connector,
+        timed: bool = False,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.proxy: Any = proxy
         self.options = options
@@ -88,4 +96,6 @@ class RequestPlan:
         self.via: bool = options.via
         self.via_value = b"1.1 " + options.via_name.encode()
         self.request_id: bool = options.request_id
-        self.timed = timed
+        #: the worker's metrics, counted at the end of each request, or None
+        self.metrics = metrics
+        self.timed = timed or metrics is not None

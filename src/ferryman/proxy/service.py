@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ferryman.metrics.recorder import WorkerMetrics
 from ferryman.proxy.downstream import H1Downstream, ParserLender
 from ferryman.proxy.h2_downstream import PrefaceSniffer
 from ferryman.proxy.hooks import ProxyHttp
@@ -50,6 +51,8 @@ class HttpProxyService:
         #: request parsers lent to client connections while they read a request
         self.parsers = ParserLender(self.options.limits)
         self.running = False
+        #: the worker's metrics (set by the server before :meth:`start`), or None
+        self.metrics: WorkerMetrics | None = None
         # Set by start(), in the worker (plain attributes: read on every request).
         #: the worker's event loop
         self.loop: asyncio.AbstractEventLoop
@@ -77,7 +80,9 @@ class HttpProxyService:
         logs = [lst.access_log for lst in self.listeners if lst.access_log is not None]
         for access_log in logs:
             access_log.open(loop)
-        self.plan = RequestPlan(self.proxy, self.options, self.connector, timed=bool(logs))
+        self.plan = RequestPlan(
+            self.proxy, self.options, self.connector, timed=bool(logs), metrics=self.metrics
+        )
 
     def reconfigure(
         self, proxy: ProxyHttp, listeners: list[Listener], options: ProxyOptions
@@ -125,7 +130,9 @@ class HttpProxyService:
         for access_log in logs:
             if id(access_log) not in kept_logs:
                 access_log.open(self.loop)
-        self.plan = RequestPlan(self.proxy, options, self.connector, timed=bool(logs))
+        self.plan = RequestPlan(
+            self.proxy, options, self.connector, timed=bool(logs), metrics=self.metrics
+        )
         by_address = {lst.address: lst for lst in listeners}
         wait = min(DRAIN_IDLE_WAIT, options.grace_period)
         for conn in list(self.connections):

@@ -54,9 +54,13 @@ class Listener:
     #: None for none
     access_log: Any = None
     address: tuple[str, int] = field(init=False)
+    #: ``host:port`` as configured (the ``listener`` label of its metrics)
+    name: str = field(init=False)
 
     def __post_init__(self) -> None:
         self.address = parse_address(self.bind)
+        host, port = self.address
+        self.name = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def make_socket(self) -> socket.socket:
         """Create, bind and listen a non-blocking socket for this listener."""

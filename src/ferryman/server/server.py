@@ -36,6 +36,8 @@ from typing import Any, Protocol
 
 import uvloop
 
+from ferryman.metrics.board import MetricsBoard, WorkerPublisher, worker_slot
+from ferryman.metrics.recorder import WorkerMetrics
 from ferryman.server.control import ChannelClosed, MessageReader, send_message, worker_channel
 from ferryman.server.listener import Listener, make_listening_socket
 from ferryman.server.memory import tune_malloc
@@ -170,6 +172,10 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._worker_index = -1
         self._failed = False
+        #: sockets to bind outside the services: ``kind -> address`` (see :meth:`bind_extra`)
+        self.extra_addresses: dict[str, tuple[str, int]] = {}
+        #: shared memory the workers publish their metrics to (``server.metrics``), or None
+        self.metrics_board: MetricsBoard | None = None
 
     def add_service(self, service: Service) -> None:
         """Serve ``service`` on its listeners."""
@@ -189,10 +195,14 @@ class Server:
                     if sock is None:
                         sock = listener.make_socket()
                     self._sockets.append((service, listener, sock))
+            for kind, address in self.extra_addresses.items():
+                if kind not in self.extra_sockets:
+                    self.bind_extra(kind, address)
         except OSError:
-            for _, _, sock in self._sockets:
+            for _, _, sock in self._all_sockets():
                 sock.close()
             self._sockets = []
+            self.extra_sockets = {}
             raise
 
     def bind_extra(self, kind: str, address: tuple[str, int]) -> socket.socket:
@@ -317,6 +327,8 @@ class Server:
                 self._channels = {}
                 if self._upgrade is not None:
                     self._upgrade.detach()
+                for _, sock in self.extra_sockets.values():
+                    sock.close()  # (served by helper processes)
                 self._channel = theirs
                 self._worker_index = index
                 if self.cpus:
@@ -639,7 +651,14 @@ class Server:
         loop.add_signal_handler(signal.SIGUSR1, reopen_logs)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # (the main process reloads)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
+        metrics = self._worker_metrics()
         self._servers = await self.start_services(loop)
+        publisher = None
+        if metrics is not None and self.metrics_board is not None:
+            publisher = WorkerPublisher(
+                loop, metrics, self.metrics_board, worker_slot(self._worker_index)
+            )
+            publisher.start()
         # the sockets are bound and the access logs open: the rest runs with less rights
         drop_privileges(*self._account)
         channel = self._channel
@@ -662,7 +681,34 @@ class Server:
             await asyncio.gather(drain, return_exceptions=True)  # (its CancelledError)
             await asyncio.gather(*(svc.drain(0.0) for svc in self.services))
         interrupt.cancel()
+        if publisher is not None:
+            publisher.stop()  # (the last counts, and no connections left)
         return 0
+
+    def _worker_metrics(self) -> WorkerMetrics | None:
+        """In a worker of a server keeping metrics: its counters, given to every service."""
+        if self.metrics_board is None or self._worker_index < 0:
+            return None
+        metrics = WorkerMetrics()
+        services = self.services
+        for service in services:
+            if hasattr(service, "metrics"):
+                service.metrics = metrics
+
+        def connections() -> int:
+            return sum(len(getattr(svc, "connections", ())) for svc in services)
+
+        def health() -> list[tuple[str, str, bool]]:
+            report: list[tuple[str, str, bool]] = []
+            for svc in services:
+                proxy = getattr(svc, "proxy", None)
+                if proxy is not None:
+                    report.extend(proxy.health_report())
+            return report
+
+        metrics.set_connections_source(connections)
+        metrics.set_health_source(health)
+        return metrics
 
     def _tell_main(self, message: Any) -> None:
         channel = self._channel
