@@ -5,6 +5,7 @@ connection, N times, and reports microseconds per request. This isolates the eng
 own CPU cost from the kernel's, so an optimisation can be measured without noise.
 
     python benchmarks/engine_micro.py [--n 200000] [--profile] [--app config]
+        [--request-id on|off] [--access-log off|json|combined] [--metrics on|off]
 
 ``--app minimal`` (default) proxies with a one-hook ProxyHttp; ``--app config`` with the
 config-driven proxy of ``ferryman run`` (one catch-all route, a round-robin group with
@@ -22,6 +23,7 @@ from typing import Any
 import uvloop
 
 from ferryman import HttpPeer, HttpProxyService, Listener, ProxyHttp, ProxyOptions
+from ferryman.metrics.recorder import WorkerMetrics
 from ferryman.proxy.access_log import AccessLog
 from ferryman.upstream.connection import UpstreamConnection
 
@@ -111,6 +113,10 @@ def main() -> None:
         "--access-log", choices=["off", "json", "combined"], default="off",
         help="keep an access log (written to /dev/null)",
     )
+    ap.add_argument(
+        "--metrics", choices=["on", "off"], default="off",
+        help="count each request in the worker's metrics (server.metrics)",
+    )
     args = ap.parse_args()
     loop = uvloop.new_event_loop()
     proxy, peer = make_proxy(args.app)
@@ -120,6 +126,8 @@ def main() -> None:
     )
     listener = Listener("127.0.0.1:8080", access_log=access_log)
     service = HttpProxyService(proxy, [listener], options)
+    if args.metrics == "on":
+        service.metrics = WorkerMetrics()
     service.start(loop)
     up = UpstreamConnection(peer, service.connector)
     up_t = FakeTransport()

@@ -9,7 +9,10 @@ worker and the reference settings:
 * ``off``: no access log, ``X-Request-Id`` off (the engine as it was before issue 7);
 * ``request-id``: ``X-Request-Id`` made and sent upstream, no access log;
 * ``json-log``: request id and a JSON-lines access log to a file (64 KiB buffer);
-* ``text-log``: request id and the combined-format access log to a file.
+* ``text-log``: request id and the combined-format access log to a file;
+* ``metrics``: request id and ``server.metrics`` (every request counted, the endpoint
+  served by its own process, not scraped during the run);
+* ``metrics+json``: request id, metrics and the JSON access log.
 
 ``wrk -t1 -c50`` keep-alive GETs, pinned to core 1 with the origin; the proxy is pinned to
 core 0. The variants run in turn, rotated each round. Reported: requests per second and the
@@ -41,7 +44,6 @@ from benchlib import (  # noqa: E402
     log,
     render_config,
     run_wrk,
-    serving_pid,
     taskset,
     tree_ticks,
     wait_ready,
@@ -49,19 +51,25 @@ from benchlib import (  # noqa: E402
 
 PROXY_CPU, LOAD_CPU = 0, 1
 
-VARIANTS: dict[str, tuple[bool, str | None]] = {
-    "off": (False, None),
-    "request-id": (True, None),
-    "json-log": (True, "json"),
-    "text-log": (True, "combined"),
+#: name -> (request id, access log format, metrics)
+VARIANTS: dict[str, tuple[bool, str | None, bool]] = {
+    "off": (False, None, False),
+    "request-id": (True, None, False),
+    "json-log": (True, "json", False),
+    "text-log": (True, "combined", False),
+    "metrics": (True, None, True),
+    "metrics+json": (True, "json", True),
 }
 
 
-def ferryman_config(dest: Path, port: int, origin: int, request_id: bool, fmt: str | None) -> Path:
+def ferryman_config(
+    dest: Path, port: int, origin: int, request_id: bool, fmt: str | None, metrics: int
+) -> Path:
     access = f", access_log: {{format: {fmt}, path: {dest.stem}.log}}" if fmt else ""
+    endpoint = f", metrics: 127.0.0.1:{metrics}" if metrics else ""
     dest.write_text(
         "server: {workers: 1, forwarded: {x_forwarded_for: false, x_forwarded_proto: false, "
-        f"x_forwarded_host: false, request_id: {'true' if request_id else 'false'}}}}}\n"
+        f"x_forwarded_host: false, request_id: {'true' if request_id else 'false'}}}{endpoint}}}\n"
         f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app{access}}}]\n'
         f'upstreams: {{app: {{servers: ["127.0.0.1:{origin}"]}}}}\n'
     )
@@ -75,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     work = Path(tempfile.mkdtemp(prefix="ferryman-obsbench-"))
     work.chmod(0o711)
-    ports = free_ports(1 + len(VARIANTS))
+    ports = free_ports(1 + 2 * len(VARIANTS))
     origin_port = ports[0]
     render_config(CONFIG_DIR / "origin-nginx.conf", work / "origin.conf", 0, origin_port)
     (work / "o").mkdir()
@@ -85,8 +93,13 @@ def run(args: argparse.Namespace) -> int:
         work,
     )
     procs: dict[str, tuple[Managed, int]] = {}
-    for (name, (request_id, fmt)), port in zip(VARIANTS.items(), ports[1:], strict=True):
-        conf = ferryman_config(work / f"{name}.yaml", port, origin_port, request_id, fmt)
+    metric_ports = ports[1 + len(VARIANTS):]
+    for i, (name, (request_id, fmt, metrics)) in enumerate(VARIANTS.items()):
+        port = ports[1 + i]
+        conf = ferryman_config(
+            work / f"{name}.yaml", port, origin_port, request_id, fmt,
+            metric_ports[i] if metrics else 0,
+        )
         argv, env = ferryman_command(args.ferryman_bin, ["run", "-c", str(conf)])
         procs[name] = (Managed(name, taskset(PROXY_CPU, argv), work, env=env), port)
     try:
@@ -99,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         for rnd in range(args.rounds):
             for name in names[rnd % len(names):] + names[: rnd % len(names)]:
                 proc, port = procs[name]
-                pid, _ = serving_pid(proc.pid)
+                # the whole process tree: with metrics the main process has two children
+                # (the worker and the metrics process), whose CPU counts too
+                pid = proc.pid
                 run_wrk(LOAD_CPU, port, args.connections, 2)  # warm-up
                 before = tree_ticks(pid)
                 result, _ = run_wrk(LOAD_CPU, port, args.connections, args.seconds)
@@ -109,7 +124,11 @@ def run(args: argparse.Namespace) -> int:
                 cpu_us = used * 1e6 / max(1, result.requests)
                 results[name].append((result.rps, cpu_us))
                 log(f"{name}: {result.rps:,.0f} req/s, {cpu_us:.2f} us CPU/req")
-        logged = {name: (work / f"{name}.log").stat().st_size for name in ("json-log", "text-log")}
+        logged = {
+            name: (work / f"{name}.log").stat().st_size
+            for name, (_, fmt, _) in VARIANTS.items()
+            if fmt
+        }
     finally:
         for proc, _ in procs.values():
             proc.stop()

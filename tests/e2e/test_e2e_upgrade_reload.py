@@ -1,0 +1,712 @@
+"""End to end: zero-downtime upgrade (``ferryman run --upgrade``, over
+``server.upgrade_sock``) and config reload (SIGHUP) of a running ``ferryman run``.
+
+Every test runs the real CLI in front of real origins on 127.0.0.1 (``origin_proc.py``
+processes, whose logs say which connection carried which request, or nginx), with real
+clients; each stops what it started. The load test runs wrk for 20 s next to a loop of
+fresh connections while the server is upgraded and reloaded three times: nothing may be
+lost.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+import trustme
+from e2e_util import ProxyProcess, ferryman_cmd, wait_for_port
+from lb_util import Procs, wait_until
+from pki import write_leaf
+from reload_util import (
+    NGINX,
+    RELOAD_FAILED,
+    RELOADED,
+    RequestLoop,
+    nginx_origin,
+    peer_der,
+    refused,
+    reload,
+    request,
+    server_processes,
+    start,
+    tls_client,
+    upgrade,
+    wait_exit,
+    wait_for,
+    wait_refused,
+    wait_workers,
+)
+
+from origin import free_port
+
+
+@pytest.fixture
+def procs(tmp_path: Path) -> Iterator[Procs]:
+    """Origins and ferryman processes of one test, all stopped at teardown (SIGINT: each
+    ferryman still running must exit 0, and no log may hold a traceback)."""
+    p = Procs(tmp_path)
+    yield p
+    problems = p.close()
+    assert not problems, "\n".join(problems)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[Path]:
+    """A short directory for ``upgrade_sock`` (a unix socket path has at most 107 bytes)."""
+    with tempfile.TemporaryDirectory(prefix="fm-", dir="/tmp") as d:
+        yield Path(d)
+
+
+def _start(procs: Procs, yaml_text: str, port: int, name: str = "fm") -> ProxyProcess:
+    proxy = start(procs.tmp_path / name, yaml_text, port)
+    procs.proxies.append(proxy)
+    return proxy
+
+
+def _line_of(text: str, needle: str) -> int:
+    """The 1-based number of the line of ``text`` containing ``needle``."""
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+# --- the issue's check: wrk + fresh connections across an upgrade and three reloads -------
+
+
+def _load_yaml(port: int, origin: str, sock: Path, pid: Path, workers: int, gen: int) -> str:
+    return (
+        f"server: {{workers: {workers}, grace_period: 5s, upgrade_sock: {sock}, "
+        f"pid_file: {pid}}}\n"
+        "listeners:\n"
+        f'  - bind: "127.0.0.1:{port}"\n'
+        "    routes:\n"
+        "      - upstream: app\n"
+        f'        response_headers: {{set: {{X-Gen: "{gen}"}}}}\n'
+        "upstreams:\n"
+        f'  app: {{servers: ["{origin}"]}}\n'
+    )
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+def test_upgrade_and_three_reloads_under_load_lose_nothing(
+    tmp_path: Path, procs: Procs, sock_dir: Path
+) -> None:
+    with ExitStack() as stack:
+        if os.access(NGINX, os.X_OK):
+            origin = f"127.0.0.1:{stack.enter_context(nginx_origin(tmp_path / 'nginx'))}"
+        else:
+            origin = procs.origin("A").address
+        port = free_port()
+        sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+        old = start(tmp_path / "fm", _load_yaml(port, origin, sock, pid_file, 2, 0), port)
+        procs.proxies.append(old)
+        wait_workers(old, 2)
+        wait_for(port, "X-Gen", "0")
+        assert int(pid_file.read_text()) == old.pid
+
+        loop = RequestLoop(port)
+        wrk = subprocess.Popen(
+            ["wrk", "-t1", "-c50", "-d20s", f"http://127.0.0.1:{port}/"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        began = time.monotonic()
+        loop.start()
+        try:
+            time.sleep(3.0)
+            # the upgrade: a new server with 3 workers takes the sockets, the old one drains
+            old.config.write_text(_load_yaml(port, origin, sock, pid_file, 3, 1))
+            new = upgrade(old, "upgrade")
+            procs.proxies.append(new)
+            assert wait_exit(old, 10) == 0, old.log_text()
+            assert int(pid_file.read_text()) == new.pid
+            wait_workers(new, 3)
+            wait_for(port, "X-Gen", "1")
+            # three reloads of the new server: workers 3 -> 2 -> 3, a header each time
+            for gen, workers in ((2, 2), (3, 3), (4, 3)):
+                time.sleep(1.5)
+                new.config.write_text(_load_yaml(port, origin, sock, pid_file, workers, gen))
+                out = reload(new)
+                assert RELOADED in out, out
+                wait_for(port, "X-Gen", str(gen))
+                wait_workers(new, workers)
+            assert time.monotonic() - began < 19, "the reloads did not happen under load"
+            output, _ = wrk.communicate(timeout=40)
+        finally:
+            loop.finish()
+            if wrk.poll() is None:
+                wrk.kill()
+                wrk.wait(5)
+        report = output.decode(errors="replace")
+        assert wrk.returncode == 0, report
+        assert "Socket errors" not in report, report
+        assert "Non-2xx or 3xx responses" not in report, report
+        m = re.search(r"^\s*(\d+) requests in ", report, re.M)
+        assert m is not None and int(m.group(1)) > 0, report
+        assert loop.failures == [], loop.failures
+        assert loop.ok > 100, loop.ok
+
+        # one server process tree is left: the new main process and its children
+        assert not os.path.exists(f"/proc/{old.pid}")
+        tree = server_processes(str(old.config))
+        assert new.pid in tree
+        assert all(pid == new.pid or parent == new.pid for pid, parent in tree.items()), (
+            tree, new.pid)
+        assert len(tree) == 1 + 3
+        assert int(pid_file.read_text()) == new.pid
+        # the last reload's change is what is served
+        status, headers, body = request(port)
+        assert (status, headers.get("x-gen")) == (200, "4")
+        assert RELOAD_FAILED not in new.log_text()
+        assert "restarting" not in new.log_text(), new.log_text()
+
+
+# --- reload (SIGHUP) --------------------------------------------------------------------
+
+
+def test_invalid_reload_changes_nothing_and_logs_file_line_key_and_reason(
+    tmp_path: Path, procs: Procs
+) -> None:
+    a, b = procs.origin("A"), procs.origin("B")
+    p1, p2 = free_port(), free_port()
+    upstreams = (
+        "upstreams:\n"
+        f'  a: {{servers: ["{a.address}"]}}\n'
+        "  b:\n"
+        f'    servers: ["{b.address}"]\n'
+        "    timeouts: {connect: CONNECT}\n"
+    )
+    first = (
+        "server: {workers: 1}\n"
+        "listeners:\n"
+        f'  - {{bind: "127.0.0.1:{p1}", upstream: a}}\n'
+        + upstreams.replace("CONNECT", "2s")
+    )
+    proxy = _start(procs, first, p1)
+    kept = http.client.HTTPConnection("127.0.0.1", p1, timeout=10)
+    try:
+        assert request(p1, "/x", conn=kept)[1]["x-origin"] == "A"
+        # the new config moves the route to b and adds a listener, but has a bad duration
+        bad = (
+            "server: {workers: 1}\n"
+            "listeners:\n"
+            f'  - {{bind: "127.0.0.1:{p1}", upstream: b}}\n'
+            f'  - {{bind: "127.0.0.1:{p2}", upstream: b}}\n'
+            + upstreams.replace("CONNECT", "fast")
+        )
+        proxy.config.write_text(bad)
+        out = reload(proxy)
+        line = _line_of(bad, "connect: fast")
+        assert (
+            f"ferryman[{proxy.pid}] ERROR ferryman.server: {RELOAD_FAILED}\n"
+            f"{proxy.config}:{line}: upstreams.b.timeouts.connect: expected a duration "
+            "such as \"2s\" or \"500ms\", got 'fast'\n"
+        ) in out, out
+        assert RELOADED not in out
+        # nothing changed: the new listener is not opened, the old route still answers
+        assert refused(p2)
+        status, headers, body = request(p1, "/new")
+        assert (status, headers["x-origin"], body) == (200, "A", b"hello from A /new\n")
+        status, headers, _ = request(p1, "/kept", conn=kept)
+        assert (status, headers["x-origin"]) == (200, "A")
+        assert b.requests() == []
+        # the same change with a valid duration is applied
+        proxy.config.write_text(bad.replace("connect: fast", "connect: 2s"))
+        out = reload(proxy)
+        assert RELOADED in out, out
+        wait_for(p1, "X-Origin", "B")
+        wait_for_port(p2, 5)
+        status, headers, body = request(p2, "/p2")
+        assert (status, headers["x-origin"], body) == (200, "B", b"hello from B /p2\n")
+    finally:
+        kept.close()
+
+
+def test_reload_routes_and_upstreams_apply_on_new_and_kept_connections(
+    tmp_path: Path, procs: Procs
+) -> None:
+    a, b = procs.origin("A"), procs.origin("B")
+    port = free_port()
+    proxy = _start(
+        procs,
+        "server: {workers: 1}\n"
+        "listeners:\n"
+        f'  - {{bind: "127.0.0.1:{port}", upstream: a}}\n'
+        f'upstreams: {{a: {{servers: ["{a.address}"]}}}}\n',
+        port,
+    )
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        status, headers, body = request(port, "/b/before", conn=kept)
+        assert (status, headers["x-origin"], body) == (200, "A", b"hello from A /b/before\n")
+        assert "x-gen" not in headers
+        assert kept.sock is not None
+        local = kept.sock.getsockname()
+        proxy.config.write_text(
+            "server: {workers: 1}\n"
+            "listeners:\n"
+            f'  - bind: "127.0.0.1:{port}"\n'
+            "    routes:\n"
+            "      - {match: {path_prefix: /b}, upstream: b}\n"
+            '      - {upstream: a, response_headers: {set: {X-Gen: "2"}}}\n'
+            "upstreams:\n"
+            f'  a: {{servers: ["{a.address}"]}}\n'
+            f'  b: {{servers: ["{b.address}"]}}\n'
+        )
+        assert RELOADED in reload(proxy)
+        wait_for(port, "X-Origin", "B", "/b/probe")
+        # a new connection
+        status, headers, body = request(port, "/b/new")
+        assert (status, headers["x-origin"], body) == (200, "B", b"hello from B /b/new\n")
+        status, headers, body = request(port, "/other")
+        assert (status, headers["x-origin"], headers.get("x-gen")) == (200, "A", "2")
+        # the keep-alive connection opened before the reload, still the same connection
+        status, headers, body = request(port, "/b/kept", conn=kept)
+        assert (status, headers["x-origin"], body) == (200, "B", b"hello from B /b/kept\n")
+        status, headers, body = request(port, "/kept", conn=kept)
+        assert (status, headers["x-origin"], headers.get("x-gen")) == (200, "A", "2")
+        assert kept.sock is not None and kept.sock.getsockname() == local
+        assert "/b/new" in b.requests() and "/b/kept" in b.requests()
+        assert "/b/kept" not in a.requests()
+    finally:
+        kept.close()
+
+
+def test_request_in_flight_during_reload_finishes_on_the_old_upstream(
+    tmp_path: Path, procs: Procs
+) -> None:
+    a, b = procs.origin("A"), procs.origin("B")
+    port = free_port()
+    config = (
+        "server: {workers: 1}\n"
+        "listeners:\n"
+        f'  - {{bind: "127.0.0.1:{port}", upstream: UPSTREAM}}\n'
+        "upstreams:\n"
+        f'  a: {{servers: ["{a.address}"]}}\n'
+        f'  b: {{servers: ["{b.address}"]}}\n'
+    )
+    proxy = _start(procs, config.replace("UPSTREAM", "a"), port)
+    assert request(port, "/before")[1]["x-origin"] == "A"
+    slow: list[tuple[int, dict[str, str], bytes]] = []
+    thread = threading.Thread(
+        target=lambda: slow.append(request(port, "/slow?ms=1500&size=1000")), daemon=True
+    )
+    thread.start()
+    try:
+        wait_until(lambda: "/slow?ms=1500&size=1000" in a.requests(), 5, "A got the request")
+        proxy.config.write_text(config.replace("UPSTREAM", "b"))
+        assert RELOADED in reload(proxy)
+        wait_for(port, "X-Origin", "B", "/after")
+        assert thread.is_alive(), "the slow request ended before the reload was applied"
+    finally:
+        thread.join(10)
+    assert len(slow) == 1, "the slow request failed"
+    status, headers, body = slow[0]
+    assert (status, headers["x-origin"]) == (200, "A")
+    assert body == (b"slow" * 250)[:1000]
+    assert a.requests() == ["/before", "/slow?ms=1500&size=1000"]
+    assert set(b.requests()) == {"/after"}
+
+
+def test_reload_opens_added_listeners_and_closes_removed_ones(
+    tmp_path: Path, procs: Procs
+) -> None:
+    a = procs.origin("A")
+    p1, p2, p3 = free_port(), free_port(), free_port()
+
+    def config(*ports: int) -> str:
+        binds = "".join(f'  - {{bind: "127.0.0.1:{p}", upstream: app}}\n' for p in ports)
+        return (
+            "server: {workers: 1}\nlisteners:\n" + binds
+            + f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+
+    proxy = _start(procs, config(p1, p2), p1)
+    wait_for_port(p2, 5)
+    assert refused(p3)
+    on_removed = http.client.HTTPConnection("127.0.0.1", p2, timeout=10)
+    try:
+        assert request(p2, "/p2", conn=on_removed)[0] == 200
+        proxy.config.write_text(config(p1, p3))
+        assert RELOADED in reload(proxy)
+        wait_for_port(p3, 5)
+        status, headers, body = request(p3, "/p3")
+        assert (status, body) == (200, b"hello from A /p3\n")
+        wait_refused(p2)
+        assert request(p1, "/p1")[0] == 200
+        # the idle keep-alive connection of the removed listener is closed (drained)
+        assert on_removed.sock is not None
+        on_removed.sock.settimeout(5)
+        assert on_removed.sock.recv(1) == b""
+    finally:
+        on_removed.close()
+
+
+def test_reload_keeps_the_pooled_upstream_connection(tmp_path: Path, procs: Procs) -> None:
+    a = procs.origin("A")
+    port = free_port()
+    config = (
+        "server: {workers: 1}\n"
+        "listeners:\n"
+        f'  - bind: "127.0.0.1:{port}"\n'
+        "    routes:\n"
+        '      - {upstream: app, response_headers: {set: {X-Gen: "GEN"}}}\n'
+        f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+    )
+    proxy = _start(procs, config.replace("GEN", "1"), port)
+    for i in range(3):
+        status, headers, _ = request(port, f"/before-{i}")
+        assert (status, headers["x-gen"]) == (200, "1")
+    before = a.request_ports()
+    assert len(before) == 3 and len(set(before)) == 1, before
+    proxy.config.write_text(config.replace("GEN", "2"))
+    assert RELOADED in reload(proxy)
+    wait_for(port, "X-Gen", "2")
+    for i in range(3):
+        status, headers, _ = request(port, f"/after-{i}")
+        assert (status, headers["x-gen"]) == (200, "2")
+    requests = a.requests()
+    assert requests[:3] == ["/before-0", "/before-1", "/before-2"]
+    assert requests[-3:] == ["/after-0", "/after-1", "/after-2"]
+    # one upstream connection carried every request, before and after the reload
+    ports = a.request_ports()
+    assert set(ports) == set(before), (before, ports)
+    conns = [int(line[1]) for line in a.lines() if line[0] == "conn"]
+    assert conns.count(before[0]) == 1
+
+
+def test_reload_serves_the_new_certificate_to_new_tls_connections(
+    tmp_path: Path, procs: Procs
+) -> None:
+    ca = trustme.CA()
+    certs = {}
+    for name in ("cert1", "cert2"):
+        leaf = ca.issue_cert("127.0.0.1")
+        certs[name] = (
+            write_leaf(leaf, tmp_path, name),
+            ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode()),
+        )
+    assert certs["cert1"][1] != certs["cert2"][1]
+    a = procs.origin("A")
+    port = free_port()
+
+    def config(name: str) -> str:
+        (cert, key), _ = certs[name]
+        return (
+            "server: {workers: 1}\n"
+            "listeners:\n"
+            f'  - bind: "127.0.0.1:{port}"\n'
+            "    upstream: app\n"
+            f"    tls: {{cert: {cert}, key: {key}}}\n"
+            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+
+    proxy = _start(procs, config("cert1"), port)
+    ctx = tls_client(ca.cert_pem.bytes())
+
+    def new_connection_der() -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+        try:
+            conn.request("GET", "/tls")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status, peer_der(conn)
+        finally:
+            conn.close()
+
+    kept = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+    try:
+        assert new_connection_der() == (200, certs["cert1"][1])
+        kept.request("GET", "/kept")
+        assert kept.getresponse().read() == b"hello from A /kept\n"
+        assert peer_der(kept) == certs["cert1"][1]
+        proxy.config.write_text(config("cert2"))
+        assert RELOADED in reload(proxy)
+        wait_until(lambda: new_connection_der() == (200, certs["cert2"][1]), 5,
+                   "a new TLS connection gets cert2")
+        # the connection opened before goes on, with the certificate it was made with
+        kept.request("GET", "/kept-after")
+        assert kept.getresponse().read() == b"hello from A /kept-after\n"
+        assert peer_der(kept) == certs["cert1"][1]
+    finally:
+        kept.close()
+
+
+def test_reload_changes_the_number_of_workers(tmp_path: Path, procs: Procs) -> None:
+    a = procs.origin("A")
+    port = free_port()
+    config = (
+        "server: {workers: N, grace_period: 3s}\n"
+        "listeners:\n"
+        f'  - {{bind: "127.0.0.1:{port}", upstream: app}}\n'
+        f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+    )
+    proxy = _start(procs, config.replace("N", "1"), port)
+    one = set(wait_workers(proxy, 1))
+    proxy.config.write_text(config.replace("N", "3"))
+    assert RELOADED in reload(proxy)
+    three = set(wait_workers(proxy, 3))
+    assert one < three  # the running worker is kept, two are added
+    for i in range(10):
+        assert request(port, f"/three-{i}")[0] == 200
+    proxy.config.write_text(config.replace("N", "2"))
+    assert RELOADED in reload(proxy)
+    two = set(wait_workers(proxy, 2))
+    assert one < two < three  # the one with the highest index is retired
+    for i in range(10):
+        assert request(port, f"/two-{i}")[0] == 200
+    (retired,) = three - two
+    log = proxy.log_text()
+    assert f"worker 2 (pid {retired}) exited with 0" in log, log
+    assert "restarting" not in log, log
+
+
+def test_reload_failing_on_an_occupied_port_changes_nothing(
+    tmp_path: Path, procs: Procs
+) -> None:
+    a = procs.origin("A")
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        config = (
+            "server: {workers: 1}\n"
+            "listeners:\n"
+            f'  - bind: "127.0.0.1:{port}"\n'
+            "    routes:\n"
+            '      - {upstream: app, response_headers: {set: {X-Gen: "GEN"}}}\n'
+            "EXTRA"
+            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+        proxy = _start(procs, config.replace("GEN", "1").replace("EXTRA", ""), port)
+        assert request(port)[1]["x-gen"] == "1"
+        extra = f'  - {{bind: "127.0.0.1:{busy}", upstream: app}}\n'
+        proxy.config.write_text(config.replace("GEN", "2").replace("EXTRA", extra))
+        out = reload(proxy)
+        assert (
+            f"ferryman[{proxy.pid}] ERROR ferryman.server: {RELOAD_FAILED}\n"
+            f"{proxy.config}: cannot listen on 127.0.0.1:{busy}: Address already in use\n"
+        ) in out, out
+        assert RELOADED not in out
+        for _ in range(3):
+            status, headers, _ = request(port)
+            assert (status, headers["x-gen"]) == (200, "1")
+    # the port is free now: the same config reloads
+    assert RELOADED in reload(proxy)
+    wait_for(port, "X-Gen", "2")
+    wait_for_port(busy, 5)
+    assert request(busy, "/busy")[2] == b"hello from A /busy\n"
+
+
+# --- upgrade (--upgrade over server.upgrade_sock) ------------------------------------------
+
+
+def _upgrade_yaml(port: int, origin: str, sock: Path, pid: Path, workers: int) -> str:
+    return (
+        f"server: {{workers: {workers}, grace_period: 5s, upgrade_sock: {sock}, "
+        f"pid_file: {pid}}}\n"
+        "listeners:\n"
+        f'  - {{bind: "127.0.0.1:{port}", upstream: app}}\n'
+        f'upstreams: {{app: {{servers: ["{origin}"]}}}}\n'
+    )
+
+
+def test_upgrade_one_to_three_workers_and_back_twice_in_a_row(
+    tmp_path: Path, procs: Procs, sock_dir: Path
+) -> None:
+    a = procs.origin("A")
+    port = free_port()
+    sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+    old = _start(procs, _upgrade_yaml(port, a.address, sock, pid_file, 1), port)
+    wait_workers(old, 1)
+    assert int(pid_file.read_text()) == old.pid
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)
+    loops = [RequestLoop(port), RequestLoop(port, keep_alive=True)]
+    for loop in loops:
+        loop.start()
+    try:
+        time.sleep(0.5)
+        # 1 worker -> 3 workers
+        old.config.write_text(_upgrade_yaml(port, a.address, sock, pid_file, 3))
+        first = upgrade(old, "upgrade-1")
+        procs.proxies.append(first)
+        assert wait_exit(old, 10) == 0, old.log_text()
+        assert "upgrade: the new server is ready; draining and exiting" in old.log_text()
+        assert int(pid_file.read_text()) == first.pid
+        wait_workers(first, 3)
+        time.sleep(0.5)
+        # 3 workers -> 1 worker, through the same socket path
+        first.config.write_text(_upgrade_yaml(port, a.address, sock, pid_file, 1))
+        second = upgrade(first, "upgrade-2")
+        procs.proxies.append(second)
+        assert wait_exit(first, 10) == 0, first.log_text()
+        assert int(pid_file.read_text()) == second.pid
+        wait_workers(second, 1)
+        time.sleep(0.5)
+    finally:
+        for loop in loops:
+            loop.finish()
+    for loop in loops:
+        assert loop.failures == [], loop.failures
+        assert loop.ok > 10, loop.ok
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert request(port, "/end")[2] == b"hello from A /end\n"
+    assert set(server_processes(str(old.config))) == {second.pid, *second.worker_pids()}
+
+
+def test_upgrade_without_upgrade_sock_exits_2(tmp_path: Path) -> None:
+    config = tmp_path / "ferryman.yaml"
+    port = free_port()
+    config.write_text(
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
+        'upstreams: {app: {servers: ["127.0.0.1:9"]}}\n'
+    )
+    out = subprocess.run(
+        ferryman_cmd("run", "-c", str(config), "--upgrade"), capture_output=True, timeout=30
+    )
+    assert out.returncode == 2
+    assert out.stderr.decode() == (
+        f"ferryman: --upgrade needs server.upgrade_sock in {config}: the socket the "
+        "running server hands its listening sockets over on\n"
+    )
+    assert refused(port)
+
+
+def test_upgrade_with_nobody_on_the_upgrade_sock_exits_1(tmp_path: Path, sock_dir: Path) -> None:
+    config = tmp_path / "ferryman.yaml"
+    port = free_port()
+    sock = sock_dir / "upgrade.sock"
+    config.write_text(
+        f"server: {{upgrade_sock: {sock}}}\n"
+        f'listeners: [{{bind: "127.0.0.1:{port}", upstream: app}}]\n'
+        'upstreams: {app: {servers: ["127.0.0.1:9"]}}\n'
+    )
+    cmd = ferryman_cmd("run", "-c", str(config), "--upgrade")
+    # no socket file at all
+    out = subprocess.run(cmd, capture_output=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.decode() == (
+        f"ferryman: {config}: server.upgrade_sock: no running server answers on {sock}: "
+        "[Errno 2] No such file or directory\n"
+    )
+    # the socket of a server that died: nobody listens on it
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(sock))
+    out = subprocess.run(cmd, capture_output=True, timeout=30)
+    assert out.returncode == 1
+    assert out.stderr.decode() == (
+        f"ferryman: {config}: server.upgrade_sock: no running server answers on {sock}: "
+        "[Errno 111] Connection refused\n"
+    )
+    assert refused(port)
+
+
+def _second_start_is_refused(second_config: Path, sock: Path) -> None:
+    out = subprocess.run(
+        ferryman_cmd("run", "-c", str(second_config)), capture_output=True, timeout=30
+    )
+    assert (out.returncode, out.stderr.decode()) == (
+        1,
+        f"ferryman: {second_config}: server.upgrade_sock: a running server listens on "
+        f"{sock}; start with --upgrade to take over from it\n",
+    )
+
+
+def test_second_server_on_the_same_upgrade_sock_without_upgrade_exits_1(
+    tmp_path: Path, procs: Procs, sock_dir: Path
+) -> None:
+    a = procs.origin("A")
+    port, other_port = free_port(), free_port()
+    sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+    running = _start(procs, _upgrade_yaml(port, a.address, sock, pid_file, 1), port)
+    # another config (another port) naming the same upgrade_sock
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        f"server: {{workers: 1, upgrade_sock: {sock}}}\n"
+        f'listeners: [{{bind: "127.0.0.1:{other_port}", upstream: app}}]\n'
+        f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+    )
+    _second_start_is_refused(other, sock)
+    assert refused(other_port)
+    # the running server is untouched: it serves, keeps its pid file, and can be upgraded
+    assert request(port, "/still")[2] == b"hello from A /still\n"
+    assert int(pid_file.read_text()) == running.pid
+    new = upgrade(running, "upgrade")
+    procs.proxies.append(new)
+    assert wait_exit(running, 10) == 0
+    assert request(port, "/upgraded")[2] == b"hello from A /upgraded\n"
+
+
+def test_same_config_started_twice_without_upgrade_names_the_upgrade_sock(
+    tmp_path: Path, procs: Procs, sock_dir: Path
+) -> None:
+    """The likeliest mistake: running the very same config again, forgetting --upgrade."""
+    a = procs.origin("A")
+    port = free_port()
+    sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+    running = _start(procs, _upgrade_yaml(port, a.address, sock, pid_file, 1), port)
+    _second_start_is_refused(running.config, sock)
+    assert request(port, "/still")[2] == b"hello from A /still\n"
+    assert int(pid_file.read_text()) == running.pid
+
+
+def test_slow_request_in_flight_on_the_old_server_completes_while_it_drains(
+    tmp_path: Path, procs: Procs, sock_dir: Path
+) -> None:
+    a = procs.origin("A")
+    port = free_port()
+    sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+    old = _start(procs, _upgrade_yaml(port, a.address, sock, pid_file, 1), port)
+    path = "/slow?ms=3000&size=200000"
+    slow: list[tuple[int, dict[str, str], bytes]] = []
+    thread = threading.Thread(target=lambda: slow.append(request(port, path)), daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: path in a.requests(), 5, "A got the slow request")
+        old.config.write_text(_upgrade_yaml(port, a.address, sock, pid_file, 2))
+        new = upgrade(old, "upgrade")
+        procs.proxies.append(new)
+        assert thread.is_alive(), "the slow request ended before the handover"
+        assert old.proc.poll() is None, "the old server did not wait for its request"
+        for i in range(5):
+            assert request(port, f"/new-{i}")[0] == 200
+    finally:
+        thread.join(10)
+    assert len(slow) == 1, "the slow request failed"
+    status, headers, body = slow[0]
+    assert (status, headers["x-origin"], len(body)) == (200, "A", 200000)
+    assert body == (b"slow" * 50001)[:200000]
+    assert wait_exit(old, 10) == 0, old.log_text()
+    assert int(pid_file.read_text()) == new.pid
+    assert not os.path.exists(f"/proc/{old.pid}")
+
+
+def test_signals_after_an_upgrade_go_to_the_new_server(
+    tmp_path: Path, procs: Procs, sock_dir: Path
+) -> None:
+    """The new server stops gracefully on SIGTERM and removes its pid file and socket."""
+    a = procs.origin("A")
+    port = free_port()
+    sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+    old = _start(procs, _upgrade_yaml(port, a.address, sock, pid_file, 1), port)
+    new = upgrade(old, "upgrade")
+    procs.proxies.append(new)
+    assert wait_exit(old, 10) == 0
+    assert request(port)[0] == 200
+    new.send_signal(signal.SIGTERM)
+    assert wait_exit(new, 10) == 0, new.log_text()
+    assert not pid_file.exists()
+    assert not sock.exists()
+    wait_refused(port)
