@@ -97,10 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.upgrade:
             assert config.server.upgrade_sock is not None
             server.handover = take_over(config.server.upgrade_sock)
-        server.bind()
-        server.check_account()
-        if not args.upgrade:
+        else:
+            # before binding: a server already running this config is to be upgraded,
+            # and saying so beats "address already in use"
             server.open_upgrade_socket(replace=False)
+        try:
+            server.bind()
+        except OSError:
+            server.close_upgrade_socket()
+            raise
+        server.check_account()
     except AppLoadError as exc:
         print(f"ferryman: {args.config}: {exc}", file=sys.stderr)
         return 2

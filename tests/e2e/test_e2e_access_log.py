@@ -221,6 +221,39 @@ def test_combined_text_format(rig: LogRig) -> None:
     assert re.fullmatch(pattern, line), line
 
 
+def _raw(port: int, data: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def test_a_request_refused_by_the_parser_is_logged(rig: LogRig) -> None:
+    before_json = len(log_lines(rig.json_log, 0, 0))
+    before_text = len(log_lines(rig.text_log, 0, 0))
+    assert _raw(rig.json_port, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n").startswith(
+        b"HTTP/1.1 400 "
+    )
+    assert _raw(rig.text_port, b"GET / HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n").startswith(
+        b"HTTP/1.1 400 "
+    )
+    entry = json.loads(log_lines(rig.json_log, before_json + 1)[-1])
+    assert entry["status"] == 400
+    assert entry["method"] is None and entry["path"] is None and entry["request_id"] is None
+    assert entry["client"] == "127.0.0.1"
+    assert entry["error"] == "bad_request"
+    line = log_lines(rig.text_log, before_text + 1)[-1]
+    pattern = (
+        r'127\.0\.0\.1 - - \[\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+        r'"-" 400 0 "-" "-" request_time=0\.000000 retries=0 request_id=- error=bad_request'
+    )
+    assert re.fullmatch(pattern, line), line
+
+
 def test_a_listener_without_access_log_writes_none(rig: LogRig, tmp_path: Path) -> None:
     json_before = len(log_lines(rig.json_log, 0, 0))
     text_before = len(log_lines(rig.text_log, 0, 0))

@@ -243,9 +243,11 @@ class ConfigSource:
             kept = {}
             for key in _FIXED_ON_RELOAD:
                 if getattr(config.server, key) != getattr(running.server, key):
+                    # (an upgrade finds the running server through the old upgrade_sock)
+                    how = "restart" if key == "upgrade_sock" else "restart or upgrade"
                     log.warning(
-                        "%s: server.%s changed: a reload keeps %r (restart or upgrade to "
-                        "change it)", self.path, key, getattr(running.server, key),
+                        "%s: server.%s changed: a reload keeps %r (%s to change it)",
+                        self.path, key, getattr(running.server, key), how,
                     )
                     kept[key] = getattr(running.server, key)
             if kept:

@@ -135,6 +135,36 @@ class AccessLog:
         if self._size >= self.buffer_size:
             self.flush()
 
+    def record_reject(self, client_ip: bytes, status: int, error: ProxyError) -> None:
+        """Add the line of a request refused before it could be parsed (400, 408, 414,
+        431...): no method, path or request id, as nginx logs ``"-"``."""
+        now = time.time()
+        if self.format == "json":
+            line = b"".join(
+                [
+                    b'{"time":"', self._clock.iso(now),
+                    b'","client":', _json_str(client_ip) if client_ip else b"null",
+                    b',"method":null,"path":null,"protocol":null,"status":%d,"bytes_sent":0,'
+                    b'"bytes_received":0,"referer":null,"user_agent":null,"request_time":0.0,'
+                    b'"retries":0,"request_id":null,"error":"%s"}\n'
+                    % (status, error.kind.value.encode()),
+                ]
+            )
+        else:
+            line = b"".join(
+                [
+                    client_ip or b"-", b" - - [", self._clock.clf(now),
+                    b'] "-" %d 0 "-" "-" request_time=0.000000 retries=0 request_id=- error=%s\n'
+                    % (status, error.kind.value.encode()),
+                ]
+            )
+        if not self._lines:
+            self._oldest = time.monotonic()
+        self._lines.append(line)
+        self._size += len(line)
+        if self._size >= self.buffer_size:
+            self.flush()
+
     def tick(self) -> None:
         """Called every ``flush_interval``: write what is buffered (so no line waits
         longer than that)."""

@@ -10,6 +10,7 @@ the loop's shared sweep, not by per-read timers.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -52,6 +53,9 @@ class TlsInfo:
     alpn: str | None
     peer_cert: dict[str, Any]
     peer_cert_der: bytes | None
+
+
+log = logging.getLogger("ferryman.proxy")
 
 
 def _error_response(status: int) -> bytes:
@@ -541,8 +545,22 @@ class H1Downstream(asyncio.Protocol, ClientSide):
         self._send_reject(error)
 
     def _send_reject(self, error: ProxyError) -> None:
-        self.write(_error_response(status_for(error)))
+        status = status_for(error)
+        self.write(_error_response(status))
         self.close()
+        # a request that never became a session: logged and counted all the same
+        listener = self.listener
+        if listener is not None and listener.access_log is not None:
+            try:
+                listener.access_log.record_reject(self.client_ip, status, error)
+            except Exception:  # noqa: BLE001 - logging must never break the connection
+                log.exception("access log failed")
+        metrics = self._plan.metrics
+        if metrics is not None:
+            metrics.record(
+                listener.name if listener is not None else "", "", "", status,
+                0.0, -1.0, 0, 0, False, False, 0,
+            )
 
     def on_deadline(self) -> None:
         if self.closed:

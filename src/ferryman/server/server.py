@@ -172,6 +172,8 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._worker_index = -1
         self._failed = False
+        #: pids of workers draining for good after a reload lowered ``workers``
+        self._retiring: set[int] = set()
         #: sockets to bind outside the services: ``kind -> address`` (see :meth:`bind_extra`)
         self.extra_addresses: dict[str, tuple[str, int]] = {}
         #: shared memory the workers publish their metrics to (``server.metrics``), or None
@@ -273,6 +275,12 @@ class Server:
                 remove_pid_file(self.pid_file)
             if self._upgrade is not None:
                 self._upgrade.close()
+
+    def close_upgrade_socket(self) -> None:
+        """Stop listening on :attr:`upgrade_sock` (removing the path if still ours)."""
+        if self._upgrade is not None:
+            self._upgrade.close()
+            self._upgrade = None
 
     def open_upgrade_socket(self, replace: bool) -> None:
         """Listen on :attr:`upgrade_sock` for a successor (``replace``: after taking over
@@ -401,9 +409,10 @@ class Server:
             if self._upgrade is not None and self._stop is None:
                 if self._upgrade.poll(self._all_sockets()):
                     self._stop = "graceful"  # a successor took over: drain and go
-            if self._reload_requested:
+            if self._reload_requested and self.handover is None:
+                # (one that arrives during an upgrade's handover waits for its end)
                 self._reload_requested = False
-                if self._stop is None and self.handover is None:
+                if self._stop is None:
                     self.reload()
             if self._reopen:
                 self._reopen = False
@@ -455,13 +464,10 @@ class Server:
             if pid:
                 index = self._children.pop(pid, None)
                 code = os.waitstatus_to_exitcode(status)
-                if index is not None and index >= self.workers:
+                if pid in self._retiring:
                     # retired by a reload that lowered the worker count
-                    log.info("worker %d (pid %d) exited with %s", index, pid, code)
-                    channel = self._channels.pop(index, None)
-                    if channel is not None:
-                        channel[0].close()
-                    self._ready.discard(index)
+                    self._retiring.discard(pid)
+                    log.info("worker %d (pid %d) retired, exited with %s", index, pid, code)
                 elif index is not None and self._stop is None:
                     # a worker that dies young again and again is restarted more slowly:
                     # at once, then 0.1 s, 0.2 s ... 30 s; one that lived a while resets it
@@ -598,17 +604,26 @@ class Server:
         self._helper_restarts = []
         for fn in self.extra_processes:
             self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
-        running = set(self._children.values())
+        for pid, index in list(self._children.items()):
+            if index >= self.workers and pid not in self._retiring:
+                self._retire(pid, index)
+        running = {i for p, i in self._children.items() if p not in self._retiring}
         for index in range(self.workers):
             if index not in running and all(i != index for _, i in self._worker_restarts):
-                self._spawn(index)
-        for pid, index in list(self._children.items()):
-            if index >= self.workers:
-                _signal(pid, signal.SIGTERM)
+                self._spawn(index)  # (even while a retired worker of that index drains)
         self._worker_restarts = [r for r in self._worker_restarts if r[1] < self.workers]
         log.info("config reloaded from %s", getattr(config, "source", "config"))
         self._reloaded(True)
         return True
+
+    def _retire(self, pid: int, index: int) -> None:
+        """Stop worker ``index`` gracefully for good (a reload lowered ``workers``)."""
+        self._retiring.add(pid)
+        channel = self._channels.pop(index, None)
+        if channel is not None:
+            channel[0].close()
+        self._ready.discard(index)
+        _signal(pid, signal.SIGTERM)
 
     def _reloaded(self, ok: bool) -> None:
         if self.on_reload is not None:

@@ -130,7 +130,13 @@ class UpgradeListener:
     ) -> None:
         try:
             conn.settimeout(STEP_TIMEOUT)
-            request, fds = receive_message(conn, STEP_TIMEOUT)
+            try:
+                request, fds = receive_message(conn, STEP_TIMEOUT)
+            except ChannelClosed as exc:
+                if str(exc) == "end of file":
+                    conn.close()  # (a liveness probe: a server starting up checks the path)
+                    return
+                raise
             for fd in fds:
                 os.close(fd)
             if not (isinstance(request, dict) and request.get("op") == "sockets"):
