@@ -473,6 +473,60 @@ def test_reload_serves_the_new_certificate_to_new_tls_connections(
         kept.close()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_reload_gives_new_certificates_to_workers_running_as_another_user(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """Workers that switched to ``server.user`` cannot read keys only root may read; the
+    main process reads them for the workers, which load them without a restart."""
+    ca = trustme.CA()
+    certs = {}
+    for name in ("cert1", "cert2"):
+        leaf = ca.issue_cert("127.0.0.1")
+        cert, key = write_leaf(leaf, tmp_path, name)
+        for path in (cert, key):
+            os.chmod(path, 0o600)  # root's only
+        certs[name] = ((cert, key), ssl.PEM_cert_to_DER_cert(
+            leaf.cert_chain_pems[0].bytes().decode()
+        ))
+    a = procs.origin("A")
+    port = free_port()
+
+    def config(name: str) -> str:
+        (cert, key), _ = certs[name]
+        return (
+            "server: {workers: 1, user: nobody}\n"
+            "listeners:\n"
+            f'  - bind: "127.0.0.1:{port}"\n'
+            "    upstream: app\n"
+            f"    tls: {{cert: {cert}, key: {key}}}\n"
+            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+
+    proxy = _start(procs, config("cert1"), port)
+    ctx = tls_client(ca.cert_pem.bytes())
+
+    def new_connection_der() -> tuple[int, bytes]:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+        try:
+            conn.request("GET", "/tls")
+            resp = conn.getresponse()
+            resp.read()
+            return resp.status, peer_der(conn)
+        finally:
+            conn.close()
+
+    assert new_connection_der() == (200, certs["cert1"][1])
+    (worker,) = wait_workers(proxy, 1)
+    assert os.stat(f"/proc/{worker}").st_uid != 0
+    proxy.config.write_text(config("cert2"))
+    assert RELOADED in reload(proxy)
+    wait_until(lambda: new_connection_der() == (200, certs["cert2"][1]), 5,
+               "a new TLS connection gets cert2")
+    assert wait_workers(proxy, 1) == [worker]  # (applied by the worker, not a restart)
+    assert "cannot apply the new config" not in proxy.log_text()
+
+
 def test_reload_changes_the_number_of_workers(tmp_path: Path, procs: Procs) -> None:
     a = procs.origin("A")
     port = free_port()

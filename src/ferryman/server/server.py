@@ -49,7 +49,12 @@ from ferryman.server.process import (
     resolve_account,
     write_pid_file,
 )
-from ferryman.server.tls import server_ssl_context
+from ferryman.server.tls import (
+    read_tls_files,
+    server_ssl_context,
+    server_ssl_context_from,
+    tls_files,
+)
 from ferryman.server.upgrade import Handover, UpgradeListener
 
 log = logging.getLogger("ferryman.server")
@@ -584,12 +589,20 @@ class Server:
         for sock in pool.values():
             sock.close()  # (listeners removed: their addresses stop listening with the workers)
         fds = [sock.fileno() for _, _, sock in self._sockets]
+        # the certificates and keys, read here: workers may have switched to server.user
+        files: dict[str, bytes] = {}
+        for _, listener, _ in self._sockets:
+            if listener.tls is not None:
+                try:
+                    files.update(read_tls_files(listener.tls))
+                except OSError as exc:
+                    log.warning("reload: cannot read %s for the workers: %s", exc.filename, exc)
         for index, (channel, _) in list(self._channels.items()):
             if index not in self._children.values():
                 continue
             try:
                 channel.settimeout(CONTROL_SEND_TIMEOUT)
-                send_message(channel, ("reload", config), fds)
+                send_message(channel, ("reload", config, files), fds)
             except OSError as exc:
                 log.error("reload: worker %d did not take the new config (%s); restarting it",
                           index, exc)
@@ -752,16 +765,20 @@ class Server:
             return  # (the main process is gone; the server's stop comes by signal)
         for message, fds in messages:
             if isinstance(message, tuple) and message[0] == "reload" and not stop.is_set():
-                loop.create_task(self._apply_reload(loop, message[1], fds))
+                loop.create_task(self._apply_reload(loop, message[1], fds, message[2]))
             else:
                 for fd in fds:
                     os.close(fd)
 
     async def _apply_reload(
-        self, loop: asyncio.AbstractEventLoop, config: Any, fds: list[int]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        config: Any,
+        fds: list[int],
+        tls_contents: dict[str, bytes],
     ) -> None:
         """In a worker: serve ``config`` from now on, on the sockets ``fds`` (in the order
-        of the services' listeners)."""
+        of the services' listeners), with TLS files read by the main process."""
         sockets = [socket.socket(fileno=fd) for fd in fds]
         try:
             assert self.config_source is not None
@@ -775,7 +792,7 @@ class Server:
                 (svc, lst, sock) for (svc, lst), sock in zip(pairs, sockets, strict=True)
             ]
             # accept on the new servers before the old ones stop: no gap
-            self._servers = await self._create_servers(loop)
+            self._servers = await self._create_servers(loop, tls_contents)
         except Exception:  # noqa: BLE001 - a worker that cannot follow is restarted
             log.exception("worker %d cannot apply the new config; restarting", self._worker_index)
             for sock in sockets:
@@ -798,12 +815,17 @@ class Server:
                 started.add(id(service))
         return await self._create_servers(loop)
 
-    async def _create_servers(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Server]:
+    async def _create_servers(
+        self, loop: asyncio.AbstractEventLoop, tls_contents: dict[str, bytes] | None = None
+    ) -> list[asyncio.Server]:
         servers = []
         for service, listener, sock in self._sockets:
             ctx: ssl.SSLContext | None = None
             if listener.tls is not None:
-                ctx = server_ssl_context(listener.tls)
+                if tls_contents and all(f in tls_contents for f in tls_files(listener.tls)):
+                    ctx = server_ssl_context_from(listener.tls, tls_contents)
+                else:
+                    ctx = server_ssl_context(listener.tls)
             srv = await loop.create_server(
                 service.protocol_factory(listener),
                 sock=sock,

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import ssl
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from ferryman.server.listener import ListenerTls
+from ferryman.server.listener import ListenerTls, SniCertificate
 
 _VERIFY = {"off": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
 
@@ -49,3 +53,59 @@ def server_ssl_context(settings: ListenerTls) -> ssl.SSLContext:
 
     default.sni_callback = pick
     return default
+
+
+def tls_files(settings: ListenerTls) -> list[str]:
+    """Every file a listener's TLS settings name (certificates, keys, the client CA)."""
+    files = [settings.cert, settings.key]
+    if settings.client_ca:
+        files.append(settings.client_ca)
+    for entry in settings.sni:
+        files += [entry.cert, entry.key]
+    return files
+
+
+def read_tls_files(settings: ListenerTls) -> dict[str, bytes]:
+    """The contents of :func:`tls_files` (read by the main process, which keeps the
+    rights to read keys, for workers that may have lost them)."""
+    out = {}
+    for path in tls_files(settings):
+        with open(path, "rb") as src:
+            out[path] = src.read()
+    return out
+
+
+@contextmanager
+def _in_memory(contents: dict[str, bytes]) -> Iterator[dict[str, str]]:
+    """Each file's bytes in an anonymous memory file; yields path -> /proc/self/fd path."""
+    fds: list[int] = []
+    try:
+        paths = {}
+        for path, data in contents.items():
+            fd = os.memfd_create("ferryman-tls", os.MFD_CLOEXEC)
+            fds.append(fd)
+            os.write(fd, data)
+            paths[path] = f"/proc/self/fd/{fd}"
+        yield paths
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def server_ssl_context_from(
+    settings: ListenerTls, contents: dict[str, bytes]
+) -> ssl.SSLContext:
+    """:func:`server_ssl_context` with the files' bytes given (``contents``: path ->
+    bytes, as read by :func:`read_tls_files`), not read from disk: a worker that switched
+    to ``server.user`` loads certificates the main process read for it on a reload."""
+    with _in_memory(contents) as paths:
+        swapped = dataclasses.replace(
+            settings,
+            cert=paths[settings.cert],
+            key=paths[settings.key],
+            client_ca=paths[settings.client_ca] if settings.client_ca else None,
+            sni=tuple(
+                SniCertificate(e.server_names, paths[e.cert], paths[e.key]) for e in settings.sni
+            ),
+        )
+        return server_ssl_context(swapped)
