@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.daemon:
         assert server.error_log is not None
         server.daemon = True
-        daemonize(server.error_log, server.pid_file)
+        # (an upgrade writes the pid file, and lets the launcher go, once it took over)
+        server.ready_fd = daemonize(
+            server.error_log, None if args.upgrade else server.pid_file, defer_ready=args.upgrade
+        )
     elif server.error_log is not None:
         redirect_output(server.error_log, stdout_too=False)
     return server.run_forever()

@@ -11,7 +11,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ferryman.app.config_proxy import ConfigProxy, hash_key_function, make_discovery
+from ferryman.app.config_proxy import (
+    DISCOVERY_WAIT,
+    ConfigProxy,
+    hash_key_function,
+    make_discovery,
+)
 from ferryman.config import Config, ConfigError, ListenerConfig, load_config
 from ferryman.lb import HealthBoard, run_control_process
 from ferryman.metrics.board import MAX_WORKERS, MetricsBoard
@@ -221,6 +226,8 @@ class ConfigSource:
         self.board = board
         #: the config being served (updated by :meth:`apply`)
         self.running: Config | None = None
+        #: whether the config being served has a control process (discovery, checks)
+        self.control_running = False
 
     def load(self) -> Config:
         """Read and check the file as ``ferryman check`` does; raises
@@ -270,11 +277,30 @@ class ConfigSource:
         server.extra_processes = self.helper_processes(server, proxy)
         service = server.services[0]
         assert isinstance(service, HttpProxyService)
-        service.reconfigure(proxy, listeners, proxy_options(config))
+        service.reconfigure(proxy, listeners, proxy_options(config), server.reload_log_fds)
         server.grace_period = config.server.grace_period
         server.workers = self.workers if self.workers is not None else config.server.workers
         server.cpus = config.server.cpu_affinity
         self.running = config
+
+    def wait_ready(self, config: Config) -> None:
+        """Wait (up to the discovery wait) until the control process has published every
+        upstream group without static servers, so workers never see one empty."""
+        if not self.control_running:
+            return
+        pending = {name for name, u in config.upstreams.items() if not u.servers}
+        deadline = time.monotonic() + DISCOVERY_WAIT
+        while pending and time.monotonic() < deadline:
+            state = self.board.latest()
+            if state is not None:
+                pending -= state.keys()
+            if pending:
+                time.sleep(0.01)
+        if pending:
+            log.warning(
+                "reload: no servers discovered yet for upstream(s) %s after %.0fs",
+                ", ".join(sorted(pending)), DISCOVERY_WAIT,
+            )
 
     def helper_processes(self, server: Server, proxy: ProxyHttp) -> list[Callable[[], None]]:
         """The processes to run next to the workers for ``proxy``: the control process
@@ -290,10 +316,13 @@ class ConfigSource:
                 sock = server.extra_sockets["metrics"][1]
                 run_metrics_process(sock, metrics_board, server.supervisor_pid)
 
+            serve_metrics.exclusive = True  # type: ignore[attr-defined]
             helpers.append(serve_metrics)
         if not isinstance(proxy, ConfigProxy):
+            self.control_running = False
             return helpers
         monitors = proxy.monitors()
+        self.control_running = bool(monitors)
         if not monitors:
             return helpers
         board = self.board

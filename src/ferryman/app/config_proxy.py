@@ -495,7 +495,14 @@ class ConfigProxy(ProxyHttp):
         """Follow the health board, or run discovery and checks in this worker."""
         self._service = service
         if self.board is not None:
-            self._await_discovery(self.board)
+            if service.reloading:
+                # (a reload, on a loop that serves: no blocking wait; the main process
+                # waited for the control process's first word already)
+                current = self.board.latest()
+                if current is not None:
+                    self.apply_state(current)
+            else:
+                self._await_discovery(self.board)
             self._poll = service.loop.call_later(BOARD_POLL_INTERVAL, self._poll_board)
             return
         for monitor in self.monitors():

@@ -83,11 +83,15 @@ class AccessLog:
         change open, with its buffer)."""
         return (self.path, self.format, self.buffer_size, self.flush_interval)
 
-    def open(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Open the file (in each worker; standard output needs nothing); with ``loop``,
-        write what waited ``flush_interval`` on that loop's timer."""
+    def open(self, loop: asyncio.AbstractEventLoop | None = None, fd: int = -1) -> None:
+        """Open the file (in each worker; standard output needs nothing), or use ``fd``,
+        already open on it (given by the main process on a reload); with ``loop``, write
+        what waited ``flush_interval`` on that loop's timer."""
         if self.path is not None and self._fd < 0:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if fd >= 0:
+                self._fd = fd
+            else:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         fd = self._fd if self.path is not None else sys.stdout.fileno()
         try:
             self._pipe = not stat.S_ISREG(os.fstat(fd).st_mode)

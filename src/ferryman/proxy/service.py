@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,10 @@ class HttpProxyService:
         #: request parsers lent to client connections while they read a request
         self.parsers = ParserLender(self.options.limits)
         self.running = False
+        #: True while a reload runs the new proxy's ``worker_start`` on a loop that serves
+        self.reloading = False
+        #: access logs of a previous config, closed a grace period after the reload
+        self._retired_logs: list[Any] = []
         #: the worker's metrics (set by the server before :meth:`start`), or None
         self.metrics: WorkerMetrics | None = None
         # Set by start(), in the worker (plain attributes: read on every request).
@@ -85,7 +90,11 @@ class HttpProxyService:
         )
 
     def reconfigure(
-        self, proxy: ProxyHttp, listeners: list[Listener], options: ProxyOptions
+        self,
+        proxy: ProxyHttp,
+        listeners: list[Listener],
+        options: ProxyOptions,
+        log_fds: dict[str, int] | None = None,
     ) -> None:
         """Reload: serve new requests with ``proxy``, ``listeners`` and ``options``.
 
@@ -95,8 +104,10 @@ class HttpProxyService:
         upstream connector, and with it every pooled connection, is kept. Connections of a
         listener that is gone are drained; access logs whose settings did not change are
         kept open, the others closed once the grace period has passed. New request size
-        limits apply to new connections. In the main process (before :meth:`start`) it
-        only replaces what workers started later will use.
+        limits apply to new connections. ``log_fds``: access log files the main process
+        opened (path -> descriptor, duplicated here), since a worker may have switched to
+        an unprivileged user. Client TLS files of upstreams are read again. In the main
+        process (before :meth:`start`) it only replaces what workers started later use.
         """
         if not isinstance(proxy, ProxyHttp):
             raise TypeError(f"{proxy!r} is not a ferryman.ProxyHttp")
@@ -122,14 +133,21 @@ class HttpProxyService:
             old_proxy.worker_stop(self)
         except Exception:  # noqa: BLE001 - the reload goes on whatever the old hook does
             log.exception("worker_stop of the previous config failed")
+        self.connector.forget_tls()
         if _limits(options) != _limits(old_options):
             self.parsers = ParserLender(options.limits)
             self.sweep.on_tick(self.parsers.reclaim)
-        self.proxy.worker_start(self)
+        self.reloading = True  # (worker_start must not block this running loop)
+        try:
+            self.proxy.worker_start(self)
+        finally:
+            self.reloading = False
         logs = [lst.access_log for lst in listeners if lst.access_log is not None]
+        given = log_fds or {}
         for access_log in logs:
             if id(access_log) not in kept_logs:
-                access_log.open(self.loop)
+                fd = given.get(access_log.path) if access_log.path is not None else None
+                access_log.open(self.loop, os.dup(fd) if fd is not None else -1)
         self.plan = RequestPlan(
             self.proxy, options, self.connector, timed=bool(logs), metrics=self.metrics
         )
@@ -152,7 +170,14 @@ class HttpProxyService:
         ]
         if retired:
             # (requests in flight on a removed listener may still write a line)
-            self.loop.call_later(options.grace_period + 1.0, _close_logs, retired)
+            self._retired_logs.extend(retired)
+            self.loop.call_later(options.grace_period + 1.0, self._close_retired, retired)
+
+    def _close_retired(self, logs: list[Any]) -> None:
+        for access_log in logs:
+            if access_log in self._retired_logs:
+                self._retired_logs.remove(access_log)
+                _close_logs([access_log])
 
     def reopen_logs(self) -> None:
         """SIGUSR1: write what the access logs buffered and open their files afresh (after
@@ -198,6 +223,8 @@ class HttpProxyService:
         for listener in self.listeners:
             if listener.access_log is not None:
                 listener.access_log.close()  # (what is buffered is written)
+        _close_logs(self._retired_logs)
+        self._retired_logs = []
         return clean
 
 

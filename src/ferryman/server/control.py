@@ -1,10 +1,12 @@
 """Messages between processes over unix sockets, with file descriptors attached.
 
-A message is a 4-byte big-endian length and a pickled Python object; listening sockets
-travel with it as SCM_RIGHTS ancillary data on its first bytes. The main process talks
-to each worker over a socketpair made before the worker is forked (``reload`` and
-``ready`` messages), and the upgrade handover (:mod:`ferryman.server.upgrade`) uses the
-same framing between an old and a new server.
+A message is a 4-byte big-endian length and an encoded object; listening sockets travel
+with it as SCM_RIGHTS ancillary data on its first bytes. The main process sends each
+worker ``reload`` messages over a socketpair made before the worker is forked; they are
+pickled (a worker trusts its main process). Nothing travelling the other way is ever
+unpickled: workers, which may run as an unprivileged ``server.user``, answer with single
+bytes (:data:`READY`, :data:`RELOADED`, :data:`FAILED`), and the upgrade handover
+(:mod:`ferryman.server.upgrade`) speaks JSON.
 
 :class:`MessageReader` is sans-IO in spirit: it is fed whatever ``recvmsg`` returned and
 hands back whole messages, so it works for a non-blocking socket read by an event loop
@@ -14,10 +16,11 @@ as well as for a blocking one.
 from __future__ import annotations
 
 import array
+import json
 import pickle
 import socket
 import struct
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "MAX_FDS",
@@ -35,6 +38,27 @@ MAX_FDS = 250
 MAX_MESSAGE = 64 * 1024 * 1024
 _ANCILLARY = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 
+#: A worker accepts connections.
+READY = b"R"
+#: A worker applied a reload.
+RELOADED = b"L"
+#: A worker could not apply a reload (it drains and is replaced).
+FAILED = b"F"
+
+Encoding = Literal["pickle", "json"]
+
+
+def _encode(message: Any, encoding: Encoding) -> bytes:
+    if encoding == "json":
+        return json.dumps(message, separators=(",", ":")).encode()
+    return pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _decode(payload: bytes, encoding: Encoding) -> Any:
+    if encoding == "json":
+        return json.loads(payload)
+    return pickle.loads(payload)  # noqa: S301 - only from the main process to its workers
+
 
 class ChannelClosed(Exception):
     """The other end closed the channel (or sent something that is not a message)."""
@@ -45,13 +69,18 @@ def worker_channel() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
-def send_message(sock: socket.socket, message: Any, fds: list[int] | None = None) -> None:
-    """Send ``message`` (picklable) with ``fds`` attached, on a blocking socket (its
-    timeout applies to each write)."""
+def send_message(
+    sock: socket.socket,
+    message: Any,
+    fds: list[int] | None = None,
+    encoding: Encoding = "pickle",
+) -> None:
+    """Send ``message`` with ``fds`` attached, on a blocking socket (its timeout applies
+    to each write)."""
     fds = fds or []
     if len(fds) > MAX_FDS:
         raise ValueError(f"{len(fds)} descriptors in one message (at most {MAX_FDS})")
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = _encode(message, encoding)
     data = _LENGTH.pack(len(payload)) + payload
     ancillary = (
         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
@@ -64,9 +93,14 @@ def send_message(sock: socket.socket, message: Any, fds: list[int] | None = None
 class MessageReader:
     """Reassembles messages (and their descriptors) from what a socket delivers."""
 
-    def __init__(self) -> None:
+    def __init__(self, encoding: Encoding = "pickle") -> None:
+        self.encoding: Encoding = encoding
         self._buffer = bytearray()
-        self._fds: list[int] = []
+        # descriptors not yet handed out, with the stream offset of the read that brought
+        # them: they belong to the first message that starts at or after it (a read may
+        # end one message and begin the next, which carries them)
+        self._fds: list[tuple[int, list[int]]] = []
+        self._consumed = 0  # stream offset of the buffer's first byte
         self.closed = False
 
     def read_from(self, sock: socket.socket) -> list[tuple[Any, list[int]]]:
@@ -82,11 +116,14 @@ class MessageReader:
         except ConnectionError as exc:
             self._fail()
             raise ChannelClosed(str(exc)) from None
+        received: list[int] = []
         for level, kind, payload in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                self._fds.extend(fds)
+                received.extend(fds)
+        if received:
+            self._fds.append((self._consumed + len(self._buffer), received))
         if not data:
             self._fail()
             raise ChannelClosed("end of file")
@@ -102,31 +139,43 @@ class MessageReader:
                 raise ChannelClosed(f"a message of {length} bytes")
             if len(self._buffer) < _LENGTH.size + length:
                 break
+            start = self._consumed
             payload = bytes(self._buffer[_LENGTH.size : _LENGTH.size + length])
             del self._buffer[: _LENGTH.size + length]
+            self._consumed = start + _LENGTH.size + length
             try:
-                message = pickle.loads(payload)  # noqa: S301 - from our own processes only
+                message = _decode(payload, self.encoding)
             except Exception as exc:  # noqa: BLE001 - a corrupt message ends the channel
                 self._fail()
                 raise ChannelClosed(f"an unreadable message: {exc}") from None
-            # the descriptors belong to the message they arrived with (one per message)
-            out.append((message, self._fds))
-            self._fds = []
+            # descriptors come with a message's first byte: those of a read that began at
+            # or before this message's start, not taken by an earlier message, are its own
+            fds: list[int] = []
+            while self._fds and self._fds[0][0] <= start:
+                fds.extend(self._fds.pop(0)[1])
+            out.append((message, fds))
         return out
 
     def _fail(self) -> None:
         self.closed = True
-        for fd in self._fds:
-            try:
-                socket.close(fd)
-            except OSError:
-                pass
+        for _, batch in self._fds:
+            _close_all(batch)
         self._fds = []
 
 
-def receive_message(sock: socket.socket, timeout: float) -> tuple[Any, list[int]]:
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            socket.close(fd)
+        except OSError:
+            pass
+
+
+def receive_message(
+    sock: socket.socket, timeout: float, encoding: Encoding = "pickle"
+) -> tuple[Any, list[int]]:
     """Block (up to ``timeout`` seconds per read) for one whole message on ``sock``."""
-    reader = MessageReader()
+    reader = MessageReader(encoding)
     sock.settimeout(timeout)
     while True:
         messages = reader.read_from(sock)

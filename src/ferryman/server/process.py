@@ -91,10 +91,14 @@ def redirect_output(path: str, stdout_too: bool) -> None:
     os.close(fd)
 
 
-def daemonize(error_log: str, pid_file: str | None) -> None:
+def daemonize(error_log: str, pid_file: str | None, defer_ready: bool = False) -> int | None:
     """Detach from the terminal: fork twice, start a new session, read from /dev/null and
     write to ``error_log``. The calling process exits 0 once the daemon has written its
-    pid file (so a service manager or script can read it at once)."""
+    pid file (so a service manager or script can read it at once).
+
+    With ``defer_ready`` (``--upgrade``: the pid file is written once the old server has
+    handed over), the daemon gets the pipe to the launcher back instead: writing a byte
+    to it makes the launcher exit 0; closing it without one, exit 1."""
     ready_r, ready_w = os.pipe()
     if os.fork() > 0:
         os.close(ready_w)
@@ -110,7 +114,10 @@ def daemonize(error_log: str, pid_file: str | None) -> None:
     os.dup2(null, 0)
     os.close(null)
     redirect_output(error_log, stdout_too=True)
+    if defer_ready:
+        return ready_w
     if pid_file is not None:
         write_pid_file(pid_file)
     os.write(ready_w, b"1")
     os.close(ready_w)
+    return None

@@ -38,7 +38,15 @@ import uvloop
 
 from ferryman.metrics.board import MetricsBoard, WorkerPublisher, worker_slot
 from ferryman.metrics.recorder import WorkerMetrics
-from ferryman.server.control import ChannelClosed, MessageReader, send_message, worker_channel
+from ferryman.server.control import (
+    FAILED,
+    READY,
+    RELOADED,
+    ChannelClosed,
+    MessageReader,
+    send_message,
+    worker_channel,
+)
 from ferryman.server.listener import Listener, make_listening_socket
 from ferryman.server.memory import tune_malloc
 from ferryman.server.process import (
@@ -87,6 +95,10 @@ class ConfigSource(Protocol):
     def apply(self, server: Server, config: Any) -> None:
         """Make ``server`` use ``config``: reconfigure its services (in place: in a worker
         they are running), worker count, grace period and helper processes."""
+
+    def wait_ready(self, config: Any) -> None:
+        """In the main process, once the helpers run ``config``: wait (bounded) for what
+        workers will need at once, such as the first members of new discovered groups."""
 
 
 class Service(Protocol):
@@ -183,6 +195,11 @@ class Server:
         self.extra_addresses: dict[str, tuple[str, int]] = {}
         #: shared memory the workers publish their metrics to (``server.metrics``), or None
         self.metrics_board: MetricsBoard | None = None
+        #: ``--daemon --upgrade``: the pipe to the launcher, told once the handover is done
+        self.ready_fd: int | None = None
+        #: in a worker applying a reload: access log path -> descriptor the main process
+        #: opened for it
+        self.reload_log_fds: dict[str, int] = {}
 
     def add_service(self, service: Service) -> None:
         """Serve ``service`` on its listeners."""
@@ -306,7 +323,10 @@ class Server:
             log.info("listening on %s://%s:%s", scheme, host, port)
             del service
         for fn in self.extra_processes:
-            self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
+            # (a helper serving a socket of its own, the metrics endpoint, waits until the
+            # old server's has stopped: two processes would answer alternately)
+            if self.handover is None or not _exclusive(fn):
+                self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
         for index in range(self.workers):
             self._spawn(index)
         code = self._supervise()
@@ -340,6 +360,8 @@ class Server:
                 self._channels = {}
                 if self._upgrade is not None:
                     self._upgrade.detach()
+                if self.handover is not None:
+                    self.handover.detach()
                 for _, sock in self.extra_sockets.values():
                     sock.close()  # (served by helper processes)
                 self._channel = theirs
@@ -381,6 +403,8 @@ class Server:
                 channel.close()
             if self._upgrade is not None:
                 self._upgrade.detach()
+            if self.handover is not None:
+                self.handover.detach()
             code = 0
             try:
                 drop_privileges(*self._account)
@@ -409,11 +433,15 @@ class Server:
                     )
                     self.handover.abort()
                     self.handover = None
-                    self._stop = "fast"
+                    self._stop = "graceful"  # (workers that accepted finish their requests)
                     self._failed = True
             if self._upgrade is not None and self._stop is None:
                 if self._upgrade.poll(self._all_sockets()):
                     self._stop = "graceful"  # a successor took over: drain and go
+                    for pid, (fn, _) in list(self._helpers.items()):
+                        if _exclusive(fn):  # (the successor's answers from now on)
+                            _kill_wait(pid, signal.SIGTERM, 2.0)
+                            del self._helpers[pid]
             if self._reload_requested and self.handover is None:
                 # (one that arrives during an upgrade's handover waits for its end)
                 self._reload_requested = False
@@ -473,6 +501,13 @@ class Server:
                     # retired by a reload that lowered the worker count
                     self._retiring.discard(pid)
                     log.info("worker %d (pid %d) retired, exited with %s", index, pid, code)
+                    if (
+                        index is not None
+                        and index < self.workers
+                        and self._stop is None
+                        and index not in self._children.values()
+                    ):
+                        self._spawn(index)  # a later reload raised the count again
                 elif index is not None and self._stop is None:
                     # a worker that dies young again and again is restarted more slowly:
                     # at once, then 0.1 s, 0.2 s ... 30 s; one that lived a while resets it
@@ -500,19 +535,26 @@ class Server:
             time.sleep(0.05)
 
     def _read_channels(self) -> None:
-        """Take the workers' messages (``ready``) without blocking."""
-        for index, (channel, reader) in list(self._channels.items()):
+        """Take the workers' words (single bytes, never unpickled: a worker may run as an
+        unprivileged user) without blocking."""
+        for index, (channel, _) in list(self._channels.items()):
             try:
-                messages = reader.read_from(channel)
-            except ChannelClosed:
-                continue  # (the worker exited: reaped and restarted by the loop)
-            except OSError:
+                data = channel.recv(256)
+            except (BlockingIOError, InterruptedError):
                 continue
-            for message, fds in messages:
-                for fd in fds:
-                    os.close(fd)
-                if message == "ready":
-                    self._ready.add(index)
+            except OSError:
+                data = b""
+            if not data:
+                # (the worker exited: reaped, and restarted if it should be, by the loop)
+                channel.close()
+                del self._channels[index]
+                continue
+            if READY in data:
+                self._ready.add(index)
+            if FAILED in data:
+                log.error(
+                    "worker %d could not apply the new config: it drains and is replaced", index
+                )
 
     def _finish_handover(self) -> None:
         """Every worker accepts: tell the old server to go, and take its place."""
@@ -521,8 +563,15 @@ class Server:
                  self.handover.old_pid)
         self.handover.confirm()
         self.handover = None
+        for fn in self.extra_processes:  # (held back until the old server's stopped)
+            if _exclusive(fn):
+                self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
         if self.pid_file is not None:
             write_pid_file(self.pid_file)
+        if self.ready_fd is not None:  # --daemon --upgrade: the launcher may exit now
+            os.write(self.ready_fd, b"1")
+            os.close(self.ready_fd)
+            self.ready_fd = None
         try:
             self.open_upgrade_socket(replace=True)
         except ProcessSetupError as exc:
@@ -588,7 +637,30 @@ class Server:
         self.extra_sockets = extra
         for sock in pool.values():
             sock.close()  # (listeners removed: their addresses stop listening with the workers)
+        for pid in list(self._helpers):
+            _kill_wait(pid, signal.SIGTERM, 2.0)
+        self._helpers.clear()
+        self._helper_restarts = []
+        self._helper_failures.clear()
+        for fn in self.extra_processes:
+            self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
+        try:
+            source.wait_ready(config)  # (new groups discovered before workers need them)
+        except Exception:  # noqa: BLE001 - the workers then wait (without blocking) instead
+            log.exception("reload: waiting for the control process failed")
         fds = [sock.fileno() for _, _, sock in self._sockets]
+        # the access logs, opened here (as the main process opened them at start): the
+        # workers may have switched to server.user
+        log_paths: list[str] = []
+        log_fds: list[int] = []
+        for _, listener, _ in self._sockets:
+            path = getattr(listener.access_log, "path", None)
+            if path is not None and path not in log_paths:
+                try:
+                    log_fds.append(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+                    log_paths.append(path)
+                except OSError as exc:
+                    log.warning("reload: cannot open the access log %s: %s", path, exc)
         # the certificates and keys, read here: workers may have switched to server.user
         files: dict[str, bytes] = {}
         for _, listener, _ in self._sockets:
@@ -602,28 +674,26 @@ class Server:
                 continue
             try:
                 channel.settimeout(CONTROL_SEND_TIMEOUT)
-                send_message(channel, ("reload", config, files), fds)
-            except OSError as exc:
-                log.error("reload: worker %d did not take the new config (%s); restarting it",
+                send_message(channel, ("reload", config, files, log_paths), fds + log_fds)
+            except Exception as exc:  # noqa: BLE001 - that worker is replaced, gracefully
+                log.error("reload: worker %d did not take the new config (%s); replacing it",
                           index, exc)
                 for pid, i in self._children.items():
-                    if i == index:
-                        _signal(pid, signal.SIGKILL)
+                    if i == index and pid not in self._retiring:
+                        _signal(pid, signal.SIGTERM)
             finally:
                 channel.setblocking(False)
-        for pid in list(self._helpers):
-            _kill_wait(pid, signal.SIGTERM, 2.0)
-        self._helpers.clear()
-        self._helper_restarts = []
-        for fn in self.extra_processes:
-            self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
+        for fd in log_fds:
+            os.close(fd)
         for pid, index in list(self._children.items()):
             if index >= self.workers and pid not in self._retiring:
                 self._retire(pid, index)
-        running = {i for p, i in self._children.items() if p not in self._retiring}
+        # an index still held by a retired worker that drains is spawned when it exits: the
+        # two would share its metrics slot
+        held = set(self._children.values())
         for index in range(self.workers):
-            if index not in running and all(i != index for _, i in self._worker_restarts):
-                self._spawn(index)  # (even while a retired worker of that index drains)
+            if index not in held and all(i != index for _, i in self._worker_restarts):
+                self._spawn(index)
         self._worker_restarts = [r for r in self._worker_restarts if r[1] < self.workers]
         log.info("config reloaded from %s", getattr(config, "source", "config"))
         self._reloaded(True)
@@ -682,11 +752,18 @@ class Server:
         metrics = self._worker_metrics()
         self._servers = await self.start_services(loop)
         publisher = None
-        if metrics is not None and self.metrics_board is not None:
-            publisher = WorkerPublisher(
-                loop, metrics, self.metrics_board, worker_slot(self._worker_index)
-            )
-            publisher.start()
+        board = self.metrics_board
+        if metrics is not None and board is not None:
+            slot = worker_slot(self._worker_index)
+            if slot < board.slots:
+                publisher = WorkerPublisher(loop, metrics, board, slot)
+                publisher.start()
+            else:
+                log.warning(
+                    "worker %d: the metrics board has %d worker slots (set at start); this "
+                    "worker's requests are not in /metrics until a restart",
+                    self._worker_index, board.slots - 1,
+                )
         # the sockets are bound and the access logs open: the rest runs with less rights
         drop_privileges(*self._account)
         channel = self._channel
@@ -694,7 +771,7 @@ class Server:
             channel.setblocking(False)
             reader = MessageReader()
             loop.add_reader(channel.fileno(), self._on_control, loop, channel, reader, stop)
-            self._tell_main("ready")
+            self._tell_main(READY)
         await stop.wait()
         if channel is not None:
             loop.remove_reader(channel.fileno())
@@ -738,13 +815,13 @@ class Server:
         metrics.set_health_source(health)
         return metrics
 
-    def _tell_main(self, message: Any) -> None:
+    def _tell_main(self, word: bytes) -> None:
         channel = self._channel
         if channel is None:
             return
         try:
             channel.settimeout(CONTROL_SEND_TIMEOUT)
-            send_message(channel, message)
+            channel.sendall(word)
         except OSError as exc:
             log.warning("cannot reach the main process: %s", exc)
         finally:
@@ -765,7 +842,12 @@ class Server:
             return  # (the main process is gone; the server's stop comes by signal)
         for message, fds in messages:
             if isinstance(message, tuple) and message[0] == "reload" and not stop.is_set():
-                loop.create_task(self._apply_reload(loop, message[1], fds, message[2]))
+                _, config, tls_contents, log_paths = message
+                count = len(fds) - len(log_paths)
+                log_fds = dict(zip(log_paths, fds[count:], strict=True))
+                loop.create_task(
+                    self._apply_reload(loop, config, fds[:count], tls_contents, log_fds)
+                )
             else:
                 for fd in fds:
                     os.close(fd)
@@ -776,13 +858,21 @@ class Server:
         config: Any,
         fds: list[int],
         tls_contents: dict[str, bytes],
+        log_fds: dict[str, int],
     ) -> None:
         """In a worker: serve ``config`` from now on, on the sockets ``fds`` (in the order
-        of the services' listeners), with TLS files read by the main process."""
+        of the services' listeners), with TLS files read and access logs opened by the
+        main process."""
         sockets = [socket.socket(fileno=fd) for fd in fds]
         try:
             assert self.config_source is not None
-            self.config_source.apply(self, config)
+            self.reload_log_fds = log_fds
+            try:
+                self.config_source.apply(self, config)
+            finally:
+                self.reload_log_fds = {}
+                for fd in log_fds.values():
+                    os.close(fd)  # (what the logs use was duplicated)
             pairs = [(svc, lst) for svc in self.services for lst in svc.listeners]
             if len(pairs) != len(sockets):
                 raise RuntimeError(f"{len(sockets)} sockets for {len(pairs)} listeners")
@@ -793,17 +883,21 @@ class Server:
             ]
             # accept on the new servers before the old ones stop: no gap
             self._servers = await self._create_servers(loop, tls_contents)
-        except Exception:  # noqa: BLE001 - a worker that cannot follow is restarted
-            log.exception("worker %d cannot apply the new config; restarting", self._worker_index)
+        except Exception:  # noqa: BLE001 - a worker that cannot follow is replaced
+            log.exception(
+                "worker %d cannot apply the new config; draining and exiting (the main "
+                "process starts a replacement)", self._worker_index,
+            )
             for sock in sockets:
                 sock.close()
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._tell_main(FAILED)
+            os.kill(os.getpid(), signal.SIGTERM)  # (graceful: its requests finish)
             return
         for srv in old_servers:
             srv.close()
         for _, _, sock in old_sockets:
             sock.close()
-        self._tell_main("reloaded")
+        self._tell_main(RELOADED)
 
     async def start_services(self, loop: asyncio.AbstractEventLoop) -> list[asyncio.Server]:
         """Start every service on ``loop`` using the bound sockets (also used in tests)."""
@@ -839,6 +933,12 @@ class Server:
     def addresses(self) -> list[tuple[str, int]]:
         """The bound ``(host, port)`` of every listener (after :meth:`bind`)."""
         return [sock.getsockname()[:2] for _, _, sock in self._sockets]
+
+
+def _exclusive(fn: Callable[[], None]) -> bool:
+    """Whether helper ``fn`` serves a socket of its own (marked ``fn.exclusive = True``),
+    which only one server may serve at a time."""
+    return bool(getattr(fn, "exclusive", False))
 
 
 def _address_key(address: tuple[str, int]) -> tuple[str, int]:

@@ -16,6 +16,9 @@ never closed and no connection is refused while the old server hands over:
 
 If the new server fails before step 3 (a bad config, a worker that does not start), it
 closes the connection and the old one simply goes on serving.
+
+Both sides check that the other runs as the same user (``SO_PEERCRED``) and speak JSON:
+nothing received on this socket is ever unpickled.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 import time
 from typing import Any
 
@@ -36,6 +40,16 @@ log = logging.getLogger("ferryman.server")
 
 #: Seconds the old server waits for the new one's messages at each step.
 STEP_TIMEOUT = 5.0
+#: Seconds the old server waits for a successor that received the sockets to say ready
+#: (the successor itself gives up after 30 s).
+READY_TIMEOUT = 45.0
+_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_uid(conn: socket.socket) -> int:
+    """The user id of the process at the other end of the unix socket ``conn``."""
+    data = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDENTIALS.size)
+    return int(_CREDENTIALS.unpack(data)[1])
 
 
 class UpgradeListener:
@@ -114,12 +128,18 @@ class UpgradeListener:
                 continue
             if any(isinstance(m, dict) and m.get("op") == "ready" for m, _ in messages):
                 log.info("upgrade: the new server is ready; draining and exiting")
+                # the path is the successor's from now on: leave it before saying goodbye
+                self._unlink_own_path()
                 try:
-                    send_message(conn, {"op": "bye", "pid": os.getpid()})
+                    conn.settimeout(STEP_TIMEOUT)
+                    send_message(conn, {"op": "bye", "pid": os.getpid()}, encoding="json")
                 except OSError:
                     pass
                 conn.close()
                 ready = True
+            elif time.monotonic() - since > READY_TIMEOUT:
+                log.warning("upgrade: the new server never said ready; serving on")
+                conn.close()
             else:
                 still.append((conn, reader, since))
         self._waiting = still
@@ -129,9 +149,11 @@ class UpgradeListener:
         self, conn: socket.socket, sockets: list[tuple[str, tuple[str, int], socket.socket]]
     ) -> None:
         try:
+            if peer_uid(conn) != os.geteuid():
+                raise ChannelClosed(f"a process of uid {peer_uid(conn)} asked for the sockets")
             conn.settimeout(STEP_TIMEOUT)
             try:
-                request, fds = receive_message(conn, STEP_TIMEOUT)
+                request, fds = receive_message(conn, STEP_TIMEOUT, encoding="json")
             except ChannelClosed as exc:
                 if str(exc) == "end of file":
                     conn.close()  # (a liveness probe: a server starting up checks the path)
@@ -149,14 +171,15 @@ class UpgradeListener:
                     "sockets": [(kind, list(address)) for kind, address, _ in sockets],
                 },
                 [sock.fileno() for _, _, sock in sockets],
+                encoding="json",
             )
             conn.setblocking(False)
-        except (ChannelClosed, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - a failed handover leaves this server serving
             log.warning("upgrade: a handover failed: %s", exc)
             conn.close()
             return
         log.info("upgrade: handed %d listening socket(s) to a new server", len(sockets))
-        self._waiting.append((conn, MessageReader(), time.monotonic()))
+        self._waiting.append((conn, MessageReader("json"), time.monotonic()))
 
     def detach(self) -> None:
         """In a forked child: close this process's copies, leaving the path alone."""
@@ -177,11 +200,15 @@ class UpgradeListener:
             return
         self._sock.close()
         self._sock = None
+        self._unlink_own_path()
+
+    def _unlink_own_path(self) -> None:
         try:
-            if os.stat(self.path).st_ino == self._inode:
+            if self._inode and os.stat(self.path).st_ino == self._inode:
                 os.unlink(self.path)
         except OSError:
             pass
+        self._inode = 0
 
 
 class Handover:
@@ -211,11 +238,16 @@ class Handover:
             sock.close()
         self.sockets = []
 
+    def detach(self) -> None:
+        """In a forked child: close this process's copy of the connection (so that the
+        old server sees the new one go if it dies)."""
+        self._conn.close()
+
     def confirm(self, timeout: float = STEP_TIMEOUT) -> None:
         """Tell the old server to stop accepting and drain; waits for its answer."""
         try:
-            send_message(self._conn, {"op": "ready"})
-            receive_message(self._conn, timeout)
+            send_message(self._conn, {"op": "ready"}, encoding="json")
+            receive_message(self._conn, timeout, encoding="json")
         except (ChannelClosed, OSError) as exc:
             log.warning("upgrade: the old server did not acknowledge: %s", exc)
         finally:
@@ -236,8 +268,15 @@ def take_over(path: str, timeout: float = STEP_TIMEOUT) -> Handover:
     conn.settimeout(timeout)
     try:
         conn.connect(path)
-        send_message(conn, {"op": "sockets"})
-        answer, fds = receive_message(conn, timeout)
+        uid = peer_uid(conn)
+        if uid != os.geteuid():
+            conn.close()
+            raise ProcessSetupError(
+                f"server.upgrade_sock: {path} is served by a process of uid {uid}, not this "
+                f"user's ({os.geteuid()}): refusing its sockets"
+            )
+        send_message(conn, {"op": "sockets"}, encoding="json")
+        answer, fds = receive_message(conn, timeout, encoding="json")
     except (OSError, ChannelClosed) as exc:
         conn.close()
         raise ProcessSetupError(

@@ -324,6 +324,11 @@ class Connector:
                 conn.close()
         return len(mine)
 
+    def forget_tls(self) -> None:
+        """Drop the cached client TLS contexts (a reload: CA and client certificate files
+        are read again on the next connect). Pooled connections are kept."""
+        self._ssl = {}
+
     def close_all(self) -> None:
         """Close every pooled and open connection (used at shutdown)."""
         for conn in list(self.open):
