@@ -288,14 +288,8 @@ class ConfigSource:
         upstream group without static servers, so workers never see one empty."""
         if not self.control_running:
             return
-        pending = {name for name, u in config.upstreams.items() if not u.servers}
-        deadline = time.monotonic() + DISCOVERY_WAIT
-        while pending and time.monotonic() < deadline:
-            state = self.board.latest()
-            if state is not None:
-                pending -= state.keys()
-            if pending:
-                time.sleep(0.01)
+        discovered = {name for name, u in config.upstreams.items() if not u.servers}
+        pending = self.board.wait_for(discovered, DISCOVERY_WAIT)
         if pending:
             log.warning(
                 "reload: no servers discovered yet for upstream(s) %s after %.0fs",

@@ -523,24 +523,8 @@ class ConfigProxy(ProxyHttp):
         """Before serving, wait (a bounded time) for the control process's first word on
         every group whose members are discovered, so that the first requests do not find
         such a group empty. Runs before the worker's loop serves, so it may block."""
-        pending = {
-            name
-            for name, group in self.groups.items()
-            if not group.config.servers
-        }
-        # (a proxy built by a reload: what the board holds was read by the previous one)
-        current = board.latest()
-        if current is not None:
-            self.apply_state(current)
-            pending -= current.keys()
-        deadline = time.monotonic() + DISCOVERY_WAIT
-        while pending and time.monotonic() < deadline:
-            state = board.read()
-            if state is not None:
-                self.apply_state(state)
-                pending -= state.keys()
-            if pending:
-                time.sleep(0.005)
+        discovered = {name for name, group in self.groups.items() if not group.config.servers}
+        pending = board.wait_for(discovered, DISCOVERY_WAIT, self.apply_state)
         if pending:
             log.warning(
                 "no servers discovered yet for upstream(s) %s after %.0fs; serving anyway",

@@ -18,6 +18,7 @@ import mmap
 import os
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["HealthBoard", "run_control_process"]
@@ -81,6 +82,28 @@ class HealthBoard:
                 return None
             time.sleep(0.001)  # a write in progress
         return None  # (a writer that never finishes: as if nothing were published)
+
+    def wait_for(
+        self,
+        groups: set[str],
+        timeout: float,
+        on_state: Callable[[dict[str, Any]], None] | None = None,
+    ) -> set[str]:
+        """Block (polling, up to ``timeout`` seconds) until the document names every group
+        in ``groups``; each new document goes to ``on_state``. Returns the groups still
+        missing (empty when all arrived)."""
+        pending = set(groups)
+        state = self.latest()
+        deadline = time.monotonic() + timeout
+        while True:
+            if state is not None:
+                if on_state is not None:
+                    on_state(state)
+                pending -= state.keys()
+            if not pending or time.monotonic() >= deadline:
+                return pending
+            time.sleep(0.005)
+            state = self.read()
 
     @property
     def sequence(self) -> int:
