@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from ferryman import __version__
@@ -67,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
-        format=f"ferryman[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        # (each process's own pid: the daemon's, a worker's, the main process's)
+        format="ferryman[%(process)d] %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     if args.workers is not None and args.workers < 1:

@@ -11,7 +11,10 @@ lost.
 from __future__ import annotations
 
 import http.client
+import itertools
+import json
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -30,7 +33,9 @@ import pytest
 import trustme
 from e2e_util import ProxyProcess, ferryman_cmd, wait_for_port
 from lb_util import Procs, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 from reload_util import (
+    HANDED_OVER,
     NGINX,
     RELOAD_FAILED,
     RELOADED,
@@ -52,6 +57,7 @@ from reload_util import (
 
 from origin import free_port
 from pki import write_leaf
+from procs import alive, child_pids
 
 
 @pytest.fixture
@@ -989,3 +995,326 @@ def test_same_config_started_twice_without_upgrade_names_the_upgrade_sock(
     _second_start_is_refused(running.config, sock)
     assert request(port, "/still")[2] == b"hello from A /still\n"
     assert int(pid_file.read_text()) == running.pid
+
+
+# --- reload and upgrade: access logs, metrics, --daemon, discovered groups ----------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another user needs root")
+def test_reload_adds_an_access_log_the_workers_could_not_open_themselves(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """Workers that switched to ``server.user`` cannot create a file in a directory only
+    root may write to: a reload adding (then changing) an access log there has the main
+    process open it for them, and the same worker writes its lines without a restart."""
+    a = procs.origin("A")
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    os.chown(logs, 0, 0)
+    os.chmod(logs, 0o755)
+    access = logs / "access.log"
+    # the premise: the workers' user cannot create the file itself
+    probe = subprocess.run(
+        ["/bin/sh", "-c", f': >> "{access}"'], user="nobody", capture_output=True, timeout=30
+    )
+    assert probe.returncode != 0 and b"Permission denied" in probe.stderr, probe
+    assert not access.exists()
+
+    def config(flush: str | None) -> str:
+        log = (
+            f"    access_log: {{format: json, path: {access}, flush: {flush}}}\n"
+            if flush is not None else ""
+        )
+        return (
+            "server: {workers: 1, user: nobody}\n"
+            "listeners:\n"
+            f'  - bind: "127.0.0.1:{port}"\n'
+            "    upstream: app\n"
+            + log
+            + f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+
+    def entries() -> list[dict[str, object]]:
+        try:
+            text = access.read_text()
+        except FileNotFoundError:
+            return []
+        # (whole lines only: one may be half written)
+        return [json.loads(line) for line in text.split("\n")[:-1]]
+
+    def logged(path: str) -> list[dict[str, object]]:
+        return [e for e in entries() if e["path"] == path]
+
+    proxy = _start(procs, config(None), port)
+    (worker,) = wait_workers(proxy, 1)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    wait_until(lambda: os.stat(f"/proc/{worker}").st_uid == nobody, 5,
+               "the worker switched to nobody")
+    assert request(port, "/unlogged")[0] == 200
+
+    for gen, flush in ((1, "0.1s"), (2, "0.2s")):
+        proxy.config.write_text(config(flush))
+        out = reload(proxy)
+        assert RELOADED in out, out
+        assert "cannot open the access log" not in out, out
+        st = os.stat(access)  # (opened, so created, by the main process: root's)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o644)
+        # the worker takes the new config a moment after the main process logged it
+        deadline = time.monotonic() + 10
+        for n in itertools.count():
+            path = f"/probe-{gen}-{n}"
+            assert request(port, path)[0] == 200
+            time.sleep(0.25)  # (> flush)
+            if logged(path):
+                break
+            assert time.monotonic() < deadline, f"reload {gen}: nothing logged\n{entries()}"
+        paths = [f"/gen{gen}-{i}" for i in range(5)]
+        for path in paths:
+            assert request(port, path)[0] == 200
+        wait_until(lambda paths=paths: all(logged(p) for p in paths), 5,
+                   f"reload {gen}: the five requests are logged")
+        for path in paths:
+            (entry,) = logged(path)
+            assert (entry["method"], entry["status"], entry["upstream_addr"]) == (
+                "GET", 200, a.address
+            ), entry
+        assert wait_workers(proxy, 1) == [worker]  # (applied by the worker: no replacement)
+    assert not logged("/unlogged")
+    log = proxy.log_text()
+    assert "cannot apply the new config" not in log, log
+    assert "restarting" not in log, log
+    assert "Traceback" not in log, log
+
+
+def _scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """GET /metrics on a new connection (must answer 200); the samples, parsed by
+    prometheus-client."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        assert resp.status == 200, (resp.status, body)
+    finally:
+        conn.close()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+def _sum(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> float:
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+def test_metrics_do_not_flap_across_an_upgrade(
+    tmp_path: Path, sock_dir: Path, procs: Procs
+) -> None:
+    """Across an upgrade, /metrics is answered by one server at a time: the old one until
+    it hands over (its metrics process is stopped then, though its workers still drain),
+    the new one after, never the old one again. The new server's counters start from 0:
+    counters restarting across an upgrade is expected (Prometheus' rate() handles resets)."""
+    a = procs.origin("A")
+    port, metrics_port = free_port(), free_port()
+    sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+
+    def config(workers: int) -> str:
+        return (
+            f"server: {{workers: {workers}, grace_period: 5s, upgrade_sock: {sock}, "
+            f"pid_file: {pid_file}, metrics: 127.0.0.1:{metrics_port}}}\n"
+            "listeners:\n"
+            f'  - {{bind: "127.0.0.1:{port}", upstream: app}}\n'
+            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+
+    def wait_total(expected: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        deadline = time.monotonic() + 5
+        while True:
+            samples = _scrape(metrics_port)
+            total = _sum(samples, "ferryman_requests_total")
+            if total == expected:
+                return samples
+            assert total < expected and time.monotonic() < deadline, (total, expected)
+            time.sleep(0.05)
+
+    old = _start(procs, config(1), port)
+    wait_for_port(metrics_port, 10)
+    wait_workers(old, 2)  # (the worker and the metrics process)
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for i in range(49):
+            assert request(port, f"/before-{i}")[0] == 200
+        assert request(port, "/kept", conn=kept)[0] == 200  # (then idle: the old drains ~1 s)
+        samples = wait_total(50)
+        assert _sum(samples, "ferryman_workers") == 1
+        old.config.write_text(config(2))
+        new = upgrade(old, "upgrade")
+        procs.proxies.append(new)
+        seen: list[tuple[float, bool]] = []  # (ferryman_workers, the old main still ran)
+        for _ in range(30):
+            samples = _scrape(metrics_port)
+            seen.append((_sum(samples, "ferryman_workers"), old.proc.poll() is None))
+            time.sleep(0.03)
+        values = [w for w, _ in seen]
+        assert 2 in values, seen
+        first = values.index(2)
+        assert all(w == 2 for w in values[first:]), f"the old server answered again: {seen}"
+        assert set(values[:first]) <= {1}, seen
+        assert seen[first][1], f"the old server was gone before the new one answered: {seen}"
+        assert wait_exit(old, 5 + 5) == 0, old.log_text()
+    finally:
+        kept.close()
+    # the new server counts its own requests, from 0
+    for i in range(10):
+        assert request(port, f"/after-{i}")[0] == 200
+    samples = wait_total(10)
+    assert _sum(samples, "ferryman_workers") == 2
+    time.sleep(0.3)  # (nothing else comes: the old server's 50 are not added)
+    assert _sum(_scrape(metrics_port), "ferryman_requests_total") == 10
+
+
+def _stop_daemons(config: Path) -> list[int]:
+    """SIGTERM the main process of every ``--daemon`` server of ``config`` still running,
+    wait for the whole tree to go (SIGKILL after 10 s); the pids that had to be killed."""
+    def daemons() -> dict[int, int]:
+        out = {}
+        for pid, parent in server_processes(str(config)).items():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"--daemon" in cmdline:
+                out[pid] = parent
+        return out
+
+    tree = daemons()
+    for pid, parent in tree.items():
+        if parent not in tree:
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while daemons() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = list(daemons())
+    for pid in killed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+def test_daemon_upgrade_writes_the_pid_file_once_it_took_over(
+    tmp_path: Path, sock_dir: Path, procs: Procs
+) -> None:
+    """``ferryman run --upgrade --daemon`` exits 0 once the detached server has taken over
+    (not before, and not only when it stops): the pid file then names it, and the old
+    server drains and exits."""
+    a = procs.origin("A")
+    port = free_port()
+    sock, pid_file = sock_dir / "upgrade.sock", tmp_path / "ferryman.pid"
+    error_log = tmp_path / "error.log"
+    grace = 2
+
+    def config(workers: int) -> str:
+        return (
+            f"server: {{workers: {workers}, grace_period: {grace}s, upgrade_sock: {sock}, "
+            f"pid_file: {pid_file}, error_log: {error_log}}}\n"
+            "listeners:\n"
+            f'  - {{bind: "127.0.0.1:{port}", upstream: app}}\n'
+            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+
+    old = _start(procs, config(1), port)
+    wait_until(lambda: pid_file.exists() and pid_file.read_text() == f"{old.pid}\n", 5,
+               "the old server wrote its pid file")
+    wait_workers(old, 1)
+    old.config.write_text(config(2))
+    cmd = ferryman_cmd("run", "-c", str(old.config), "--log-level", "info", "--upgrade",
+                       "--daemon")
+    try:
+        began = time.monotonic()
+        try:
+            out = subprocess.run(cmd, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                "ferryman run --upgrade --daemon did not exit within 60 s; pid file: "
+                f"{pid_file.read_text() if pid_file.exists() else None!r}, old server "
+                f"running: {old.proc.poll() is None}, daemon(s): "
+                f"{server_processes(str(old.config))}\n--- error log:\n"
+                f"{error_log.read_text(errors='replace')}"
+            )
+        took = time.monotonic() - began
+        assert (out.returncode, out.stdout, out.stderr) == (0, b"", b""), out
+        # right after the launcher returned: the pid file names the new main process
+        daemon = int(pid_file.read_text())
+        assert daemon != old.pid
+        assert alive(daemon)
+        cmdline = Path(f"/proc/{daemon}/cmdline").read_bytes().split(b"\0")
+        assert b"--upgrade" in cmdline and b"--daemon" in cmdline, cmdline
+        assert HANDED_OVER in error_log.read_text(), error_log.read_text()
+        assert wait_exit(old, grace + 5) == 0, error_log.read_text()
+        assert took < 30, took
+        assert request(port, "/daemon")[2] == b"hello from A /daemon\n"
+        wait_until(lambda: len(child_pids(daemon)) == 2, 10, "the daemon runs 2 workers")
+        assert int(pid_file.read_text()) == daemon
+        # it stops on SIGTERM, removing its pid file and upgrade socket
+        os.kill(daemon, signal.SIGTERM)
+        wait_until(lambda: not alive(daemon), grace + 5, "the daemon exited")
+        assert not pid_file.exists()
+        assert not sock.exists()
+    finally:
+        killed = _stop_daemons(old.config)
+    assert killed == [], killed
+    text = error_log.read_text(errors="replace")
+    assert "Traceback" not in text, text
+
+
+def test_reload_adding_a_discovered_group_serves_it_at_once(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A reload adding an upstream group whose servers come from a file (the server ran
+    no control process until then): the main process waits for the control process's
+    first publication before it sends the config to the workers, so the first request
+    routed to the new group finds its server."""
+    a, b = procs.origin("A"), procs.origin("B")
+    port = free_port()
+    servers = tmp_path / "servers.yaml"
+    servers.write_text(f'- "{b.address}"\n')
+    first = (
+        "server: {workers: 1, grace_period: 5s}\n"
+        "listeners:\n"
+        f'  - bind: "127.0.0.1:{port}"\n'
+        "    routes:\n"
+        '      - {upstream: a, response_headers: {set: {X-Gen: "1"}}}\n'
+        "upstreams:\n"
+        f'  a: {{servers: ["{a.address}"]}}\n'
+    )
+    proxy = _start(procs, first, port)
+    (worker,) = wait_workers(proxy, 1)  # (no control process: nothing to discover)
+    assert request(port, "/b/before")[1]["x-origin"] == "A"
+    proxy.config.write_text(
+        "server: {workers: 1, grace_period: 5s}\n"
+        "listeners:\n"
+        f'  - bind: "127.0.0.1:{port}"\n'
+        "    routes:\n"
+        "      - {match: {path_prefix: /b}, upstream: b}\n"
+        '      - {upstream: a, response_headers: {set: {X-Gen: "2"}}}\n'
+        "upstreams:\n"
+        f'  a: {{servers: ["{a.address}"]}}\n'
+        f"  b: {{file: {servers}}}\n"
+    )
+    out = reload(proxy)
+    assert RELOADED in out, out
+    # the worker has the new config once the other route says so (no request to /b yet)
+    wait_for(port, "X-Gen", "2", "/a")
+    status, headers, body = request(port, "/b/first")
+    assert (status, headers.get("x-origin"), body) == (200, "B", b"hello from B /b/first\n"), (
+        status, headers, body, proxy.log_text())
+    assert b.requests() == ["/b/first"]
+    assert "/b/first" not in a.requests()
+    assert wait_workers(proxy, 2) and worker in proxy.worker_pids()  # (+ control process)
+    log = proxy.log_text()
+    assert "no servers discovered yet" not in log, log
+    assert "cannot apply the new config" not in log, log

@@ -103,7 +103,9 @@ def daemonize(error_log: str, pid_file: str | None, defer_ready: bool = False) -
     if os.fork() > 0:
         os.close(ready_w)
         with os.fdopen(ready_r, "rb") as ready:
-            started = ready.read()  # (EOF without a byte: the daemon failed to start)
+            # one byte: started (children that inherited the pipe may hold it open);
+            # end of file without one: the daemon failed to start
+            started = ready.read(1)
         os._exit(0 if started else 1)
     os.close(ready_r)
     os.setsid()

@@ -362,6 +362,7 @@ class Server:
                     self._upgrade.detach()
                 if self.handover is not None:
                     self.handover.detach()
+                self._close_ready_fd()
                 for _, sock in self.extra_sockets.values():
                     sock.close()  # (served by helper processes)
                 self._channel = theirs
@@ -387,6 +388,12 @@ class Server:
         self._worker_started[index] = time.monotonic()
         log.info("worker %d started (pid %d)", index, pid)
 
+    def _close_ready_fd(self) -> None:
+        """In a forked child: the launcher's pipe is the main process's to write."""
+        if self.ready_fd is not None:
+            os.close(self.ready_fd)
+            self.ready_fd = None
+
     def _spawn_helper(self, fn: Callable[[], None]) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_BLOCKED)
         pid = os.fork()
@@ -405,6 +412,7 @@ class Server:
                 self._upgrade.detach()
             if self.handover is not None:
                 self.handover.detach()
+            self._close_ready_fd()
             code = 0
             try:
                 drop_privileges(*self._account)
