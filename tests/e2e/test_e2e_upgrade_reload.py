@@ -407,44 +407,64 @@ def test_reload_keeps_the_pooled_upstream_connection(tmp_path: Path, procs: Proc
     assert len(set(b.request_ports())) == 1
 
 
+Certs = dict[str, tuple[tuple[str, str], bytes]]
+
+
+def _two_certificates(tmp_path: Path, mode: int | None = None) -> tuple[trustme.CA, Certs]:
+    """``cert1`` and ``cert2`` for 127.0.0.1 from one CA: name -> ((cert, key), DER)."""
+    ca = trustme.CA()
+    certs: Certs = {}
+    for name in ("cert1", "cert2"):
+        leaf = ca.issue_cert("127.0.0.1")
+        cert, key = write_leaf(leaf, tmp_path, name)
+        if mode is not None:
+            for path in (cert, key):
+                os.chmod(path, mode)
+        der = ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+        certs[name] = ((str(cert), str(key)), der)
+    assert certs["cert1"][1] != certs["cert2"][1]
+    return ca, certs
+
+
+def _tls_config(port: int, cert_key: tuple[str, str], origin: str, server: str) -> str:
+    cert, key = cert_key
+    return (
+        f"server: {{{server}}}\n"
+        "listeners:\n"
+        f'  - bind: "127.0.0.1:{port}"\n'
+        "    upstream: app\n"
+        f"    tls: {{cert: {cert}, key: {key}}}\n"
+        f'upstreams: {{app: {{servers: ["{origin}"]}}}}\n'
+    )
+
+
+def _new_tls_connection(port: int, ctx: ssl.SSLContext) -> tuple[int, bytes]:
+    """Status of a GET on a new TLS connection, and the DER of the certificate it got."""
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+    try:
+        conn.request("GET", "/tls")
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, peer_der(conn)
+    finally:
+        conn.close()
+
+
 def test_reload_serves_the_new_certificate_to_new_tls_connections(
     tmp_path: Path, procs: Procs
 ) -> None:
-    ca = trustme.CA()
-    certs = {}
-    for name in ("cert1", "cert2"):
-        leaf = ca.issue_cert("127.0.0.1")
-        certs[name] = (
-            write_leaf(leaf, tmp_path, name),
-            ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode()),
-        )
-    assert certs["cert1"][1] != certs["cert2"][1]
+    ca, certs = _two_certificates(tmp_path)
     a = procs.origin("A")
     port = free_port()
 
     def config(name: str) -> str:
-        (cert, key), _ = certs[name]
-        return (
-            "server: {workers: 1}\n"
-            "listeners:\n"
-            f'  - bind: "127.0.0.1:{port}"\n'
-            "    upstream: app\n"
-            f"    tls: {{cert: {cert}, key: {key}}}\n"
-            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
-        )
+        return _tls_config(port, certs[name][0], a.address, "workers: 1")
 
     proxy = _start(procs, config("cert1"), port)
     ctx = tls_client(ca.cert_pem.bytes())
 
     def new_connection_der() -> tuple[int, bytes]:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
-        try:
-            conn.request("GET", "/tls")
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status, peer_der(conn)
-        finally:
-            conn.close()
+        return _new_tls_connection(port, ctx)
 
     kept = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
     try:
@@ -485,42 +505,18 @@ def test_reload_gives_new_certificates_to_workers_running_as_another_user(
 ) -> None:
     """Workers that switched to ``server.user`` cannot read keys only root may read; the
     main process reads them for the workers, which load them without a restart."""
-    ca = trustme.CA()
-    certs = {}
-    for name in ("cert1", "cert2"):
-        leaf = ca.issue_cert("127.0.0.1")
-        cert, key = write_leaf(leaf, tmp_path, name)
-        for path in (cert, key):
-            os.chmod(path, 0o600)  # root's only
-        certs[name] = ((cert, key), ssl.PEM_cert_to_DER_cert(
-            leaf.cert_chain_pems[0].bytes().decode()
-        ))
+    ca, certs = _two_certificates(tmp_path, mode=0o600)  # (root's only)
     a = procs.origin("A")
     port = free_port()
 
     def config(name: str) -> str:
-        (cert, key), _ = certs[name]
-        return (
-            "server: {workers: 1, user: nobody}\n"
-            "listeners:\n"
-            f'  - bind: "127.0.0.1:{port}"\n'
-            "    upstream: app\n"
-            f"    tls: {{cert: {cert}, key: {key}}}\n"
-            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
-        )
+        return _tls_config(port, certs[name][0], a.address, "workers: 1, user: nobody")
 
     proxy = _start(procs, config("cert1"), port)
     ctx = tls_client(ca.cert_pem.bytes())
 
     def new_connection_der() -> tuple[int, bytes]:
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
-        try:
-            conn.request("GET", "/tls")
-            resp = conn.getresponse()
-            resp.read()
-            return resp.status, peer_der(conn)
-        finally:
-            conn.close()
+        return _new_tls_connection(port, ctx)
 
     assert new_connection_der() == (200, certs["cert1"][1])
     (worker,) = wait_workers(proxy, 1)
