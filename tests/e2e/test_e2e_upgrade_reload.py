@@ -1314,3 +1314,75 @@ def test_reload_adding_a_discovered_group_serves_it_at_once(
     log = proxy.log_text()
     assert "no servers discovered yet" not in log, log
     assert "cannot apply the new config" not in log, log
+
+
+_FAILING_APP = '''
+import os
+
+from ferryman.app.config_proxy import ConfigProxy
+
+
+class FailingOnReload(ConfigProxy):
+    """Refuses to start in a running worker (a reload) while the marker file exists."""
+
+    def worker_start(self, service):
+        if getattr(service, "reloading", False) and os.path.exists(os.environ["FM_MARKER"]):
+            raise RuntimeError("this worker refuses the new config")
+        super().worker_start(service)
+'''
+
+
+def test_a_worker_that_cannot_apply_a_reload_is_replaced_at_once(
+    tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose reload fails (here the app's ``worker_start`` raises) says so and
+    drains; the main process starts its replacement at once, with the new config, and
+    no client sees an error meanwhile."""
+    pkg = tmp_path / "apps"
+    pkg.mkdir()
+    (pkg / "failing_app.py").write_text(_FAILING_APP)
+    marker = tmp_path / "marker"
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(pkg) + (os.pathsep + path if path else ""))
+    monkeypatch.setenv("FM_MARKER", str(marker))
+    a = procs.origin("A")
+    port = free_port()
+
+    def config(gen: int) -> str:
+        return (
+            "app: failing_app:FailingOnReload\n"
+            "server: {workers: 2, grace_period: 3s}\n"
+            "listeners:\n"
+            f'  - bind: "127.0.0.1:{port}"\n'
+            "    routes:\n"
+            "      - upstream: app\n"
+            f'        response_headers: {{set: {{X-Gen: "{gen}"}}}}\n'
+            f'upstreams: {{app: {{servers: ["{a.address}"]}}}}\n'
+        )
+
+    proxy = _start(procs, config(1), port)
+    before = set(wait_workers(proxy, 2))
+    loop = RequestLoop(port)
+    loop.start()
+    try:
+        marker.write_text("")
+        proxy.config.write_text(config(2))
+        assert RELOADED in reload(proxy)
+        wait_until(
+            lambda: proxy.log_text().count("could not apply the new config") == 2, 10,
+            "both workers said they could not apply it",
+        )
+        wait_until(
+            lambda: len(set(wait_workers(proxy, 2, 10)) & before) == 0, 15,
+            "both workers replaced",
+        )
+        for i in range(10):
+            status, headers, _ = request(port, f"/after-{i}")
+            assert status == 200
+            assert headers.get("x-gen") == "2"
+    finally:
+        loop.finish()
+    assert loop.failures == [], loop.failures
+    assert loop.ok > 0
+    log = proxy.log_text()
+    assert "restarting in" not in log, log

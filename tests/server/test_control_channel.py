@@ -57,6 +57,31 @@ def test_descriptors_stay_with_their_message_when_a_read_spans_two() -> None:
             os.close(w)
 
 
+def test_descriptors_of_a_message_read_together_with_one_without() -> None:
+    """A message without descriptors and the next one with: the kernel may hand both
+    over in one read, the descriptors going to the second."""
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        send_message(a, ("plain", ""), [])
+        send_message(a, ("with", ""), [r])
+        send_message(a, ("small", "x" * 10), [w])
+        got = _read_all(b, MessageReader(), 3)
+        assert [(m[0], len(fds)) for m, fds in got] == [  # type: ignore[index]
+            ("plain", 0), ("with", 1), ("small", 1)
+        ]
+        assert _inode(got[1][1][0]) == _inode(r)
+        assert _inode(got[2][1][0]) == _inode(w)
+        for _, fds in got:
+            for fd in fds:
+                os.close(fd)
+    finally:
+        a.close()
+        b.close()
+        os.close(r)
+        os.close(w)
+
+
 def test_json_channel_never_unpickles() -> None:
     a, b = socket.socketpair()
     try:

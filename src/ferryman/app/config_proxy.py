@@ -495,7 +495,7 @@ class ConfigProxy(ProxyHttp):
         """Follow the health board, or run discovery and checks in this worker."""
         self._service = service
         if self.board is not None:
-            if service.reloading:
+            if getattr(service, "reloading", False):
                 # (a reload, on a loop that serves: no blocking wait; the main process
                 # waited for the control process's first word already)
                 current = self.board.latest()

@@ -96,10 +96,11 @@ class MessageReader:
     def __init__(self, encoding: Encoding = "pickle") -> None:
         self.encoding: Encoding = encoding
         self._buffer = bytearray()
-        # descriptors not yet handed out, with the stream offset of the read that brought
-        # them: they belong to the first message that starts at or after it (a read may
-        # end one message and begin the next, which carries them)
-        self._fds: list[tuple[int, list[int]]] = []
+        # descriptors not yet handed out, with the stream range [start, end) of the read
+        # that brought them. Sent with a message's first byte, and the kernel ends a read
+        # right after the bytes that carry descriptors, so they belong to the last message
+        # that begins within that read (a read may end one message and begin the next)
+        self._fds: list[tuple[int, int, list[int]]] = []
         self._consumed = 0  # stream offset of the buffer's first byte
         self.closed = False
 
@@ -110,7 +111,7 @@ class MessageReader:
         :class:`ChannelClosed` at end of file.
         """
         try:
-            data, ancillary, _flags, _addr = sock.recvmsg(1 << 16, _ANCILLARY)
+            data, ancillary, flags, _addr = sock.recvmsg(1 << 16, _ANCILLARY)
         except (BlockingIOError, InterruptedError):
             return []
         except ConnectionError as exc:
@@ -122,8 +123,13 @@ class MessageReader:
                 fds = array.array("i")
                 fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
                 received.extend(fds)
+        if flags & socket.MSG_CTRUNC:
+            _close_all(received)
+            self._fail()
+            raise ChannelClosed("descriptors were cut short (out of descriptors?)")
         if received:
-            self._fds.append((self._consumed + len(self._buffer), received))
+            at = self._consumed + len(self._buffer)
+            self._fds.append((at, at + len(data), received))
         if not data:
             self._fail()
             raise ChannelClosed("end of file")
@@ -148,17 +154,22 @@ class MessageReader:
             except Exception as exc:  # noqa: BLE001 - a corrupt message ends the channel
                 self._fail()
                 raise ChannelClosed(f"an unreadable message: {exc}") from None
-            # descriptors come with a message's first byte: those of a read that began at
-            # or before this message's start, not taken by an earlier message, are its own
+            end = self._consumed
             fds: list[int] = []
             while self._fds and self._fds[0][0] <= start:
-                fds.extend(self._fds.pop(0)[1])
+                read_start, read_end, batch = self._fds[0]
+                if start >= read_end:
+                    _close_all(self._fds.pop(0)[2])  # (no message began in that read)
+                elif end >= read_end:  # the last message beginning within that read
+                    fds.extend(self._fds.pop(0)[2])
+                else:
+                    break  # (a later message begins within that read: it is theirs)
             out.append((message, fds))
         return out
 
     def _fail(self) -> None:
         self.closed = True
-        for _, batch in self._fds:
+        for _, _, batch in self._fds:
             _close_all(batch)
         self._fds = []
 

@@ -189,6 +189,8 @@ class Server:
         self._servers: list[asyncio.Server] = []
         self._worker_index = -1
         self._failed = False
+        #: in a worker: what copies its metrics to its slot, or None
+        self._publisher: WorkerPublisher | None = None
         #: pids of workers draining for good after a reload lowered ``workers``
         self._retiring: set[int] = set()
         #: sockets to bind outside the services: ``kind -> address`` (see :meth:`bind_extra`)
@@ -441,15 +443,12 @@ class Server:
                     )
                     self.handover.abort()
                     self.handover = None
+                    self._release_launcher(b"")  # (it exits 1 now, not after the drain)
                     self._stop = "graceful"  # (workers that accepted finish their requests)
                     self._failed = True
             if self._upgrade is not None and self._stop is None:
-                if self._upgrade.poll(self._all_sockets()):
+                if self._upgrade.poll(self._all_sockets(), self._stop_exclusive_helpers):
                     self._stop = "graceful"  # a successor took over: drain and go
-                    for pid, (fn, _) in list(self._helpers.items()):
-                        if _exclusive(fn):  # (the successor's answers from now on)
-                            _kill_wait(pid, signal.SIGTERM, 2.0)
-                            del self._helpers[pid]
             if self._reload_requested and self.handover is None:
                 # (one that arrives during an upgrade's handover waits for its end)
                 self._reload_requested = False
@@ -503,6 +502,8 @@ class Server:
                     for _, fn, _ in due:
                         self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
             if pid:
+                if pid not in self._retiring:
+                    self._read_channels()  # (its last word may be that it failed a reload)
                 index = self._children.pop(pid, None)
                 code = os.waitstatus_to_exitcode(status)
                 if pid in self._retiring:
@@ -556,13 +557,21 @@ class Server:
                 # (the worker exited: reaped, and restarted if it should be, by the loop)
                 channel.close()
                 del self._channels[index]
+                self._ready.discard(index)
                 continue
             if READY in data:
                 self._ready.add(index)
             if FAILED in data:
                 log.error(
-                    "worker %d could not apply the new config: it drains and is replaced", index
+                    "worker %d could not apply the new config: it drains, and a new worker "
+                    "replaces it now", index,
                 )
+                for pid, i in list(self._children.items()):
+                    if i == index and pid not in self._retiring:
+                        # (it stopped counting in its metrics slot before saying so)
+                        self._retire(pid, index)
+                        if self._stop is None:
+                            self._spawn(index)
 
     def _finish_handover(self) -> None:
         """Every worker accepts: tell the old server to go, and take its place."""
@@ -571,19 +580,42 @@ class Server:
                  self.handover.old_pid)
         self.handover.confirm()
         self.handover = None
+        # past this point the old server is going: nothing here may stop this one
+        try:
+            self.open_upgrade_socket(replace=True)  # (first: a script may upgrade again)
+        except ProcessSetupError as exc:
+            log.error("%s: the next upgrade will not find this server", exc)
         for fn in self.extra_processes:  # (held back until the old server's stopped)
             if _exclusive(fn):
                 self._helpers[self._spawn_helper(fn)] = (fn, time.monotonic())
         if self.pid_file is not None:
-            write_pid_file(self.pid_file)
-        if self.ready_fd is not None:  # --daemon --upgrade: the launcher may exit now
-            os.write(self.ready_fd, b"1")
-            os.close(self.ready_fd)
-            self.ready_fd = None
+            try:
+                write_pid_file(self.pid_file)
+            except OSError as exc:
+                log.error("cannot write server.pid_file %s: %s", self.pid_file, exc)
+        self._release_launcher(b"1")
+
+    def _stop_exclusive_helpers(self) -> None:
+        """A successor takes over: the helpers serving sockets of their own (the metrics
+        endpoint) stop before it is told to start its own."""
+        for pid, (fn, _) in list(self._helpers.items()):
+            if _exclusive(fn):
+                _kill_wait(pid, signal.SIGTERM, 2.0)
+                del self._helpers[pid]
+        self._helper_restarts = [r for r in self._helper_restarts if not _exclusive(r[1])]
+
+    def _release_launcher(self, word: bytes) -> None:
+        """``--daemon --upgrade``: let the launcher exit (0 with a byte, 1 without)."""
+        fd, self.ready_fd = self.ready_fd, None
+        if fd is None:
+            return
         try:
-            self.open_upgrade_socket(replace=True)
-        except ProcessSetupError as exc:
-            log.error("%s: the next upgrade will not find this server", exc)
+            if word:
+                os.write(fd, word)
+        except OSError:
+            pass  # (the launcher is gone: Ctrl-C, a closed terminal)
+        finally:
+            os.close(fd)
 
     def reload(self) -> bool:
         """SIGHUP: re-read the config and apply it; returns whether it was applied.
@@ -759,12 +791,12 @@ class Server:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORK_BLOCKED)
         metrics = self._worker_metrics()
         self._servers = await self.start_services(loop)
-        publisher = None
+        self._publisher = publisher = None
         board = self.metrics_board
         if metrics is not None and board is not None:
             slot = worker_slot(self._worker_index)
             if slot < board.slots:
-                publisher = WorkerPublisher(loop, metrics, board, slot)
+                self._publisher = publisher = WorkerPublisher(loop, metrics, board, slot)
                 publisher.start()
             else:
                 log.warning(
@@ -794,8 +826,8 @@ class Server:
             await asyncio.gather(drain, return_exceptions=True)  # (its CancelledError)
             await asyncio.gather(*(svc.drain(0.0) for svc in self.services))
         interrupt.cancel()
-        if publisher is not None:
-            publisher.stop()  # (the last counts, and no connections left)
+        if self._publisher is not None:
+            self._publisher.stop()  # (the last counts, and no connections left)
         return 0
 
     def _worker_metrics(self) -> WorkerMetrics | None:
@@ -852,6 +884,14 @@ class Server:
             if isinstance(message, tuple) and message[0] == "reload" and not stop.is_set():
                 _, config, tls_contents, log_paths = message
                 count = len(fds) - len(log_paths)
+                expected = self._listener_count(config)
+                if count != expected:
+                    log.error("a reload came with %d descriptors, not %d; ignored",
+                              len(fds), expected + len(log_paths))
+                    for fd in fds:
+                        os.close(fd)
+                    self._tell_main(FAILED)
+                    continue
                 log_fds = dict(zip(log_paths, fds[count:], strict=True))
                 loop.create_task(
                     self._apply_reload(loop, config, fds[:count], tls_contents, log_fds)
@@ -859,6 +899,11 @@ class Server:
             else:
                 for fd in fds:
                     os.close(fd)
+
+    def _listener_count(self, config: Any) -> int:
+        if self.config_source is None:
+            return -1
+        return sum(1 for kind, _ in self.config_source.addresses(config) if kind == "listener")
 
     async def _apply_reload(
         self,
@@ -891,13 +936,19 @@ class Server:
             ]
             # accept on the new servers before the old ones stop: no gap
             self._servers = await self._create_servers(loop, tls_contents)
-        except Exception:  # noqa: BLE001 - a worker that cannot follow is replaced
-            log.exception(
-                "worker %d cannot apply the new config; draining and exiting (the main "
-                "process starts a replacement)", self._worker_index,
+        except Exception as exc:  # noqa: BLE001 - a worker that cannot follow is replaced
+            log.error(
+                "worker %d cannot apply the new config (%s: %s); draining and exiting (the "
+                "main process starts a replacement)", self._worker_index,
+                type(exc).__name__, exc,
             )
+            log.debug("the reload's failure", exc_info=True)
             for sock in sockets:
                 sock.close()
+            if self._publisher is not None:
+                # its replacement takes over the metrics slot from these counts
+                self._publisher.stop()
+                self._publisher = None
             self._tell_main(FAILED)
             os.kill(os.getpid(), signal.SIGTERM)  # (graceful: its requests finish)
             return
@@ -920,23 +971,39 @@ class Server:
     async def _create_servers(
         self, loop: asyncio.AbstractEventLoop, tls_contents: dict[str, bytes] | None = None
     ) -> list[asyncio.Server]:
-        servers = []
-        for service, listener, sock in self._sockets:
-            ctx: ssl.SSLContext | None = None
-            if listener.tls is not None:
-                if tls_contents and all(f in tls_contents for f in tls_files(listener.tls)):
-                    ctx = server_ssl_context_from(listener.tls, tls_contents)
-                else:
-                    ctx = server_ssl_context(listener.tls)
-            srv = await loop.create_server(
-                service.protocol_factory(listener),
-                sock=sock,
-                ssl=ctx,
-                backlog=listener.backlog,
-                ssl_handshake_timeout=getattr(service, "handshake_timeout", 10.0) if ctx else None,
-            )
-            servers.append(srv)
+        servers: list[asyncio.Server] = []
+        try:
+            for service, listener, sock in self._sockets:
+                srv = await self._create_server(loop, service, listener, sock, tls_contents)
+                servers.append(srv)
+        except BaseException:
+            for srv in servers:
+                srv.close()  # (a half-done set must not keep accepting)
+            raise
         return servers
+
+    async def _create_server(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        service: Service,
+        listener: Listener,
+        sock: socket.socket,
+        tls_contents: dict[str, bytes] | None,
+    ) -> asyncio.Server:
+        """An accepting server for ``listener`` on ``sock``."""
+        ctx: ssl.SSLContext | None = None
+        if listener.tls is not None:
+            if tls_contents and all(f in tls_contents for f in tls_files(listener.tls)):
+                ctx = server_ssl_context_from(listener.tls, tls_contents)
+            else:
+                ctx = server_ssl_context(listener.tls)
+        return await loop.create_server(
+            service.protocol_factory(listener),
+            sock=sock,
+            ssl=ctx,
+            backlog=listener.backlog,
+            ssl_handshake_timeout=getattr(service, "handshake_timeout", 10.0) if ctx else None,
+        )
 
     def addresses(self) -> list[tuple[str, int]]:
         """The bound ``(host, port)`` of every listener (after :meth:`bind`)."""

@@ -29,6 +29,7 @@ import socket
 import stat
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ferryman.server.control import ChannelClosed, MessageReader, receive_message, send_message
@@ -100,11 +101,17 @@ class UpgradeListener:
         self._sock = sock
         self._inode = os.stat(self.path).st_ino
 
-    def poll(self, sockets: list[tuple[str, tuple[str, int], socket.socket]]) -> bool:
+    def poll(
+        self,
+        sockets: list[tuple[str, tuple[str, int], socket.socket]],
+        on_ready: Callable[[], None] | None = None,
+    ) -> bool:
         """Serve successors without blocking for long; True once one said it is ready
         (this server must then stop accepting and drain).
 
         ``sockets``: ``(kind, configured address, socket)`` of every listening socket.
+        ``on_ready`` runs when a successor is ready, before it is answered (it may then
+        start serving what this server must have stopped serving).
         """
         if self._sock is None:
             return False
@@ -130,6 +137,8 @@ class UpgradeListener:
                 log.info("upgrade: the new server is ready; draining and exiting")
                 # the path is the successor's from now on: leave it before saying goodbye
                 self._unlink_own_path()
+                if on_ready is not None:
+                    on_ready()
                 try:
                     conn.settimeout(STEP_TIMEOUT)
                     send_message(conn, {"op": "bye", "pid": os.getpid()}, encoding="json")
