@@ -189,18 +189,26 @@ class RequestLoop(threading.Thread):
 
     def run(self) -> None:
         conn: http.client.HTTPConnection | None = None
+        kind = "keep-alive" if self.keep_alive else "new connection"
+        last = time.monotonic()
         while not self._done.is_set():
             if self.keep_alive and conn is None:
                 conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+            gap = time.monotonic() - last
             try:
                 status, _, body = request(self.port, self.path, conn=conn,
                                           close=not self.keep_alive)
             except Exception as exc:  # noqa: BLE001 - every failure is counted
-                self.failures.append(f"{time.strftime('%X')} {exc!r}")
+                self.failures.append(
+                    f"{time.strftime('%X')} {kind}, {gap:.3f}s after the previous answer: "
+                    f"{exc!r}"
+                )
+                last = time.monotonic()
                 if conn is not None:
                     conn.close()
                     conn = None
                 continue
+            last = time.monotonic()
             if status == 200:
                 self.ok += 1
             else:
