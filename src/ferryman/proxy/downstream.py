@@ -140,6 +140,7 @@ class H1Downstream(asyncio.Protocol, ClientSide):
         "closed",
         "requests",
         "draining",
+        "_drain_wait",
         "write_paused",
         "_pause_mask",
         "_client_addr",
@@ -180,6 +181,8 @@ class H1Downstream(asyncio.Protocol, ClientSide):
         self.closed = False
         self.requests = 0
         self.draining = False
+        #: a graceful stop's wait for a request already sent on a kept-alive connection
+        self._drain_wait = 0.0
         self.write_paused = False
         self._pause_mask = 0
         self._client_addr: Any = None
@@ -447,9 +450,16 @@ class H1Downstream(asyncio.Protocol, ClientSide):
             self._tunnel = None
             self.close()
             return
-        if not session.keep_alive or not session._req_done or self.draining:
+        if (
+            not session.keep_alive
+            or not session._req_done
+            or (self.draining and self._drain_wait <= 0.0)
+        ):
             self.close()
             return
+        # (draining for a graceful stop, after a response that promised keep-alive because
+        # it began before the stop: the client may send its next request at once, so it is
+        # waited for, a moment, and answered with "Connection: close")
         if self._pause_mask & self.PAUSE_TUNNEL:
             # the upgrade was refused: what followed the head is HTTP again; parse it
             self.resume(self.PAUSE_TUNNEL)
@@ -478,10 +488,13 @@ class H1Downstream(asyncio.Protocol, ClientSide):
             self._send_reject(self._reject)
             return
         parser = self.parser
-        if parser is None:
-            self.deadline = self._sweep.now + self._options.keepalive_timeout
-        elif parser.head_started:  # the next request's head began with this one's
+        if parser is not None and parser.head_started:
+            # the next request's head began with this one's
             self.deadline = self._sweep.now + self._options.header_read_timeout
+        elif self.draining:
+            self.deadline = self._sweep.now + self._drain_wait
+        elif parser is None:
+            self.deadline = self._sweep.now + self._options.keepalive_timeout
         elif not parser.in_message:
             self.deadline = self._sweep.now + self._options.keepalive_timeout
             if not self._idle_listed:
@@ -498,14 +511,15 @@ class H1Downstream(asyncio.Protocol, ClientSide):
             self.transport.close()  # type: ignore[union-attr]
 
     def start_draining(self, idle_wait: float = 0.0) -> None:
-        """Graceful shutdown: close after the current response, or once idle for
-        ``idle_wait`` seconds (now if 0).
+        """Graceful shutdown: close once idle for ``idle_wait`` seconds (now if 0), after
+        the current response if there is one.
 
         An idle keep-alive client may have sent its next request already: closing at once
         would lose it (the client sees the connection close with no answer). Waiting a
         moment lets that request arrive; it is answered with ``Connection: close``.
         """
         self.draining = True
+        self._drain_wait = idle_wait
         parser = self.parser
         if self.active is None and (parser is None or not parser.in_message):
             if idle_wait <= 0.0:
