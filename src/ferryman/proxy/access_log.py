@@ -131,7 +131,9 @@ class AccessLog:
 
     def record(self, session: Session, error: ProxyError | None) -> None:
         """Add the line of a finished request; write the buffer when it is full."""
-        line = self._line(session, error)
+        self._add(self._line(session, error))
+
+    def _add(self, line: bytes) -> None:
         if not self._lines:
             self._oldest = time.monotonic()
         self._lines.append(line)
@@ -162,12 +164,7 @@ class AccessLog:
                     % (status, error.kind.value.encode()),
                 ]
             )
-        if not self._lines:
-            self._oldest = time.monotonic()
-        self._lines.append(line)
-        self._size += len(line)
-        if self._size >= self.buffer_size:
-            self.flush()
+        self._add(line)
 
     def tick(self) -> None:
         """Called every ``flush_interval``: write what is buffered (so no line waits
