@@ -1,0 +1,258 @@
+"""The cache storage interface: stored responses whose bodies stream while written.
+
+A backend (:class:`CacheStorage`) maps a cache key (bytes; the caller folds the
+secondary key of ``Vary`` into it) to a :class:`CacheEntry`: the response's
+:class:`CacheMeta` and a body that readers iterate with ``async for chunk in
+entry.body()``. An entry is visible to :meth:`CacheStorage.lookup` from
+:meth:`CacheStorage.begin` on, so a second client can stream a response while the first
+fetch is still writing it; a reader waits for more chunks until the writer finishes, and
+raises :class:`CacheWriteAborted` if the writer aborts.
+
+Freshness is not this layer's business (:mod:`ferryman.cache.policy` decides); backends
+only bound their size and choose what to keep.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+__all__ = [
+    "CacheEntry",
+    "CacheMeta",
+    "CacheStorage",
+    "CacheWriteAborted",
+    "CacheWriter",
+]
+
+#: Rough fixed cost of an entry's bookkeeping (objects, index slots), in bytes.
+_META_OVERHEAD = 256
+#: Rough per-header-field cost beyond the name and value bytes.
+_FIELD_OVERHEAD = 48
+
+_WRITING = 0
+_COMPLETE = 1
+_ABORTED = 2
+
+
+class CacheWriteAborted(Exception):
+    """The body of a cache entry will not be completed: its writer aborted (the origin
+    response broke off), or the entry was dropped before this reader could attach."""
+
+
+@dataclass
+class CacheMeta:
+    """What is stored of a response besides its body."""
+
+    #: The response status code.
+    status: int
+    #: The response header fields, names lowercased, in order.
+    headers: list[tuple[bytes, bytes]]
+    #: When the entry was stored (``time.time()``).
+    stored_at: float = field(default_factory=time.time)
+    #: When the request that fetched the response was sent (RFC 9111 §4.2.3).
+    request_time: float = field(default_factory=time.time)
+    #: When the response was received (RFC 9111 §4.2.3).
+    response_time: float = field(default_factory=time.time)
+    #: The field names ``Vary`` lists (:func:`ferryman.cache.variants.vary_fields`);
+    #: None for ``Vary: *``, ``()`` without ``Vary``.
+    vary: tuple[bytes, ...] | None = ()
+    #: The secondary key (:func:`ferryman.cache.variants.vary_key`).
+    variant: bytes = b""
+    #: The body length if known in advance (``Content-Length``), a size hint.
+    length: int | None = None
+
+    def approx_size(self) -> int:
+        """A rough count of the bytes this metadata occupies in memory."""
+        size = _META_OVERHEAD + len(self.variant)
+        for name, value in self.headers:
+            size += len(name) + len(value) + _FIELD_OVERHEAD
+        if self.vary:
+            size += sum(len(name) + 8 for name in self.vary)
+        return size
+
+
+class CacheEntry:
+    """A stored response: :attr:`meta` and a body of chunks, readable while written.
+
+    The writer side (:meth:`append`, :meth:`finish`, :meth:`abort`, :meth:`release`) is
+    for storage backends; callers write through a :class:`CacheWriter`. Not thread-safe:
+    an entry belongs to one event loop.
+    """
+
+    __slots__ = ("key", "meta", "_chunks", "_size", "_state", "_changed", "_readers",
+                 "_retain")
+
+    def __init__(self, key: bytes, meta: CacheMeta) -> None:
+        """An empty entry being written."""
+        #: The cache key the entry was stored under.
+        self.key = key
+        #: The response metadata (replaced after a 304, see
+        #: :meth:`CacheStorage.update_meta`).
+        self.meta = meta
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._state = _WRITING
+        self._changed: asyncio.Event | None = None
+        self._readers = 0
+        self._retain = True
+
+    @property
+    def complete(self) -> bool:
+        """Whether the writer finished: the body is all there."""
+        return self._state == _COMPLETE
+
+    @property
+    def aborted(self) -> bool:
+        """Whether the writer aborted: the body will never be complete."""
+        return self._state == _ABORTED
+
+    @property
+    def size(self) -> int:
+        """The body bytes written so far."""
+        return self._size
+
+    @property
+    def readers(self) -> int:
+        """How many :meth:`body` iterations are in progress."""
+        return self._readers
+
+    def append(self, chunk: bytes) -> None:
+        """Add a body chunk (backends only); readers waiting for more wake up."""
+        if self._state != _WRITING:
+            raise RuntimeError("cache entry is no longer being written")
+        if not chunk:
+            return
+        self._size += len(chunk)
+        if self._retain:
+            self._chunks.append(bytes(chunk))
+        self._wake()
+
+    def finish(self) -> None:
+        """Mark the body complete (backends only)."""
+        if self._state == _ABORTED:
+            raise RuntimeError("cache entry was aborted")
+        self._state = _COMPLETE
+        self._wake()
+
+    def abort(self) -> None:
+        """Mark the body broken (backends only): readers raise :class:`CacheWriteAborted`.
+        A no-op on a complete entry."""
+        if self._state == _COMPLETE:
+            return
+        self._state = _ABORTED
+        self._chunks = []
+        self._wake()
+
+    def release(self) -> None:
+        """The backend no longer indexes this entry (backends only). An entry still
+        being written with no reader attached stops keeping its chunks (nobody could
+        read them from the start any more); later :meth:`body` calls raise
+        :class:`CacheWriteAborted`. Attached readers keep receiving every chunk."""
+        if self._state == _WRITING and self._readers == 0:
+            self._retain = False
+            self._chunks = []
+
+    async def body(self) -> AsyncIterator[bytes]:
+        """The body's chunks from the start, waiting for more until the writer finishes.
+
+        Raises :class:`CacheWriteAborted` if the writer aborts (or aborted), or if the
+        entry was dropped mid-write before this reader attached.
+        """
+        if not self._retain:
+            raise CacheWriteAborted("cache entry was dropped while being written")
+        self._readers += 1
+        try:
+            index = 0
+            while True:
+                if self._state == _ABORTED:
+                    raise CacheWriteAborted("cache entry writer aborted")
+                if index < len(self._chunks):
+                    chunk = self._chunks[index]
+                    index += 1
+                    yield chunk
+                    continue
+                if self._state == _COMPLETE:
+                    return
+                if self._changed is None:
+                    self._changed = asyncio.Event()
+                await self._changed.wait()
+        finally:
+            self._readers -= 1
+
+    async def read(self) -> bytes:
+        """The whole body (waiting for the writer to finish)."""
+        return b"".join([chunk async for chunk in self.body()])
+
+    def _wake(self) -> None:
+        event = self._changed
+        if event is not None:
+            self._changed = None
+            event.set()
+
+
+class CacheWriter(abc.ABC):
+    """Writes one entry's body; from :meth:`CacheStorage.begin`.
+
+    :meth:`write` and :meth:`finish` always succeed even if the backend decided not to
+    keep the entry (too large, not admitted, evicted, purged): readers already attached
+    still receive the bytes, but :meth:`CacheStorage.lookup` no longer finds it.
+    """
+
+    @property
+    @abc.abstractmethod
+    def entry(self) -> CacheEntry:
+        """The entry being written."""
+
+    @property
+    @abc.abstractmethod
+    def stored(self) -> bool:
+        """Whether the backend still keeps the entry (lookup can find it)."""
+
+    @abc.abstractmethod
+    async def write(self, chunk: bytes) -> None:
+        """Append a body chunk. Raises RuntimeError after :meth:`finish` or
+        :meth:`abort`."""
+
+    @abc.abstractmethod
+    async def finish(self) -> None:
+        """The body is complete. Idempotent; RuntimeError after :meth:`abort`."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """The body will not be completed: readers raise :class:`CacheWriteAborted` and
+        the entry is removed. A no-op after :meth:`finish` or a previous abort."""
+
+
+class CacheStorage(abc.ABC):
+    """A cache backend: keys to entries, bounded in size, async for I/O backends."""
+
+    @abc.abstractmethod
+    async def lookup(self, key: bytes) -> CacheEntry | None:
+        """The entry stored under ``key``, complete or still being written; None if
+        there is none. Counts as an access for the eviction policy."""
+
+    @abc.abstractmethod
+    async def begin(self, key: bytes, meta: CacheMeta) -> CacheWriter:
+        """Start storing a response under ``key``, replacing any entry there (readers
+        of the old one keep it). The entry is visible to :meth:`lookup` at once."""
+
+    @abc.abstractmethod
+    async def purge(self, key: bytes) -> bool:
+        """Remove the entry under ``key``; whether there was one."""
+
+    @abc.abstractmethod
+    async def purge_prefix(self, prefix: bytes) -> int:
+        """Remove every entry whose key starts with ``prefix``; how many."""
+
+    @abc.abstractmethod
+    async def update_meta(self, key: bytes, meta: CacheMeta) -> bool:
+        """Replace the metadata of the entry under ``key`` (after a 304, RFC 9111
+        §4.3.4); whether there was one."""
+
+    @abc.abstractmethod
+    def stats(self) -> dict[str, int]:
+        """Counters (at least ``hits``, ``misses``, ``entries``, ``size``)."""
