@@ -292,7 +292,8 @@ def test_scan_does_not_evict_the_hot_set() -> None:
         # every scanned entry was either admitted (then mostly evicted) or rejected
         assert stats["inserts"] + stats["rejected"] == len(hot) + 10 * capacity
         assert stats["inserts"] == stats["evicted"] + stats["entries"]
-        assert stats["evicted"] > capacity
+        # (how many cold keys TinyLFU admits depends on sketch collisions, so on the hash
+        # seed: from a few to most; the hot set stays either way)
         assert stats["main_size"] >= 36 * 500  # the hot set was promoted to the main FIFO
 
     run(body)
