@@ -31,8 +31,8 @@ async def store(storage: CacheStorage, key: bytes, body: bytes = b"x" * 100) -> 
     """A full miss-then-fill cycle; whether the storage kept the entry."""
     assert await storage.lookup(key) is None
     writer = await storage.begin(key, meta(len(body)))
-    await writer.write(body)
-    await writer.finish()
+    writer.write(body)
+    writer.finish()
     return writer.stored
 
 
@@ -56,9 +56,9 @@ def test_store_and_lookup() -> None:
     async def body() -> None:
         storage = MemoryStorage(1 << 20)
         writer = await storage.begin(b"k", meta(11))
-        await writer.write(b"hello ")
-        await writer.write(b"world")
-        await writer.finish()
+        writer.write(b"hello ")
+        writer.write(b"world")
+        writer.finish()
         entry = await storage.lookup(b"k")
         assert entry is not None and entry.complete and not entry.aborted
         assert entry.size == 11 and entry.meta.status == 200
@@ -73,7 +73,7 @@ def test_reader_streams_while_writing() -> None:
     async def body() -> None:
         storage = MemoryStorage(1 << 20)
         writer = await storage.begin(b"k", meta())
-        await writer.write(b"a")
+        writer.write(b"a")
         entry = await storage.lookup(b"k")  # visible, in progress
         assert entry is not None and not entry.complete
         received: list[bytes] = []
@@ -86,13 +86,13 @@ def test_reader_streams_while_writing() -> None:
         first = asyncio.create_task(reader(received))
         for part in (b"b", b"c", b"d"):
             await asyncio.sleep(0)
-            await writer.write(part)
+            writer.write(part)
             await asyncio.sleep(0)
         second = asyncio.create_task(reader(late))  # joins mid-write: from the start
         await asyncio.sleep(0)
         assert received == [b"a", b"b", b"c", b"d"] and not first.done()
-        await writer.write(b"e")
-        await writer.finish()
+        writer.write(b"e")
+        writer.finish()
         await asyncio.gather(first, second)
         assert received == late == [b"a", b"b", b"c", b"d", b"e"]
         assert entry.complete and entry.readers == 0
@@ -105,7 +105,7 @@ def test_abort_wakes_readers_and_removes_entry() -> None:
     async def body() -> None:
         storage = MemoryStorage(1 << 20)
         writer = await storage.begin(b"k", meta())
-        await writer.write(b"partial")
+        writer.write(b"partial")
         entry = await storage.lookup(b"k")
         assert entry is not None
 
@@ -114,7 +114,7 @@ def test_abort_wakes_readers_and_removes_entry() -> None:
 
         task = asyncio.create_task(reader())
         await asyncio.sleep(0)
-        await writer.abort()
+        writer.abort()
         with pytest.raises(CacheWriteAborted):
             await task
         with pytest.raises(CacheWriteAborted):
@@ -122,11 +122,11 @@ def test_abort_wakes_readers_and_removes_entry() -> None:
         assert entry.aborted
         assert await storage.lookup(b"k") is None
         assert storage.total_size == 0
-        await writer.abort()  # idempotent
+        writer.abort()  # idempotent
         with pytest.raises(RuntimeError):
-            await writer.write(b"more")
+            writer.write(b"more")
         with pytest.raises(RuntimeError):
-            await writer.finish()
+            writer.finish()
         assert storage.stats()["aborted"] == 1
 
     run(body)
@@ -136,10 +136,10 @@ def test_abort_after_finish_is_a_no_op() -> None:
     async def body() -> None:
         storage = MemoryStorage(1 << 20)
         writer = await storage.begin(b"k", meta())
-        await writer.write(b"done")
-        await writer.finish()
-        await writer.finish()
-        await writer.abort()
+        writer.write(b"done")
+        writer.finish()
+        writer.finish()
+        writer.abort()
         entry = await storage.lookup(b"k")
         assert entry is not None and await entry.read() == b"done"
 
@@ -150,16 +150,16 @@ def test_begin_replaces_and_old_readers_keep_old_entry() -> None:
     async def body() -> None:
         storage = MemoryStorage(1 << 20)
         old_writer = await storage.begin(b"k", meta())
-        await old_writer.write(b"old-")
+        old_writer.write(b"old-")
         old = await storage.lookup(b"k")
         assert old is not None
         task = asyncio.create_task(old.read())
         await asyncio.sleep(0)
         new_writer = await storage.begin(b"k", meta())
-        await new_writer.write(b"new")
-        await new_writer.finish()
-        await old_writer.write(b"body")  # detached: still reaches its reader
-        await old_writer.finish()
+        new_writer.write(b"new")
+        new_writer.finish()
+        old_writer.write(b"body")  # detached: still reaches its reader
+        old_writer.finish()
         assert await task == b"old-body"
         assert not old_writer.stored and new_writer.stored
         current = await storage.lookup(b"k")
@@ -206,17 +206,17 @@ def test_size_bound_never_exceeded() -> None:
                 if writer.entry.complete or writer.entry.aborted:
                     writers.remove(writer)
                 elif action < 0.95:
-                    await writer.write(b"z" * rng.randrange(1, 3000))
+                    writer.write(b"z" * rng.randrange(1, 3000))
                 elif action < 0.98:
-                    await writer.finish()
+                    writer.finish()
                 else:
-                    await writer.abort()
+                    writer.abort()
             if i % 50 == 0:
                 await storage.purge(key)
             check_invariants(storage)
         for writer in writers:
             if not writer.entry.aborted:
-                await writer.finish()
+                writer.finish()
         check_invariants(storage)
         stats = storage.stats()
         assert stats["evicted"] > 0 and stats["size"] <= stats["max_size"]
@@ -230,29 +230,29 @@ def test_max_entry_drops_large_bodies_but_attached_readers_get_them() -> None:
         assert storage.max_entry == 1000
         # announced too large: not kept at all
         writer = await storage.begin(b"big", meta(length=5000))
-        await writer.write(b"x" * 5000)
-        await writer.finish()
+        writer.write(b"x" * 5000)
+        writer.finish()
         assert not writer.stored and await storage.lookup(b"big") is None
         # grows too large while a reader streams it
         writer = await storage.begin(b"grow", meta())
-        await writer.write(b"a" * 600)
+        writer.write(b"a" * 600)
         entry = await storage.lookup(b"grow")
         assert entry is not None
         task = asyncio.create_task(entry.read())
         await asyncio.sleep(0)
-        await writer.write(b"b" * 600)
+        writer.write(b"b" * 600)
         assert not writer.stored and await storage.lookup(b"grow") is None
-        await writer.write(b"c" * 600)
-        await writer.finish()
+        writer.write(b"c" * 600)
+        writer.finish()
         assert await task == b"a" * 600 + b"b" * 600 + b"c" * 600
         assert storage.total_size == 0
         assert storage.stats()["dropped"] == 2
         # a dropped in-progress entry without readers no longer keeps its bytes
         writer = await storage.begin(b"grow2", meta())
-        await writer.write(b"a" * 600)
+        writer.write(b"a" * 600)
         held = await storage.lookup(b"grow2")
         assert held is not None
-        await writer.write(b"b" * 600)
+        writer.write(b"b" * 600)
         with pytest.raises(CacheWriteAborted):
             await held.read()
         assert await store(storage, b"small", b"s" * 1000)
@@ -351,14 +351,14 @@ def test_purge_and_purge_prefix() -> None:
         for key in (b"GET:a.com/1", b"GET:a.com/2", b"GET:b.com/1", b"GET:a.com/3"):
             await store(storage, key)
         pending = await storage.begin(b"GET:a.com/4", meta())  # in progress
-        await pending.write(b"p")
+        pending.write(b"p")
         assert await storage.purge(b"GET:b.com/1")
         assert not await storage.purge(b"GET:b.com/1")
         assert await storage.purge_prefix(b"GET:a.com/") == 4
         assert await storage.purge_prefix(b"GET:a.com/") == 0
         assert len(storage) == 0 and storage.total_size == 0
-        await pending.write(b"q")  # the writer carries on, unindexed
-        await pending.finish()
+        pending.write(b"q")  # the writer carries on, unindexed
+        pending.finish()
         assert await storage.lookup(b"GET:a.com/4") is None
         assert storage.stats()["purged"] == 5
         check_invariants(storage)
@@ -381,7 +381,7 @@ def test_shards_spread_keys() -> None:
 
 def test_stats() -> None:
     async def body() -> None:
-        storage = MemoryStorage(1 << 20, shards=2)
+        storage = MemoryStorage(1 << 22, shards=2, max_entry=1 << 20)
         await store(storage, b"a", b"1234")
         await storage.lookup(b"a")
         await storage.lookup(b"a")
@@ -405,3 +405,39 @@ def test_entry_body_is_usable_standalone() -> None:
             entry.append(b"y")
 
     run(body)
+
+
+def test_purge_tag_and_open_source():
+    async def main():
+        storage = MemoryStorage(1 << 22, shards=2, max_entry=1 << 20)
+        for i, tags in enumerate([(b"a",), (b"a", b"b"), ()]):
+            meta = CacheMeta(200, [], tags=tags)
+            writer = await storage.begin(b"k%d" % i, meta)
+            writer.write(b"x" * 100_000 + b"y" * 10)
+            writer.finish()
+        entry = await storage.lookup(b"k0")
+        source = entry.open_source()
+        pieces = []
+        while piece := source.read(65536):
+            pieces.append(piece)
+        assert [len(p) for p in pieces] == [65536, 100_010 - 65536]
+        assert b"".join(pieces) == b"x" * 100_000 + b"y" * 10
+        assert await storage.purge_tag(b"a") == 2
+        assert await storage.lookup(b"k0") is None and await storage.lookup(b"k1") is None
+        assert await storage.lookup(b"k2") is not None
+        assert await storage.purge_tag(b"a") == 0
+
+    asyncio.run(main())
+
+
+def test_open_source_is_none_until_complete():
+    async def main():
+        storage = MemoryStorage(1 << 20, shards=1)
+        writer = await storage.begin(b"k", CacheMeta(200, []))
+        writer.write(b"part")
+        assert writer.entry.open_source() is None
+        writer.finish()
+        source = writer.entry.open_source()
+        assert source.read(2) == b"pa" and source.read(10) == b"rt" and source.read(10) == b""
+
+    asyncio.run(main())

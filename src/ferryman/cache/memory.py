@@ -303,7 +303,7 @@ class _MemoryWriter(CacheWriter):
         """Whether the storage still keeps the entry."""
         return self._node is not None and self._shard.live(self._node)
 
-    async def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> None:
         """Append a body chunk (charged to the shard while it keeps the entry)."""
         if self._done:
             raise RuntimeError("cache writer is closed")
@@ -312,7 +312,7 @@ class _MemoryWriter(CacheWriter):
             if not self._shard.grow(self._node, len(chunk)):
                 self._node = None
 
-    async def finish(self) -> None:
+    def finish(self) -> None:
         """The body is complete; the entry becomes an eviction candidate."""
         if self._entry.aborted:
             raise RuntimeError("cache writer was aborted")
@@ -323,7 +323,7 @@ class _MemoryWriter(CacheWriter):
         if self._node is not None:
             self._shard.finished(self._node)
 
-    async def abort(self) -> None:
+    def abort(self) -> None:
         """Readers raise :class:`~ferryman.cache.storage.CacheWriteAborted`; the entry is
         removed."""
         if self._done:
@@ -413,6 +413,16 @@ class MemoryStorage(CacheStorage):
         count = 0
         for shard in self._shards:
             for node in [n for k, n in shard.index.items() if k.startswith(prefix)]:
+                shard.unlink(node)
+                shard.counters["purged"] += 1
+                count += 1
+        return count
+
+    async def purge_tag(self, tag: bytes) -> int:
+        """Remove the entries tagged ``tag``; how many (a scan of every entry)."""
+        count = 0
+        for shard in self._shards:
+            for node in [n for n in shard.index.values() if tag in n.entry.meta.tags]:
                 shard.unlink(node)
                 shard.counters["purged"] += 1
                 count += 1

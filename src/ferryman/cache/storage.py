@@ -3,10 +3,20 @@
 A backend (:class:`CacheStorage`) maps a cache key (bytes; the caller folds the
 secondary key of ``Vary`` into it) to a :class:`CacheEntry`: the response's
 :class:`CacheMeta` and a body that readers iterate with ``async for chunk in
-entry.body()``. An entry is visible to :meth:`CacheStorage.lookup` from
+entry.body()`` (or, once complete, read synchronously through
+:meth:`CacheEntry.open_source`). An entry is visible to :meth:`CacheStorage.lookup` from
 :meth:`CacheStorage.begin` on, so a second client can stream a response while the first
 fetch is still writing it; a reader waits for more chunks until the writer finishes, and
 raises :class:`CacheWriteAborted` if the writer aborts.
+
+Writing is synchronous (:class:`CacheWriter` methods are plain functions): the proxy tees
+each response body chunk into the writer from inside the protocol callback that received
+it, and a coroutine per chunk would cost on every chunk. A backend whose I/O must wait
+(Redis) buffers and finishes in the background.
+
+Storages shared by several processes (``shared = True``: a disk directory, Redis) also
+coordinate fetches across them: :meth:`CacheStorage.fill_lock` grants one process the
+right to fetch a key, the others poll :meth:`CacheStorage.lookup` until it is stored.
 
 Freshness is not this layer's business (:mod:`ferryman.cache.policy` decides); backends
 only bound their size and choose what to keep.
@@ -19,8 +29,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 __all__ = [
+    "BodySource",
+    "ChunkSource",
     "CacheEntry",
     "CacheMeta",
     "CacheStorage",
@@ -64,6 +77,9 @@ class CacheMeta:
     variant: bytes = b""
     #: The body length if known in advance (``Content-Length``), a size hint.
     length: int | None = None
+    #: Surrogate keys (``Cache-Tag`` / ``Surrogate-Key``) that
+    #: :meth:`CacheStorage.purge_tag` removes the entry by.
+    tags: tuple[bytes, ...] = ()
 
     def approx_size(self) -> int:
         """A rough count of the bytes this metadata occupies in memory."""
@@ -72,6 +88,8 @@ class CacheMeta:
             size += len(name) + len(value) + _FIELD_OVERHEAD
         if self.vary:
             size += sum(len(name) + 8 for name in self.vary)
+        for tag in self.tags:
+            size += len(tag) + 8
         return size
 
 
@@ -187,6 +205,14 @@ class CacheEntry:
         """The whole body (waiting for the writer to finish)."""
         return b"".join([chunk async for chunk in self.body()])
 
+    def open_source(self) -> BodySource | None:
+        """A synchronous reader of the complete body (``read(size)`` and ``close()``, as
+        :meth:`ferryman.proxy.session.Session.send_body_from` takes), or None when the
+        body is not complete (or not readable without waiting): use :meth:`body`."""
+        if self._state != _COMPLETE or not self._retain:
+            return None
+        return ChunkSource(self._chunks)
+
     def _wake(self) -> None:
         event = self._changed
         if event is not None:
@@ -194,12 +220,60 @@ class CacheEntry:
             event.set()
 
 
+class BodySource(Protocol):
+    """A synchronous body reader: what :meth:`CacheEntry.open_source` returns."""
+
+    def read(self, size: int, /) -> bytes:
+        """Up to ``size`` bytes; ``b""`` at the end."""
+
+    def close(self) -> None:
+        """Release what the reader holds."""
+
+
+class ChunkSource:
+    """Reads a list of in-memory chunks as one stream (for :meth:`CacheEntry.open_source`)."""
+
+    __slots__ = ("_chunks", "_index", "_offset")
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        """A reader over ``chunks`` (not copied: they must not change)."""
+        self._chunks = chunks
+        self._index = 0
+        self._offset = 0
+
+    def read(self, size: int, /) -> bytes:
+        """Up to ``size`` bytes (at most one chunk's worth per call); ``b""`` at the end."""
+        chunks = self._chunks
+        index = self._index
+        if index >= len(chunks) or size <= 0:
+            return b""
+        chunk = chunks[index]
+        offset = self._offset
+        if offset == 0 and len(chunk) <= size:
+            self._index = index + 1
+            return chunk
+        piece = chunk[offset : offset + size]
+        offset += len(piece)
+        if offset >= len(chunk):
+            self._index = index + 1
+            offset = 0
+        self._offset = offset
+        return piece
+
+    def close(self) -> None:
+        """Forget the chunks."""
+        self._chunks = []
+        self._index = 0
+
+
 class CacheWriter(abc.ABC):
     """Writes one entry's body; from :meth:`CacheStorage.begin`.
 
     :meth:`write` and :meth:`finish` always succeed even if the backend decided not to
-    keep the entry (too large, not admitted, evicted, purged): readers already attached
-    still receive the bytes, but :meth:`CacheStorage.lookup` no longer finds it.
+    keep the entry (too large, not admitted, evicted, purged, an I/O error): readers
+    already attached still receive the bytes, but :meth:`CacheStorage.lookup` no longer
+    finds it. The methods are plain functions that never block for long (see the module
+    docstring); a backend that must wait for I/O buffers and completes in the background.
     """
 
     @property
@@ -213,22 +287,30 @@ class CacheWriter(abc.ABC):
         """Whether the backend still keeps the entry (lookup can find it)."""
 
     @abc.abstractmethod
-    async def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes) -> None:
         """Append a body chunk. Raises RuntimeError after :meth:`finish` or
         :meth:`abort`."""
 
     @abc.abstractmethod
-    async def finish(self) -> None:
+    def finish(self) -> None:
         """The body is complete. Idempotent; RuntimeError after :meth:`abort`."""
 
     @abc.abstractmethod
-    async def abort(self) -> None:
+    def abort(self) -> None:
         """The body will not be completed: readers raise :class:`CacheWriteAborted` and
         the entry is removed. A no-op after :meth:`finish` or a previous abort."""
 
 
 class CacheStorage(abc.ABC):
-    """A cache backend: keys to entries, bounded in size, async for I/O backends."""
+    """A cache backend: keys to entries, bounded in size, async for I/O backends.
+
+    A backend's lookups never raise for an I/O failure (a broken file, Redis down): they
+    count it and answer None, so a failing storage degrades to misses.
+    """
+
+    #: Whether several processes use the same entries (a disk directory, Redis), so
+    #: fetches are coordinated with :meth:`fill_lock` as well as in-process.
+    shared: bool = False
 
     @abc.abstractmethod
     async def lookup(self, key: bytes) -> CacheEntry | None:
@@ -249,6 +331,10 @@ class CacheStorage(abc.ABC):
         """Remove every entry whose key starts with ``prefix``; how many."""
 
     @abc.abstractmethod
+    async def purge_tag(self, tag: bytes) -> int:
+        """Remove every entry whose :attr:`CacheMeta.tags` include ``tag``; how many."""
+
+    @abc.abstractmethod
     async def update_meta(self, key: bytes, meta: CacheMeta) -> bool:
         """Replace the metadata of the entry under ``key`` (after a 304, RFC 9111
         §4.3.4); whether there was one."""
@@ -256,3 +342,22 @@ class CacheStorage(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Counters (at least ``hits``, ``misses``, ``entries``, ``size``)."""
+
+    async def fill_lock(self, key: bytes, ttl: float) -> bool:
+        """Ask for the right to fetch and store ``key`` across processes.
+
+        True: this process fetches it, and calls :meth:`fill_unlock` when done (the
+        right lapses by itself after ``ttl`` seconds, or when the process dies). False:
+        another process is fetching it; look it up again a little later. Storages of one
+        process (``shared = False``) always answer True: the in-process
+        :class:`~ferryman.cache.lock.CacheLock` is enough.
+        """
+        return True
+
+    async def fill_unlock(self, key: bytes) -> None:
+        """Give back the right :meth:`fill_lock` granted. Default: nothing."""
+        return None
+
+    async def close(self) -> None:
+        """Release connections and files (the worker stops). Default: nothing."""
+        return None
