@@ -409,7 +409,7 @@ def test_entry_body_is_usable_standalone() -> None:
 
 def test_purge_tag_and_open_source():
     async def main():
-        storage = MemoryStorage(1 << 22, shards=2, max_entry=1 << 20)
+        storage = MemoryStorage(1 << 20, shards=2)
         for i, tags in enumerate([(b"a",), (b"a", b"b"), ()]):
             meta = CacheMeta(200, [], tags=tags)
             writer = await storage.begin(b"k%d" % i, meta)
