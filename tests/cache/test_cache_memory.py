@@ -381,7 +381,7 @@ def test_shards_spread_keys() -> None:
 
 def test_stats() -> None:
     async def body() -> None:
-        storage = MemoryStorage(1 << 22, shards=2, max_entry=1 << 20)
+        storage = MemoryStorage(1 << 20, shards=2)
         await store(storage, b"a", b"1234")
         await storage.lookup(b"a")
         await storage.lookup(b"a")
@@ -409,7 +409,7 @@ def test_entry_body_is_usable_standalone() -> None:
 
 def test_purge_tag_and_open_source():
     async def main():
-        storage = MemoryStorage(1 << 20, shards=2)
+        storage = MemoryStorage(1 << 22, shards=2, max_entry=1 << 20)
         for i, tags in enumerate([(b"a",), (b"a", b"b"), ()]):
             meta = CacheMeta(200, [], tags=tags)
             writer = await storage.begin(b"k%d" % i, meta)
