@@ -441,3 +441,30 @@ def test_open_source_is_none_until_complete():
         assert source.read(2) == b"pa" and source.read(10) == b"rt" and source.read(10) == b""
 
     asyncio.run(main())
+
+
+def test_meta_encodes_and_decodes():
+    meta = CacheMeta(
+        200,
+        [(b"content-type", b"text/plain"), (b"x-bin", bytes(range(128, 256)))],
+        stored_at=1.5,
+        request_time=1.25,
+        response_time=1.5,
+        vary=(b"accept-encoding",),
+        variant=b"\x00gzip",
+        length=10,
+        tags=(b"t1",),
+        keep_for=60.0,
+    )
+    assert CacheMeta.decode(meta.encode()) == meta
+    star = CacheMeta(404, [], vary=None)
+    assert CacheMeta.decode(star.encode()) == star
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"{}", b"[2]", b"[1, 200]", b"\xff", b'[1,"x",[],0,0,0,[],"",null,[],null]'],
+)
+def test_meta_decode_refuses_what_encode_did_not_make(data):
+    with pytest.raises(ValueError, match="corrupt cache metadata"):
+        CacheMeta.decode(data)

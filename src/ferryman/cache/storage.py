@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -45,6 +46,10 @@ __all__ = [
 _META_OVERHEAD = 256
 #: Rough per-header-field cost beyond the name and value bytes.
 _FIELD_OVERHEAD = 48
+
+#: Bump when :meth:`CacheMeta.encode`'s layout changes (older entries then read as
+#: corrupt, and are dropped).
+_CODEC_VERSION = 1
 
 _WRITING = 0
 _COMPLETE = 1
@@ -80,6 +85,55 @@ class CacheMeta:
     #: Surrogate keys (``Cache-Tag`` / ``Surrogate-Key``) that
     #: :meth:`CacheStorage.purge_tag` removes the entry by.
     tags: tuple[bytes, ...] = ()
+    #: How long (seconds from :attr:`stored_at`) the entry can still be of use: its
+    #: freshness plus any stale-serving or revalidation window. Storages with expiry
+    #: (Redis TTLs, disk eviction) may drop it after that; None: no bound is known.
+    keep_for: float | None = None
+
+    def encode(self) -> bytes:
+        """The metadata as bytes (compact JSON), for storages outside process memory;
+        :meth:`decode` reverses it."""
+        return json.dumps(
+            [
+                _CODEC_VERSION,
+                self.status,
+                [[n.decode("latin-1"), v.decode("latin-1")] for n, v in self.headers],
+                self.stored_at,
+                self.request_time,
+                self.response_time,
+                None if self.vary is None else [n.decode("latin-1") for n in self.vary],
+                self.variant.decode("latin-1"),
+                self.length,
+                [t.decode("latin-1") for t in self.tags],
+                self.keep_for,
+            ],
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> CacheMeta:
+        """The metadata :meth:`encode` made; ValueError if ``data`` is not that."""
+        try:
+            fields = json.loads(data)
+            if not isinstance(fields, list) or fields[0] != _CODEC_VERSION:
+                raise ValueError("unknown cache metadata version")
+            (_, status, headers, stored_at, request_time, response_time, vary, variant,
+             length, tags, keep_for) = fields
+            return cls(
+                int(status),
+                [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
+                float(stored_at),
+                float(request_time),
+                float(response_time),
+                None if vary is None else tuple(n.encode("latin-1") for n in vary),
+                variant.encode("latin-1"),
+                None if length is None else int(length),
+                tuple(t.encode("latin-1") for t in tags),
+                None if keep_for is None else float(keep_for),
+            )
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+                UnicodeError) as exc:
+            raise ValueError(f"corrupt cache metadata: {exc}") from exc
 
     def approx_size(self) -> int:
         """A rough count of the bytes this metadata occupies in memory."""
