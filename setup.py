@@ -37,6 +37,7 @@ COMPILED = [
     "src/ferryman/proxy/engine.py",
     "src/ferryman/proxy/downstream.py",
     "src/ferryman/proxy/h2_downstream.py",
+    "src/ferryman/proxy/fetch.py",
     "src/ferryman/lb/backend.py",
     "src/ferryman/lb/algorithms.py",
     "src/ferryman/lb/balancer.py",

@@ -455,6 +455,7 @@ def test_meta_encodes_and_decodes():
         length=10,
         tags=(b"t1",),
         keep_for=60.0,
+        fresh_for=30.0,
     )
     assert CacheMeta.decode(meta.encode()) == meta
     star = CacheMeta(404, [], vary=None)
@@ -463,7 +464,7 @@ def test_meta_encodes_and_decodes():
 
 @pytest.mark.parametrize(
     "data",
-    [b"", b"{}", b"[2]", b"[1, 200]", b"\xff", b'[1,"x",[],0,0,0,[],"",null,[],null]'],
+    [b"", b"{}", b"[2]", b"[1, 200]", b"\xff", b'[2,"x",[],0,0,0,[],"",null,[],null,0]'],
 )
 def test_meta_decode_refuses_what_encode_did_not_make(data):
     with pytest.raises(ValueError, match="corrupt cache metadata"):

@@ -32,6 +32,7 @@ from urllib.parse import quote_from_bytes
 
 from mypy_extensions import mypyc_attr
 
+from ferryman.app.caches import CacheRegistry
 from ferryman.app.routes import Route, Router, match_path, plain_path_end, to_origin_form
 from ferryman.app.static import StaticFiles
 from ferryman.config.model import Config, HeaderEdits, RouteConfig, UpstreamConfig
@@ -59,6 +60,7 @@ from ferryman.proxy.session import Session
 from ferryman.upstream.peer import HttpPeer
 
 if TYPE_CHECKING:
+    from ferryman.cache.http_cache import HttpCache
     from ferryman.protocols.headers import RequestHeader
     from ferryman.proxy.service import HttpProxyService
 
@@ -269,11 +271,17 @@ _PATH_SAFE: Final = "/!$&'()*+,;=:@-._~"
 class ProxyAction:
     """Proxy to an upstream group, with path rewrite and header edits."""
 
-    __slots__ = ("group", "strip", "rewrite", "rewrite_to", "request_edits", "changes_request")
+    __slots__ = (
+        "group", "strip", "rewrite", "rewrite_to", "request_edits", "changes_request", "cache",
+    )
 
-    def __init__(self, route: RouteConfig, group: UpstreamGroup) -> None:
+    def __init__(
+        self, route: RouteConfig, group: UpstreamGroup, cache: HttpCache | None = None
+    ) -> None:
         #: the group requests are proxied to
         self.group = group
+        #: the route's cache, or None
+        self.cache = cache
         self.strip = route.strip_prefix.encode() if route.strip_prefix else None
         if self.strip is not None and self.strip.endswith(b"/") and self.strip != b"/":
             self.strip = self.strip[:-1]
@@ -366,8 +374,18 @@ class RouteAction:
 
     proxy: ProxyAction | None
 
-    def __init__(self, route: RouteConfig, groups: dict[str, UpstreamGroup]) -> None:
-        self.proxy = ProxyAction(route, groups[route.upstream]) if route.upstream else None
+    def __init__(
+        self,
+        route: RouteConfig,
+        groups: dict[str, UpstreamGroup],
+        caches: CacheRegistry | None = None,
+    ) -> None:
+        cache = None
+        if route.cache is not None and caches is not None:
+            cache = caches.cache(route.cache)
+        self.proxy = (
+            ProxyAction(route, groups[route.upstream], cache) if route.upstream else None
+        )
         self.redirect = RedirectResponder(route) if route.redirect else None
         self.fixed = FixedResponder(route) if route.respond else None
         s = route.static
@@ -441,9 +459,12 @@ class ConfigProxy(ProxyHttp):
         self.board = board
         self.groups = {name: UpstreamGroup(u) for name, u in config.upstreams.items()}
         self.routers: dict[tuple[str, int], Router] = {}
+        self.caches = CacheRegistry(
+            [rc.cache for lc in config.listeners for rc in lc.routes if rc.cache is not None]
+        )
         for listener in config.listeners:
             routes = [
-                Route(rc, RouteAction(rc, self.groups)) for rc in listener.routes
+                Route(rc, RouteAction(rc, self.groups, self.caches)) for rc in listener.routes
             ]
             self.routers[(listener.bind[0], listener.bind[1])] = Router(routes)
         self._only = next(iter(self.routers.values())) if len(self.routers) == 1 else None
@@ -461,6 +482,7 @@ class ConfigProxy(ProxyHttp):
             "upstream_request_filter": any(a.proxy and a.proxy.changes_request for a in actions),
             "response_filter": any(a.proxy and a.edits_response for a in actions),
             "upstream_response_filter": any(g.timed for g in self.groups.values()),
+            "request_cache_filter": any(a.proxy and a.proxy.cache for a in actions),
         }
         cls = type(self)
         unused = {
@@ -653,6 +675,16 @@ class ConfigProxy(ProxyHttp):
         resp = ResponseHeader(fixed.status, list(fixed.headers))
         self._send_local(session, resp, fixed.body, edit)
         return True
+
+    def request_cache_filter(  # type: ignore[override]
+        self, session: Session, ctx: RequestState
+    ) -> HttpCache | None:
+        """The matched route's cache, if it has one."""
+        route = ctx.route
+        if route is None:
+            return None
+        p = route.action.proxy
+        return p.cache if p is not None else None
 
     def _late_route(self, session: Session, ctx: RequestState) -> UpstreamGroup:
         """Route in ``upstream_peer`` when a subclass's ``request_filter`` did not call

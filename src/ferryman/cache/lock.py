@@ -85,6 +85,14 @@ class CacheLock:
         entry.waiters += 1
         return ReadHandle(key, entry, self.timeout)
 
+    def try_lock(self, key: bytes) -> WritePermit | None:
+        """A write permit if nobody is fetching ``key``, else None (nothing to wait on:
+        for work that is skipped when someone else does it, as a background refresh)."""
+        if key in self._entries:
+            return None
+        entry = self._entries[key] = _Entry()
+        return WritePermit(key, entry)
+
     def release(self, permit: WritePermit, outcome: LockOutcome) -> None:
         """The writer is done with ``key``: wake its waiters with ``outcome`` (DONE or
         FAILED). The next miss of the key gets a new permit."""

@@ -49,7 +49,7 @@ _FIELD_OVERHEAD = 48
 
 #: Bump when :meth:`CacheMeta.encode`'s layout changes (older entries then read as
 #: corrupt, and are dropped).
-_CODEC_VERSION = 1
+_CODEC_VERSION = 2
 
 _WRITING = 0
 _COMPLETE = 1
@@ -67,7 +67,7 @@ class CacheMeta:
 
     #: The response status code.
     status: int
-    #: The response header fields, names lowercased, in order.
+    #: The response header fields as received (hop-by-hop ones removed), in order.
     headers: list[tuple[bytes, bytes]]
     #: When the entry was stored (``time.time()``).
     stored_at: float = field(default_factory=time.time)
@@ -89,6 +89,9 @@ class CacheMeta:
     #: freshness plus any stale-serving or revalidation window. Storages with expiry
     #: (Redis TTLs, disk eviction) may drop it after that; None: no bound is known.
     keep_for: float | None = None
+    #: The freshness lifetime decided when it was stored (RFC 9111 §4.2.1, or the
+    #: cache's ``default_ttl``), in seconds.
+    fresh_for: float = 0.0
 
     def encode(self) -> bytes:
         """The metadata as bytes (compact JSON), for storages outside process memory;
@@ -106,6 +109,7 @@ class CacheMeta:
                 self.length,
                 [t.decode("latin-1") for t in self.tags],
                 self.keep_for,
+                self.fresh_for,
             ],
             separators=(",", ":"),
         ).encode()
@@ -118,7 +122,7 @@ class CacheMeta:
             if not isinstance(fields, list) or fields[0] != _CODEC_VERSION:
                 raise ValueError("unknown cache metadata version")
             (_, status, headers, stored_at, request_time, response_time, vary, variant,
-             length, tags, keep_for) = fields
+             length, tags, keep_for, fresh_for) = fields
             return cls(
                 int(status),
                 [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers],
@@ -130,6 +134,7 @@ class CacheMeta:
                 None if length is None else int(length),
                 tuple(t.encode("latin-1") for t in tags),
                 None if keep_for is None else float(keep_for),
+                float(fresh_for),
             )
         except (ValueError, TypeError, KeyError, IndexError, AttributeError,
                 UnicodeError) as exc:

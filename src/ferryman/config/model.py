@@ -12,6 +12,7 @@ from typing import Literal
 
 __all__ = [
     "Address",
+    "CacheConfig",
     "DnsDiscovery",
     "FixedResponse",
     "HeaderEdits",
@@ -339,6 +340,51 @@ class StaticAction:
     max_age: int | None = None
 
 
+CacheStorageKind = Literal["memory", "disk", "redis"]
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Cache the responses of an upstream route (key ``cache`` of a route).
+
+    Fields:
+        storage: ``memory`` (each worker's own), ``disk`` (a directory all workers
+            share, kept across restarts) or ``redis`` (shared by every server using the
+            same Redis). Default ``memory``.
+        path: the directory of a ``disk`` storage (created if missing).
+        redis: the ``redis://`` URL of a ``redis`` storage.
+        max_size: the storage's bound in bytes (memory: per worker; disk: the
+            directory). Redis is bounded by its own ``maxmemory``. Default 64 MiB.
+        max_entry: the largest response body stored, or None for an eighth of
+            ``max_size`` (memory, disk) or 16 MiB (redis).
+        default_ttl: freshness of responses that state none, or None (RFC 9111's
+            heuristic only).
+        key: the cache key's parts. Default ``(scheme, host, uri)``.
+        ignore: caching instructions disregarded (``cache-control``, ``expires``,
+            ``set-cookie``, ``vary``, ``client-cache-control``).
+        stale_while_revalidate / stale_if_error: seconds of RFC 5861 stale serving
+            when the response does not say. Default 0.
+        lock_timeout: the longest a request waits for another's fetch of the same
+            key. Default 5 s.
+        purge: networks whose clients may send ``PURGE``, or None (PURGE not handled).
+        status_header: add ``Cache-Status``. Default true.
+    """
+
+    storage: CacheStorageKind = "memory"
+    path: str | None = None
+    redis: str | None = None
+    max_size: int = 64 * 1024 * 1024
+    max_entry: int | None = None
+    default_ttl: float | None = None
+    key: tuple[str, ...] = ("scheme", "host", "uri")
+    ignore: tuple[str, ...] = ()
+    stale_while_revalidate: float = 0.0
+    stale_if_error: float = 0.0
+    lock_timeout: float = 5.0
+    purge: tuple[str, ...] | None = None
+    status_header: bool = True
+
+
 @dataclass(frozen=True, slots=True)
 class PathRewrite:
     """Rewrite the request path sent upstream with a regular expression (key ``rewrite``).
@@ -369,6 +415,7 @@ class RouteConfig:
         request_headers: changes to the request sent upstream.
         response_headers: changes to the response sent to the client (every action).
         name: a name for logs and metrics; defaults to its key path, ``listeners[N].routes[M]``.
+        cache: for ``upstream``: cache its responses, or None.
     """
 
     match: RouteMatch = field(default_factory=RouteMatch)
@@ -381,6 +428,7 @@ class RouteConfig:
     request_headers: HeaderEdits = field(default_factory=HeaderEdits)
     response_headers: HeaderEdits = field(default_factory=HeaderEdits)
     name: str = ""
+    cache: CacheConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

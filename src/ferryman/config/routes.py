@@ -7,11 +7,15 @@ it is true only when every request ``later`` matches is certainly matched by ``e
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from yaml.nodes import MappingNode, Node
+
+from ferryman.cache.http_cache import IGNORABLE, key_part_valid
 
 from .common import (
     TOKEN,
@@ -27,6 +31,7 @@ from .common import (
 )
 from .document import node_line
 from .model import (
+    CacheConfig,
     FixedResponse,
     HeaderEdits,
     HeaderMatch,
@@ -51,9 +56,10 @@ ROUTE_KEYS = (
     "request_headers",
     "response_headers",
     "name",
+    "cache",
 )
 ACTIONS = ("upstream", "redirect", "respond", "static")
-UPSTREAM_ONLY = ("strip_prefix", "rewrite", "request_headers")
+UPSTREAM_ONLY = ("strip_prefix", "rewrite", "request_headers", "cache")
 MATCH_KEYS = ("host", "path_prefix", "path", "path_regex", "methods", "headers")
 PATH_KEYS = ("path_prefix", "path", "path_regex")
 HEADER_EDIT_KEYS = ("set", "add", "remove")
@@ -62,6 +68,11 @@ REDIRECT_KEYS = ("to", "status", "keep_query")
 RESPOND_KEYS = ("status", "body", "content_type", "headers")
 STATIC_KEYS = ("root", "index", "max_age")
 REWRITE_KEYS = ("regex", "to")
+CACHE_KEYS = (
+    "storage", "path", "redis", "max_size", "max_entry", "default_ttl", "key", "ignore",
+    "stale_while_revalidate", "stale_if_error", "lock_timeout", "purge", "status_header",
+)
+CACHE_STORAGES = ("memory", "disk", "redis")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 NO_BODY_STATUSES = (204, 304)
 
@@ -96,6 +107,26 @@ INDEX_EXPECTED = 'a file name such as "index.html", or a list of them'
 INDEX_NAME_EXPECTED = 'a file name such as "index.html" (without "/")'
 MAX_AGE_EXPECTED = 'a whole number of seconds, or a duration such as "1h" or "30s"'
 REPLACEMENT_EXPECTED = "a replacement that refers only to groups of the regex"
+CACHE_EXPECTED = "a mapping with keys " + ", ".join(CACHE_KEYS)
+CACHE_STORAGE_EXPECTED = "one of memory, disk, redis"
+CACHE_KEY_EXPECTED = (
+    "a list of key parts: scheme, host, method, path, query, uri, header:NAME, "
+    "cookie:NAME or arg:NAME"
+)
+CACHE_KEY_PART_EXPECTED = (
+    "a key part: scheme, host, method, path, query, uri, header:NAME, cookie:NAME or "
+    "arg:NAME"
+)
+CACHE_IGNORE_EXPECTED = (
+    "a list of: cache-control, expires, set-cookie, vary, client-cache-control"
+)
+CACHE_IGNORE_ITEM_EXPECTED = (
+    "one of cache-control, expires, set-cookie, vary, client-cache-control"
+)
+CACHE_PATH_EXPECTED = "a directory path for the disk cache"
+CACHE_REDIS_EXPECTED = 'a Redis URL such as "redis://127.0.0.1:6379/0"'
+CACHE_PURGE_EXPECTED = 'an address or network such as "127.0.0.1" or "10.0.0.0/8", or a list'
+CACHE_NETWORK_EXPECTED = 'an address or network such as "127.0.0.1" or "10.0.0.0/8"'
 REPLACEMENT_STRING_EXPECTED = 'a replacement string such as "/v2/\\1"'
 
 _PATH = re.compile(r"/[^\s?#\x00-\x1f\x7f]*")
@@ -217,6 +248,7 @@ def _route(
         request_headers=_header_edits(sec, "request_headers", reader),
         response_headers=_header_edits(sec, "response_headers", reader),
         name=name,
+        cache=_cache(sec, reader),
     )
     return route, name_node
 
@@ -576,6 +608,133 @@ def _static(route: Section, reader: Reader) -> StaticAction | None:
     if root is None:
         return None
     return StaticAction(root=root, index=index, max_age=max_age)
+
+
+def _cache(route: Section, reader: Reader) -> CacheConfig | None:
+    sec = subsection(route, "cache", CACHE_KEYS, CACHE_EXPECTED)
+    if sec is None:
+        return None
+    d = CacheConfig()
+    storage: str = sec.read(
+        "storage",
+        lambda n, p: reader.string(n, p, CACHE_STORAGE_EXPECTED, lambda v: v in CACHE_STORAGES),
+        str(d.storage),
+    )
+    path = None
+    path_node = sec.get("path")
+    if storage == "disk":
+        if path_node is None:
+            reader.problem(
+                sec.node, sec.path_of("path"), "a disk cache needs a path", CACHE_PATH_EXPECTED
+            )
+        else:
+            text = reader.string(path_node, sec.path_of("path"), CACHE_PATH_EXPECTED)
+            if text is not None:
+                path = _cache_directory(reader, path_node, sec.path_of("path"), text)
+    elif path_node is not None:
+        reader.problem(
+            sec.key_node("path"), sec.path_of("path"),
+            f"path is only used with storage: disk (this cache uses {storage})",
+            "storage: disk, or no path",
+        )
+    redis_url = None
+    redis_node = sec.get("redis")
+    if storage == "redis":
+        if redis_node is None:
+            reader.problem(
+                sec.node, sec.path_of("redis"), "a redis cache needs a redis URL",
+                CACHE_REDIS_EXPECTED,
+            )
+        else:
+            redis_url = reader.string(
+                redis_node, sec.path_of("redis"), CACHE_REDIS_EXPECTED,
+                lambda v: urlsplit(v).scheme in ("redis", "rediss", "unix")
+                and bool(urlsplit(v).netloc or urlsplit(v).path),
+            )
+    elif redis_node is not None:
+        reader.problem(
+            sec.key_node("redis"), sec.path_of("redis"),
+            f"redis is only used with storage: redis (this cache uses {storage})",
+            "storage: redis, or no redis",
+        )
+    max_size = sec.size("max_size", d.max_size, positive=True)
+    max_entry = sec.read(
+        "max_entry", lambda n, p: reader.size(n, p, positive=True), d.max_entry
+    )
+    default_ttl = sec.read(
+        "default_ttl", lambda n, p: reader.duration(n, p, positive=True), d.default_ttl
+    )
+    key = d.key
+    key_node = sec.get("key")
+    if key_node is not None:
+        items = reader.sequence(key_node, sec.path_of("key"), CACHE_KEY_EXPECTED, non_empty=True)
+        if items is not None:
+            parts = [
+                reader.string(n, p, CACHE_KEY_PART_EXPECTED, key_part_valid) for p, n in items
+            ]
+            if all(part is not None for part in parts):
+                key = tuple(part for part in parts if part is not None)
+    ignore = d.ignore
+    ignore_node = sec.get("ignore")
+    if ignore_node is not None:
+        values = string_or_list(
+            reader, ignore_node, sec.path_of("ignore"), CACHE_IGNORE_EXPECTED,
+            lambda n, p: reader.string(
+                n, p, CACHE_IGNORE_ITEM_EXPECTED, lambda v: v.lower() in IGNORABLE
+            ),
+        )
+        if values is not None:
+            ignore = tuple(dict.fromkeys(v.lower() for _, _, v in values))
+    purge = d.purge
+    purge_node = sec.get("purge")
+    if purge_node is not None:
+        values = string_or_list(
+            reader, purge_node, sec.path_of("purge"), CACHE_PURGE_EXPECTED,
+            lambda n, p: reader.string(n, p, CACHE_NETWORK_EXPECTED, _is_network),
+        )
+        if values is not None:
+            purge = tuple(v for _, _, v in values)
+    return CacheConfig(
+        storage=storage,  # type: ignore[arg-type]  # (one of CACHE_STORAGES)
+        path=path,
+        redis=redis_url,
+        max_size=max_size,
+        max_entry=max_entry,
+        default_ttl=default_ttl,
+        key=key,
+        ignore=ignore,
+        stale_while_revalidate=sec.duration("stale_while_revalidate", 0.0),
+        stale_if_error=sec.duration("stale_if_error", 0.0),
+        lock_timeout=sec.duration("lock_timeout", d.lock_timeout, positive=True),
+        purge=purge,
+        status_header=sec.boolean("status_header", True),
+    )
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _cache_directory(reader: Reader, node: Node, path: str, text: str) -> str | None:
+    """The absolute path of a disk cache's directory: it may be created, or is usable."""
+    full = os.path.abspath(os.path.join(reader.base_dir, os.path.expanduser(text)))
+    probe = full
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        reader.expected(node, path, CACHE_PATH_EXPECTED, f"{probe} is not a directory")
+        return None
+    if not os.access(probe, os.W_OK | os.X_OK):
+        reader.expected(node, path, CACHE_PATH_EXPECTED, f"{probe} is not writable")
+        return None
+    return full
 
 
 def replacement_error(pattern: re.Pattern[str], replacement: str) -> str | None:

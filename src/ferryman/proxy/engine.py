@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError, internal_error, status_for
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_NONE
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
+from ferryman.proxy import cache_flow as _cache_flow
 from ferryman.proxy import session as _session_module
 from ferryman.proxy.session import (
     _WAIT_END,
@@ -68,6 +69,12 @@ _REQ_SPECIAL: Final = HOP_BY_HOP | {
     b"x-request-id",
 }
 _REQ_LENS: Final = sum({1 << len(n) for n in _REQ_SPECIAL})
+#: Fields a cache fetch replaces with its own (RFC 9111 §4.3.1: the cache validates
+#: what it stored, and fetches whole responses).
+_CLIENT_CONDITIONALS: Final = frozenset(
+    (b"if-none-match", b"if-modified-since", b"if-match", b"if-unmodified-since",
+     b"if-range", b"range")
+)
 #: Methods whose request may be sent again after a failure (RFC 9110 §9.2.2).
 IDEMPOTENT_METHODS: Final = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
 
@@ -202,7 +209,13 @@ def build_upstream_request(session: Session) -> RequestHeader:
         session._up_chunked = True
     else:
         session._up_chunked = False
-    return RequestHeader(req.raw_method, req.raw_path, Headers._wrap(out), "1.1")
+    validators = session._up_validators
+    if validators is not None:  # a cache fetch: its own conditionals, never a Range
+        out = [p for p in out if p[0].lower() not in _CLIENT_CONDITIONALS] + validators
+    method = session._up_method
+    return RequestHeader(
+        req.raw_method if method is None else method, req.raw_path, Headers._wrap(out), "1.1"
+    )
 
 
 def prepare_downstream_response(session: Session, resp: ResponseHeader) -> None:
@@ -282,10 +295,33 @@ def begin(session: Session) -> None:
             if not session.allow_connect:
                 raise _method_not_allowed()
         else:
+            if plan.request_cache_filter:
+                cache = proxy.request_cache_filter(session, ctx)
+                if cache is not None:
+                    # the cache waits (storage, lock): the rest of the request is a task
+                    session.cache = cache
+                    session._sync = False
+                    session._down.loop.create_task(_run_cached(session))
+                    return
             session._send_continue()
         _choose_peer(session)
     except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
         _fail_sync(session, as_proxy_error(exc))
+
+
+async def _run_cached(session: Session) -> None:
+    """A sync-mode request that uses a cache, from its cache phase on, as a task."""
+    ctx = session.ctx
+    error: ProxyError | None = None
+    try:
+        await _cache_flow.serve(session, ctx)
+    except asyncio.CancelledError:
+        error = ProxyError(ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "cancelled")
+    except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
+        error = as_proxy_error(exc)
+    if error is not None:
+        await _fail_task(session, error, ctx)
+    await _end_task(session, error, ctx)
 
 
 def _choose_peer(session: Session) -> None:
@@ -559,6 +595,7 @@ def _abandon_upstream(session: Session, error: ProxyError) -> None:
     session._up = None
     if up is not None:
         up.abort()
+        session._abort_fill()
     session._close_source()
     session._error = error
 
@@ -651,7 +688,15 @@ async def run_session(session: Session) -> None:
         if not handled:
             if session.req_header.raw_method == b"CONNECT" and not session.allow_connect:
                 raise _method_not_allowed()
-            await _proxy_upstream(session, ctx)
+            cache = None
+            if plan.request_cache_filter:
+                r = proxy.request_cache_filter(session, ctx)
+                cache = (await r) if "request_cache_filter" in async_hooks else r
+            if cache is not None:
+                session.cache = cache
+                await _cache_flow.serve(session, ctx)
+            else:
+                await _proxy_upstream(session, ctx)
         elif session._error is not None:
             raise session._error  # e.g. a body source failed while it was sent
         elif not session._done:
@@ -667,6 +712,13 @@ async def run_session(session: Session) -> None:
         error = as_proxy_error(exc)
     if error is not None:
         await _fail_task(session, error, ctx)
+    await _end_task(session, error, ctx)
+
+
+async def _end_task(session: Session, error: ProxyError | None, ctx: Any) -> None:
+    """Task mode: the request is over; next request, then ``logging`` and the logs."""
+    proxy: Any = session._proxy
+    plan = session._plan
     if not session._done:
         session.keep_alive = False
         session._done = True
@@ -674,7 +726,7 @@ async def run_session(session: Session) -> None:
     if plan.logging:
         try:
             r = proxy.logging(session, error, ctx)
-            if "logging" in async_hooks:
+            if "logging" in proxy.async_hooks:
                 await r
         except Exception:  # noqa: BLE001 - a logging hook must never break the connection
             log.exception("logging hook failed")
@@ -708,6 +760,20 @@ async def _fail_task(session: Session, error: ProxyError, ctx: Any) -> None:
 
 
 async def _proxy_upstream(session: Session, ctx: Any) -> None:
+    peer = await upstream_head(session, ctx)
+    if peer is None:
+        return  # a CONNECT tunnel, done
+    resp = session._up_resp
+    assert resp is not None
+    await upstream_response_hooks(session, ctx, resp)
+    await deliver_upstream_response(session, ctx, peer, resp)
+
+
+async def upstream_head(session: Session, ctx: Any) -> HttpPeer | None:
+    """Task mode: choose a peer, connect, send the request and wait for the response
+    head (``session._up_resp``), with ``fail_to_connect``/``error_while_proxy`` and
+    retries; the peer that answered. A CONNECT request becomes a tunnel instead, run to
+    its end: None."""
     proxy: Any = session._proxy  # hooks may be plain or async: called dynamically
     plan = session._plan
     async_hooks = proxy.async_hooks
@@ -752,7 +818,7 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
             _start_connect_tunnel(session, up)
             if not session._done:
                 await session._wait(_WAIT_END)
-            return
+            return None
         up_req = build_upstream_request(session)
         if plan.upstream_request_filter:
             r = proxy.upstream_request_filter(session, up_req, ctx)
@@ -778,14 +844,28 @@ async def _proxy_upstream(session: Session, ctx: Any) -> None:
                 session._reset_attempt()
                 continue
             raise err from None
-        break
-    resp = session._up_resp
-    assert resp is not None
+        return peer
+
+
+async def upstream_response_hooks(session: Session, ctx: Any, resp: ResponseHeader) -> None:
+    """Task mode: strip the upstream response's hop-by-hop fields, then
+    ``upstream_response_filter``."""
     prepare_downstream_response(session, resp)
-    if plan.upstream_response_filter:
+    if session._plan.upstream_response_filter:
+        proxy: Any = session._proxy
         r = proxy.upstream_response_filter(session, resp, ctx)
-        if "upstream_response_filter" in async_hooks:
+        if "upstream_response_filter" in proxy.async_hooks:
             await r
+
+
+async def deliver_upstream_response(
+    session: Session, ctx: Any, peer: HttpPeer, resp: ResponseHeader
+) -> None:
+    """Task mode: ``response_filter``, then send the upstream response to the client
+    (or start a 101 tunnel) and wait until it is complete."""
+    proxy: Any = session._proxy
+    plan = session._plan
+    async_hooks = proxy.async_hooks
     if plan.response_filter:
         r = proxy.response_filter(session, resp, ctx)
         if "response_filter" in async_hooks:

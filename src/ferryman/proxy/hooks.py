@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from ferryman.errors import ProxyError, status_for
 
 if TYPE_CHECKING:
+    from ferryman.cache.http_cache import HttpCache
+    from ferryman.cache.storage import CacheMeta
     from ferryman.protocols.headers import RequestHeader, ResponseHeader
     from ferryman.proxy.service import HttpProxyService
     from ferryman.proxy.session import Session
@@ -46,7 +48,24 @@ HOOKS = (
 )
 
 
-_SYNC_ONLY = frozenset(("new_ctx", "request_body_filter", "response_body_filter"))
+#: The cache phase's hooks (Pingora's names). They run only for a request that
+#: ``request_cache_filter`` gave a cache, between ``request_filter`` and
+#: ``upstream_peer`` (lookups) and after ``upstream_response_filter`` (storing); see
+#: docs/hooks.md for the chart.
+CACHE_HOOKS = (
+    "request_cache_filter",
+    "cache_key_callback",
+    "cache_hit_filter",
+    "cache_miss",
+    "cache_vary_filter",
+    "response_cache_filter",
+    "should_serve_stale",
+)
+
+
+_SYNC_ONLY = frozenset(
+    ("new_ctx", "request_body_filter", "response_body_filter", "cache_vary_filter")
+)
 
 
 class ProxyHttp:
@@ -73,7 +92,9 @@ class ProxyHttp:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         overridden = frozenset(
-            name for name in HOOKS if getattr(cls, name) is not getattr(ProxyHttp, name)
+            name
+            for name in HOOKS + CACHE_HOOKS
+            if getattr(cls, name) is not getattr(ProxyHttp, name)
         )
         async_hooks = frozenset(
             name for name in overridden if inspect.iscoroutinefunction(getattr(cls, name))
@@ -144,6 +165,85 @@ class ProxyHttp:
         ``session.allow_connect = True``. Default: ``False``.
         """
         return False
+
+    # cache phase (runs only when request_cache_filter returns a cache) ----------------
+    async def request_cache_filter(self, session: Session, ctx: Any) -> HttpCache | None:
+        """Decide whether this request may be answered from, and stored in, a cache.
+
+        Runs after ``request_filter`` (when it did not answer). Return the
+        :class:`~ferryman.cache.http_cache.HttpCache` to use, or None to proxy the
+        request without a cache. With a cache, GET and HEAD are looked up; other
+        methods go upstream and, when unsafe and successful, invalidate the URL's
+        entries (RFC 9111 §4.4); ``PURGE`` from the cache's ``purge_from`` networks
+        removes the URL's entries. Default: None (the config proxy returns the route's
+        ``cache``).
+        """
+        return None
+
+    async def cache_key_callback(self, session: Session, ctx: Any) -> bytes:
+        """The primary cache key of this request (bytes).
+
+        Runs once per cached request, after ``request_cache_filter``. Variants of a
+        response with ``Vary`` are stored under this key plus their secondary key.
+        Default: ``session.cache.primary_key(...)`` from the cache's ``key`` parts
+        (scheme, Host and the request target unless configured otherwise).
+        """
+        return default_cache_key(session)
+
+    async def cache_hit_filter(self, session: Session, meta: CacheMeta, ctx: Any) -> bool:
+        """A stored response was found for the request; return True to treat it as
+        expired (it is then revalidated with the origin before use).
+
+        ``meta`` is the stored :class:`~ferryman.cache.storage.CacheMeta` (status,
+        headers, times); do not change it. Default: False.
+        """
+        return False
+
+    async def cache_miss(self, session: Session, ctx: Any) -> None:
+        """Nothing usable was stored: the request is about to go upstream to fill the
+        cache (it holds the cache lock for its key). Default: nothing."""
+
+    def cache_vary_filter(
+        self, session: Session, fields: tuple[bytes, ...], ctx: Any
+    ) -> bytes:
+        """The secondary key of this request for a response that varies on ``fields``
+        (the lowercased names its ``Vary`` lists).
+
+        Runs when such a response is stored and when one is looked up; requests with
+        equal secondary keys share a variant. Plain function. Default: the request's
+        values of those fields, normalised (RFC 9111 §4.1); override to normalise more
+        (say, to ``gzip`` or nothing from ``Accept-Encoding``).
+        """
+        return default_secondary_key(session, fields)
+
+    async def response_cache_filter(
+        self, session: Session, response: ResponseHeader, ctx: Any
+    ) -> float | None:
+        """Decide whether the upstream response is stored, and for how long it is fresh.
+
+        Runs after ``upstream_response_filter`` (whose changes are what gets stored)
+        and before ``response_filter`` (whose changes are per client, not stored).
+        Return the freshness lifetime in seconds, or None not to store it. Default:
+        RFC 9111 for a shared cache (``no-store``, ``private``, ``Authorization``,
+        ``Set-Cookie``, ``s-maxage``/``max-age``/``Expires``, heuristic freshness),
+        with the cache's ``default_ttl`` and ``ignore`` applied.
+        """
+        return default_cacheability(session, response)
+
+    async def should_serve_stale(
+        self, session: Session, ctx: Any, error: ProxyError | None
+    ) -> bool:
+        """Whether a stale stored response answers this request instead of the origin.
+
+        With ``error`` set, revalidating it failed (a connect error, a timeout, or the
+        origin answered 500, 502, 503 or 504): True serves the stale response. With
+        ``error`` None, the response is stale within its ``stale-while-revalidate``
+        window: True serves it now and refreshes it in the background, False waits for
+        the origin. Default: what RFC 5861 allows (``stale-if-error`` and
+        ``stale-while-revalidate`` from the response, the request or the cache's
+        config).
+        """
+        return default_serve_stale(session, error)
 
     # 4 -------------------------------------------------------------------------------
     def request_body_filter(
@@ -257,3 +357,52 @@ class ProxyHttp:
     # 14 ------------------------------------------------------------------------------
     async def logging(self, session: Session, error: ProxyError | None, ctx: Any) -> None:
         """Runs last, exactly once per request, success or failure. Default: nothing."""
+
+
+def default_cache_key(session: Session) -> bytes:
+    """The key :meth:`ProxyHttp.cache_key_callback` gives by default."""
+    cache = session.cache
+    if cache is None:
+        raise RuntimeError("the request has no cache")
+    req = session.req_header
+    return cache.primary_key(
+        scheme=b"https" if session.is_tls else b"http",
+        method=req.raw_method,
+        target=req.raw_path,
+        header=req.headers.get_all,
+    )
+
+
+def default_secondary_key(session: Session, fields: tuple[bytes, ...]) -> bytes:
+    """The secondary key :meth:`ProxyHttp.cache_vary_filter` gives by default."""
+    from ferryman.cache.http_cache import HttpCache
+
+    return HttpCache.secondary_key(fields, session.req_header.headers.get_all)
+
+
+def default_cacheability(session: Session, response: ResponseHeader) -> float | None:
+    """What :meth:`ProxyHttp.response_cache_filter` answers by default."""
+    cache = session.cache
+    if cache is None:
+        return None
+    req = session.req_header
+    request_cc, _ = cache.request_cc(req.headers.get_all)
+    return cache.decide(
+        method=req.raw_method,
+        status=response.status,
+        headers=response.headers.items(),
+        request_cc=request_cc,
+        authorization=b"authorization" in req.headers,
+    )
+
+
+def default_serve_stale(session: Session, error: ProxyError | None) -> bool:
+    """What :meth:`ProxyHttp.should_serve_stale` answers by default."""
+    from ferryman.cache.policy import stale_if_error_allows
+
+    judgement = session.cache_judgement
+    if judgement is None:
+        return False
+    if error is None:
+        return judgement.verdict == "stale-while-revalidate"
+    return stale_if_error_allows(judgement.stored, judgement.request_cc)

@@ -49,6 +49,7 @@ class RequestPlan:
         "error_while_proxy",
         "fail_to_proxy",
         "logging",
+        "request_cache_filter",
         "any_async",
         "trust_length",
         "max_retries",
@@ -87,6 +88,7 @@ class RequestPlan:
         self.error_while_proxy = "error_while_proxy" in hooks
         self.fail_to_proxy = "fail_to_proxy" in hooks
         self.logging = "logging" in hooks
+        self.request_cache_filter = "request_cache_filter" in hooks
         self.any_async = bool(proxy.async_hooks)
         self.trust_length = not (self.upstream_response_filter or self.response_filter)
         self.max_retries: int = options.max_retries

@@ -22,6 +22,8 @@ from ferryman.proxy.client import PAUSE_BODY, PAUSE_UPSTREAM, ClientSide
 from ferryman.upstream.connection import UpstreamChannel, UpstreamSink
 
 if TYPE_CHECKING:
+    from ferryman.cache.http_cache import HttpCache, Judgement
+    from ferryman.cache.storage import CacheWriter
     from ferryman.proxy.downstream import TlsInfo
     from ferryman.server.listener import Listener
     from ferryman.upstream.peer import HttpPeer
@@ -180,6 +182,13 @@ class Session(UpstreamSink):
         "_source",
         "_pump_scheduled",
         "_source_left",
+        "cache",
+        "cache_judgement",
+        "cache_status",
+        "_cache_fill",
+        "_fill_only",
+        "_up_method",
+        "_up_validators",
     )
 
     def __init__(
@@ -252,6 +261,13 @@ class Session(UpstreamSink):
         self._source: BodySource | None = None
         self._pump_scheduled = False
         self._source_left = -1
+        self.cache: HttpCache | None = None
+        self.cache_judgement: Judgement | None = None
+        self.cache_status = ""
+        self._cache_fill: CacheWriter | None = None
+        self._fill_only = False
+        self._up_method: bytes | None = None
+        self._up_validators: list[tuple[bytes, bytes]] | None = None
 
     # read-only views for hooks ----------------------------------------------------------
 
@@ -763,6 +779,11 @@ class Session(UpstreamSink):
         self._wake(_WAIT_HEAD)
 
     def on_response_body(self, data: bytes) -> None:
+        fill = self._cache_fill
+        if fill is not None:
+            fill.write(data)
+            if self._fill_only:
+                return
         if self._streaming:
             self._write_body(data)
         else:
@@ -770,6 +791,10 @@ class Session(UpstreamSink):
 
     def on_response_end(self, trailers: Headers | None) -> None:
         self._up_ended = True
+        fill = self._cache_fill
+        if fill is not None:
+            self._cache_fill = None
+            fill.finish()
         self._resp_trailers = trailers
         if self.upstream_status == 101:
             return  # the connection becomes a tunnel: keep it
@@ -788,10 +813,18 @@ class Session(UpstreamSink):
             self._wake(_WAIT_END)
 
     def on_upstream_error(self, error: ProxyError) -> None:
+        self._abort_fill()
         self._up = None
         self._down.resume(PAUSE_UPSTREAM)
         self._error = error
         self._fail_waiter(error)
+
+    def _abort_fill(self) -> None:
+        """The response being stored in the cache will not be complete."""
+        fill = self._cache_fill
+        if fill is not None:
+            self._cache_fill = None
+            fill.abort()
 
     def pause_source(self) -> None:
         self._down.pause(PAUSE_UPSTREAM)
@@ -977,6 +1010,7 @@ class Session(UpstreamSink):
         self._up = None
         if up is not None:
             up.abort()  # never reuse a connection mid-exchange
+            self._abort_fill()
         self._close_source()
         if not self._done:
             self._error = error

@@ -1,0 +1,84 @@
+"""The config proxy's caches: an :class:`~ferryman.cache.http_cache.HttpCache` per route
+``cache`` block, over storages shared where the config names the same place.
+
+Each route gets its own memory storage. Routes naming the same disk directory share one
+:class:`~ferryman.cache.disk.DiskStorage` (bounded by the largest ``max_size`` among
+them), and routes naming the same Redis URL share one
+:class:`~ferryman.cache.redis_storage.RedisStorage`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from ferryman.cache.http_cache import HttpCache
+from ferryman.cache.memory import MemoryStorage
+from ferryman.cache.storage import CacheStorage
+from ferryman.config.model import CacheConfig
+
+__all__ = ["CacheRegistry"]
+
+#: The largest Redis entry when ``max_entry`` is not set.
+REDIS_MAX_ENTRY = 16 * 1024 * 1024
+
+
+class CacheRegistry:
+    """Builds the caches of one config, sharing storages between routes."""
+
+    def __init__(self, configs: list[CacheConfig]) -> None:
+        """Prepare for ``configs`` (every cache block of the config: the largest bound
+        of a shared disk directory is known before any storage is made)."""
+        self._disk_sizes: dict[str, int] = {}
+        for config in configs:
+            if config.storage == "disk" and config.path is not None:
+                size = self._disk_sizes.get(config.path, 0)
+                self._disk_sizes[config.path] = max(size, config.max_size)
+        self._shared: dict[tuple[str, str], CacheStorage] = {}
+        #: Every storage made, for closing.
+        self.storages: list[CacheStorage] = []
+
+    def _storage(self, config: CacheConfig) -> CacheStorage:
+        if config.storage == "memory":
+            storage: CacheStorage = MemoryStorage(config.max_size, max_entry=config.max_entry)
+            self.storages.append(storage)
+            return storage
+        if config.storage == "disk":
+            assert config.path is not None
+            place = ("disk", config.path)
+            found = self._shared.get(place)
+            if found is None:
+                from ferryman.cache.disk import DiskStorage
+
+                found = DiskStorage(
+                    config.path, self._disk_sizes[config.path], max_entry=config.max_entry
+                )
+                self._shared[place] = found
+                self.storages.append(found)
+            return found
+        assert config.redis is not None
+        place = ("redis", config.redis)
+        found = self._shared.get(place)
+        if found is None:
+            from ferryman.cache.redis_storage import RedisStorage
+
+            found = RedisStorage(config.redis, max_entry=config.max_entry or REDIS_MAX_ENTRY)
+            self._shared[place] = found
+            self.storages.append(found)
+        return found
+
+    def cache(self, config: CacheConfig) -> HttpCache:
+        """The cache of one route's ``cache`` block."""
+        purge = None
+        if config.purge is not None:
+            purge = tuple(ipaddress.ip_network(n, strict=False) for n in config.purge)
+        return HttpCache(
+            self._storage(config),
+            default_ttl=config.default_ttl,
+            key=config.key,
+            ignore=frozenset(config.ignore),
+            stale_while_revalidate=config.stale_while_revalidate,
+            stale_if_error=config.stale_if_error,
+            lock_timeout=config.lock_timeout,
+            purge_from=purge,
+            status_header=config.status_header,
+        )
