@@ -39,6 +39,7 @@ NAMES = {
     "ferryman_upstream_server_healthy": "gauge",
     "ferryman_config_reloads_total": "counter",
     "ferryman_config_last_reload_success_timestamp_seconds": "gauge",
+    "ferryman_cache_requests_total": "counter",
 }
 
 
@@ -284,3 +285,25 @@ def test_package_loads_prometheus_client_only_when_asked() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_cache_results_add_up_over_workers_and_survive_a_restart() -> None:
+    first, second = WorkerMetrics(), WorkerMetrics()
+    for result in ("HIT", "HIT", "MISS", "STALE"):
+        first.record_cache("static", result)
+    second.record_cache("static", "HIT")
+    second.record_cache("api", "EXPIRED")
+    replacement = WorkerMetrics()  # (the first worker restarted in its slot)
+    replacement.load_base(first.snapshot())
+    replacement.record_cache("static", "UPDATING")
+    records = [
+        SlotRecord(1, 100, replacement.snapshot(), False, 1.0),
+        SlotRecord(2, 101, second.snapshot(), False, 1.0),
+    ]
+    parsed = samples(render_records(records, live={100, 101}))
+    name = "ferryman_cache_requests_total"
+    assert value(parsed, name, route="static", result="hit") == 3
+    assert value(parsed, name, route="static", result="miss") == 1
+    assert value(parsed, name, route="static", result="stale") == 1
+    assert value(parsed, name, route="static", result="updating") == 1
+    assert value(parsed, name, route="api", result="expired") == 1

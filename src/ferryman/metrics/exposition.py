@@ -19,6 +19,9 @@ Metrics (all with HELP text; label values as the workers recorded them):
   ``ferryman_upstream_retries_total``, and ``ferryman_upstream_reuse_ratio{upstream}``
   (reuses / (reuses + connects), for upstreams with at least one connection used)
 * ``ferryman_upstream_server_healthy{upstream,server}`` (1 or 0)
+* ``ferryman_cache_requests_total{route,result}``: requests of routes with a cache by
+  outcome (``hit``, ``miss``, ``expired``, ``stale``, ``updating``, ``revalidated``,
+  ``bypass``, ``purge``)
 * ``ferryman_config_reloads_total{result="success"|"failure"}``,
   ``ferryman_config_last_reload_success_timestamp_seconds``
 
@@ -93,6 +96,8 @@ class Totals:
     """failed config reloads"""
     last_reload_success: float = 0.0
     """``time.time()`` of the last successful config load"""
+    cache: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(route, result) → requests the cache answered so"""
 
 
 def aggregate(
@@ -136,6 +141,9 @@ def _add_worker(totals: Totals, snap: dict[str, Any], live: bool) -> None:
         up[0] += connects
         up[1] += reuses
         up[2] += retries
+    for route, result, value in snap.get("cache", []):
+        ckey = (route, result)
+        totals.cache[ckey] = totals.cache.get(ckey, 0) + value
     if live:
         totals.workers += 1
         totals.active_connections += int(snap["active_connections"])
@@ -267,9 +275,17 @@ def families(totals: Totals) -> list[Metric]:
         "Unix time of the last successful config load or reload.",
         value=totals.last_reload_success,
     )
+    cache = CounterMetricFamily(
+        "ferryman_cache_requests_total",
+        "Requests of routes with a cache, by route and cache result (hit, miss, expired, "
+        "stale, updating, revalidated, bypass, purge).",
+        labels=["route", "result"],
+    )
+    for (route, result), value in sorted(totals.cache.items()):
+        cache.add_metric([route, result.lower()], value)
     return [
         requests, duration, response, received, sent, active, workers,
-        connects, reuses, ratio, retries, healthy, reloads, last,
+        connects, reuses, ratio, retries, healthy, reloads, last, cache,
     ]  # fmt: skip
 
 

@@ -176,6 +176,7 @@ class WorkerMetrics:
         self._connections_source: Callable[[], int] | None = None
         self._health: dict[tuple[str, str], bool] = {}
         self._health_source: Callable[[], Iterable[tuple[str, str, bool]]] | None = None
+        self._cache: dict[tuple[str, str], _Count] = {}
 
     # the hot path -----------------------------------------------------------------------
 
@@ -234,6 +235,17 @@ class WorkerMetrics:
                 up.connects += 1
         if retries:
             up.retries += retries
+        self.version += 1
+
+    def record_cache(self, route: str, result: str) -> None:
+        """Count the cache's outcome for a request of ``route`` (``result``: HIT, MISS,
+        EXPIRED, STALE, UPDATING, REVALIDATED, BYPASS or PURGE, as
+        ``Session.cache_status`` says)."""
+        key = (route, result)
+        count = self._cache.get(key)
+        if count is None:
+            count = self._cache[key] = _Count()
+        count.value += 1
         self.version += 1
 
     def _entry(self, listener: str, route: str, upstream: str, status: int) -> _Entry:
@@ -332,7 +344,8 @@ class WorkerMetrics:
         ``upstream_response`` [(upstream, [per-bucket counts], sum)] (upstreams that
         answered at least once), ``traffic`` [(listener, received, sent)],
         ``upstreams`` [(upstream, connects, reuses, retries)],
-        ``active_connections`` (int), ``health`` [(upstream, server, 1 or 0)].
+        ``active_connections`` (int), ``health`` [(upstream, server, 1 or 0)],
+        ``cache`` [(route, result, count)].
         Per-bucket counts are not cumulative; the last one is ``+Inf``'s.
         """
         requests = [(k[0], k[1], k[2], k[3], c.value) for k, c in self._requests.items()]
@@ -356,6 +369,7 @@ class WorkerMetrics:
             "upstreams": upstreams,
             "active_connections": self.active_connections() if gauges else 0,
             "health": self.health() if gauges else [],
+            "cache": [(k[0], k[1], c.value) for k, c in self._cache.items()],
         }
 
     def load_base(self, snapshot: dict[str, Any]) -> None:
@@ -384,6 +398,12 @@ class WorkerMetrics:
             up.connects += int(connects)
             up.reuses += int(reuses)
             up.retries += int(retries)
+        for route, result, value in snapshot.get("cache", []):
+            ckey = (str(route), str(result))
+            cached = self._cache.get(ckey)
+            if cached is None:
+                cached = self._cache[ckey] = _Count()
+            cached.value += int(value)
         self.version += 1
 
 

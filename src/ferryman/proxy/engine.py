@@ -579,6 +579,8 @@ def _count(session: Session) -> None:
         session.upstream_reused,
         session.retries,
     )
+    if session.cache_status:
+        metrics.record_cache(route, session.cache_status)
 
 
 def _hook_error(exc: Exception) -> ProxyError:
