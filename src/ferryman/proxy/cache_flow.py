@@ -73,6 +73,60 @@ _NOT_MODIFIED_FIELDS = frozenset(
 _refreshes: set[asyncio.Task[None]] = set()
 
 
+class _Vanished(Exception):
+    """A stored entry could not be read any more (purged, evicted or replaced since its
+    lookup), found before anything was sent: the request goes on as a miss."""
+
+
+class _BodyReader:
+    """An entry's body, opened before the response head goes out (so a vanished entry
+    can still be treated as a miss): a synchronous source, or the async iteration with
+    its first chunk already read."""
+
+    __slots__ = ("source", "chunks", "first")
+
+    def __init__(self) -> None:
+        self.source: Any = None
+        self.chunks: Any = None
+        self.first: bytes | None = None
+
+    async def open(self, entry: CacheEntry) -> None:
+        """Open ``entry``'s body; raises :class:`_Vanished` if it cannot be read."""
+        source = entry.open_source()
+        if source is not None:
+            self.source = source
+            return
+        if entry.complete and entry.size == 0:
+            self.first = b""
+            return
+        chunks = entry.body().__aiter__()
+        try:
+            self.first = await chunks.__anext__()
+        except StopAsyncIteration:
+            self.first = b""
+            return
+        except CacheWriteAborted as exc:
+            raise _Vanished(str(exc)) from None
+        self.chunks = chunks
+
+    def close(self) -> None:
+        """Release what was opened, when the body is not sent after all."""
+        source, self.source = self.source, None
+        if source is not None:
+            source.close()
+        chunks, self.chunks = self.chunks, None
+        if chunks is not None:
+            session_loop_close(chunks)
+
+
+def session_loop_close(chunks: Any) -> None:
+    """Close an async generator left unfinished (in the background)."""
+    try:
+        asyncio.get_running_loop().create_task(chunks.aclose())
+    except RuntimeError:
+        pass
+
+
 def _engine() -> Any:
     from ferryman.proxy import engine  # (engine imports this module: bound late)
 
@@ -90,6 +144,16 @@ async def _call(session: Session, name: str, *args: Any) -> Any:
 
 async def serve(session: Session, ctx: Any) -> None:
     """The cache phase and the rest of the request (see the module docstring)."""
+    try:
+        await _serve(session, ctx)
+    except _Vanished as exc:  # (a stale entry to revalidate or fall back on went away)
+        raise ProxyError(
+            ErrorKind.INTERNAL, ErrorSource.INTERNAL,
+            f"the stored response could not be read: {exc}",
+        ) from None
+
+
+async def _serve(session: Session, ctx: Any) -> None:
     cache = session.cache
     assert cache is not None
     req = session.req_header
@@ -123,14 +187,17 @@ async def serve(session: Session, ctx: Any) -> None:
     judgement: Judgement | None = None
     if entry is not None:
         judgement = await _judge(session, ctx, cache, entry, request_cc, pragma)
-        if judgement.verdict == "fresh":
-            await _serve_hit(session, ctx, cache, entry, entry.meta, judgement, "HIT")
-            return
-        if judgement.verdict == "stale-while-revalidate" and await _call(
-            session, "should_serve_stale", ctx, None
-        ):
-            await _serve_updating(session, ctx, cache, key, entry, judgement)
-            return
+        try:
+            if judgement.verdict == "fresh":
+                await _serve_hit(session, ctx, cache, entry, entry.meta, judgement, "HIT")
+                return
+            if judgement.verdict == "stale-while-revalidate" and await _call(
+                session, "should_serve_stale", ctx, None
+            ):
+                await _serve_updating(session, ctx, cache, key, entry, judgement)
+                return
+        except _Vanished:
+            entry, judgement, miss = None, None, "uri-miss"  # (purged or evicted meanwhile)
     if request_cc.only_if_cached:
         session.cache_status = "MISS"
         session.send_error(504)  # RFC 9111 §5.2.1.7
@@ -148,10 +215,14 @@ async def serve(session: Session, ctx: Any) -> None:
                 if found is not None:
                     j = await _judge(session, ctx, cache, found, request_cc, pragma)
                     if j.verdict == "fresh" or not found.complete:
-                        await _serve_hit(
-                            session, ctx, cache, found, found.meta, j, "HIT", collapsed=True
-                        )
-                        return
+                        try:
+                            await _serve_hit(
+                                session, ctx, cache, found, found.meta, j, "HIT",
+                                collapsed=True,
+                            )
+                            return
+                        except _Vanished:
+                            pass
         else:
             permit = lock
             if cache.storage.shared:
@@ -160,13 +231,16 @@ async def serve(session: Session, ctx: Any) -> None:
                 )
                 if other is not None:
                     entry_found, j = other
-                    cache.lock.release(permit, LockOutcome.DONE)
-                    permit = None
-                    await _serve_hit(
-                        session, ctx, cache, entry_found, entry_found.meta, j, "HIT",
-                        collapsed=True,
-                    )
-                    return
+                    try:
+                        await _serve_hit(
+                            session, ctx, cache, entry_found, entry_found.meta, j, "HIT",
+                            collapsed=True,
+                        )
+                        cache.lock.release(permit, LockOutcome.DONE)
+                        permit = None
+                        return
+                    except _Vanished:
+                        pass
         await _fetch(session, ctx, cache, key, entry, judgement, miss, permit, collapsed)
         permit = None  # (_fetch released it)
     finally:
@@ -610,6 +684,15 @@ async def _serve_hit(
             params["detail"] = "stale-while-revalidate"
         resp.headers.add(b"Cache-Status", _status_value(cache, **params))
     size = entry.size if entry.complete else None
+    reader = _BodyReader()
+    plain = (
+        req.raw_method != b"HEAD"
+        and meta.status not in (204, 304)
+        and not (meta.status == 200 and _not_modified(req.headers, meta.headers))
+        and not (b"range" in req.headers and meta.status == 200)
+    )
+    if plain:
+        await reader.open(entry)  # (raises _Vanished: nothing was sent yet)
     if meta.status == 200 and _not_modified(req.headers, meta.headers):
         kept = [(n, v) for n, v in resp.headers.items()
                 if n.lower() in _NOT_MODIFIED_FIELDS or n in (b"Age", b"Cache-Status")]
@@ -634,8 +717,12 @@ async def _serve_hit(
             return
     if size is not None:
         resp.headers.set(b"Content-Length", str(size))
-    await _send_head(session, ctx, resp, size)
-    await _send_entry_body(session, entry)
+    try:
+        await _send_head(session, ctx, resp, size)
+    except BaseException:
+        reader.close()
+        raise
+    await _send_entry_body(session, entry, reader)
 
 
 def _field(meta: CacheMeta, name: bytes) -> bytes | None:
@@ -689,31 +776,39 @@ async def _send_head(
     session._write_head(resp, kind)
 
 
-async def _send_entry_body(session: Session, entry: CacheEntry) -> None:
-    """Stream an entry's body to the client, as fast as it reads."""
-    if session._done:
-        return
-    source = None if session._head_only else entry.open_source()
-    if source is not None or session._head_only:
-        if source is None:
+async def _send_entry_body(session: Session, entry: CacheEntry, reader: _BodyReader) -> None:
+    """Stream an entry's body (opened by ``reader``, or not at all for a HEAD) to the
+    client, as fast as it reads."""
+    if session._done or session._head_only:
+        reader.close()
+        if not session._done:
             session._finish_response()
-            return
+        return
+    if reader.source is not None:
+        source, reader.source = reader.source, None
         session.send_body_from(source)
         if not session._done:
             await _wait_end(session)
         return
-    try:
-        async for chunk in entry.body():
-            session._write_body(chunk)
-            if session._error is not None:
-                raise session._error
+    if reader.first:
+        session._write_body(reader.first)
+    chunks, reader.chunks = reader.chunks, None
+    if chunks is not None:
+        try:
             await session._drain()
-    except CacheWriteAborted as exc:
-        session.keep_alive = False
-        raise ProxyError(
-            ErrorKind.INVALID_RESPONSE, ErrorSource.UPSTREAM,
-            "the cached response being stored broke off", cause=exc,
-        ) from None
+            async for chunk in chunks:
+                session._write_body(chunk)
+                if session._error is not None:
+                    raise session._error
+                await session._drain()
+        except CacheWriteAborted as exc:
+            session.keep_alive = False
+            raise ProxyError(
+                ErrorKind.INTERNAL, ErrorSource.INTERNAL,
+                "the stored response broke off", cause=exc,
+            ) from None
+        finally:
+            await chunks.aclose()
     session._finish_response()
 
 
