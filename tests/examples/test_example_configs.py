@@ -282,3 +282,20 @@ def test_discovery_example(procs: Procs) -> None:
         f.write(f'- "127.0.0.1:{ex.port(9003)}"\n')
     wait_until(lambda: "origin-9003" in {ex.served_by() for _ in range(6)}, 5,
                "the added server takes traffic")
+
+
+def test_cache_example(procs: Procs) -> None:
+    ex = Example(procs, "cache.yaml")
+    page = (EXAMPLES / "site" / "index.html").read_bytes()
+    # two workers each keep their own memory cache: each misses once at most
+    statuses = []
+    for _ in range(6):
+        status, headers, body = ex.get("/", {"Connection": "close"})
+        assert (status, body) == (200, page)
+        statuses.append(headers["cache-status"])
+    misses = [s for s in statuses if "fwd=uri-miss" in s]
+    assert 1 <= len(misses) <= 2, statuses
+    assert all(s == "ferryman; fwd=uri-miss; fwd-status=200; stored" for s in misses)
+    assert len([s for s in statuses if s.startswith("ferryman; hit; ttl=")]) >= 4
+    status, headers, body = ex.get("/", method="PURGE")
+    assert status in (200, 404) and headers["content-type"] == "application/json"

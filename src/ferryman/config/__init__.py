@@ -107,6 +107,26 @@ Every key, with its default (all optional unless marked *required*)::
               add: {X-Tag: edge} # append
             response_headers:    # any action; same keys as request_headers
               set: {X-Frame-Options: DENY}
+            cache:               # upstream only: cache the responses (RFC 9111)
+              storage: disk      # memory (per worker; default), disk (shared by the
+                                 # workers, kept across restarts), redis (shared by servers)
+              path: cache        # disk only, required: a directory (created), relative to
+                                 # this file's directory
+              # redis: redis://127.0.0.1:6379/0  # redis only, required
+              max_size: 256MiB   # memory: per worker; disk: the directory; default 64MiB
+              max_entry: 8MiB    # largest body stored; default max_size/8 (redis: 16MiB)
+              default_ttl: 10m   # freshness when the response states none; default: only
+                                 # RFC 9111's heuristic (10% of the age of Last-Modified)
+              key: [scheme, host, uri]  # the default; also path, query, method,
+                                 # "header:NAME", "cookie:NAME", "arg:NAME"
+              ignore: [set-cookie]  # cache-control, expires, set-cookie (stored without
+                                 # it), vary, client-cache-control; default none
+              stale_while_revalidate: 30s  # when the response does not say; default 0
+              stale_if_error: 1h # when neither side says; default 0
+              lock_timeout: 5s   # longest wait for another request's fetch of the key
+              purge: [127.0.0.1, 10.0.0.0/8]  # who may send PURGE; default: PURGE is
+                                 # not handled (it goes upstream as any method)
+              status_header: true  # add Cache-Status (RFC 9211); default true
           - match: {path_prefix: /old}
             redirect:
               to: /new           # required: a path or an http(s):// URL; $path and $query
