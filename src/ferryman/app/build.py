@@ -17,6 +17,7 @@ from ferryman.app.config_proxy import (
     hash_key_function,
     make_discovery,
 )
+from ferryman.cache.purge_log import PurgeLog
 from ferryman.config import Config, ConfigError, ListenerConfig, load_config
 from ferryman.lb import HealthBoard, run_control_process
 from ferryman.metrics.board import MAX_WORKERS, MetricsBoard
@@ -199,6 +200,8 @@ def build_server(
         server.on_reload = count_reload
     # (made before any fork, whether or not this config needs it: a reload may)
     source = ConfigSource(config_path or config.source, workers, HealthBoard())
+    if isinstance(proxy, ConfigProxy):
+        proxy.caches.attach_purge_log(source.purge_log)
     server.extra_processes = source.helper_processes(server, proxy)
     server.add_service(HttpProxyService(proxy, listeners, proxy_options(config)))
     if config_path is not None:
@@ -224,6 +227,8 @@ class ConfigSource:
         self.path = os.path.abspath(path)
         self.workers = workers
         self.board = board
+        #: purges of per-worker caches, passed between the workers (made before the fork)
+        self.purge_log = PurgeLog()
         #: the config being served (updated by :meth:`apply`)
         self.running: Config | None = None
         #: whether the config being served has a control process (discovery, checks)
@@ -273,6 +278,8 @@ class ConfigSource:
     def apply(self, server: Server, config: Config) -> None:
         """Reconfigure ``server`` (main process or worker) for ``config``."""
         proxy = build_proxy(config)
+        if isinstance(proxy, ConfigProxy):
+            proxy.caches.attach_purge_log(self.purge_log)
         listeners = [make_listener(lc) for lc in config.listeners]
         server.extra_processes = self.helper_processes(server, proxy)
         service = server.services[0]

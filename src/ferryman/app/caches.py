@@ -13,6 +13,7 @@ import ipaddress
 
 from ferryman.cache.http_cache import HttpCache
 from ferryman.cache.memory import MemoryStorage
+from ferryman.cache.purge_log import PurgeLog
 from ferryman.cache.storage import CacheStorage
 from ferryman.config.model import CacheConfig
 
@@ -36,6 +37,8 @@ class CacheRegistry:
         self._shared: dict[tuple[str, str], CacheStorage] = {}
         #: Every storage made, for closing.
         self.storages: list[CacheStorage] = []
+        #: Every cache made.
+        self.caches: list[HttpCache] = []
 
     def _storage(self, config: CacheConfig) -> CacheStorage:
         if config.storage == "memory":
@@ -66,12 +69,13 @@ class CacheRegistry:
             self.storages.append(found)
         return found
 
-    def cache(self, config: CacheConfig) -> HttpCache:
-        """The cache of one route's ``cache`` block."""
+    def cache(self, config: CacheConfig, scope: str = "") -> HttpCache:
+        """The cache of one route's ``cache`` block; ``scope`` names it in the purge log
+        (the listener and route)."""
         purge = None
         if config.purge is not None:
             purge = tuple(ipaddress.ip_network(n, strict=False) for n in config.purge)
-        return HttpCache(
+        cache = HttpCache(
             self._storage(config),
             default_ttl=config.default_ttl,
             key=config.key,
@@ -81,4 +85,12 @@ class CacheRegistry:
             lock_timeout=config.lock_timeout,
             purge_from=purge,
             status_header=config.status_header,
+            scope=scope.encode(),
         )
+        self.caches.append(cache)
+        return cache
+
+    def attach_purge_log(self, log: PurgeLog | None) -> None:
+        """Share the purges of per-worker (memory) caches through ``log``."""
+        for cache in self.caches:
+            cache.attach_purge_log(log)

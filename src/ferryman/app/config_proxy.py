@@ -379,10 +379,11 @@ class RouteAction:
         route: RouteConfig,
         groups: dict[str, UpstreamGroup],
         caches: CacheRegistry | None = None,
+        scope: str = "",
     ) -> None:
         cache = None
         if route.cache is not None and caches is not None:
-            cache = caches.cache(route.cache)
+            cache = caches.cache(route.cache, scope)
         self.proxy = (
             ProxyAction(route, groups[route.upstream], cache) if route.upstream else None
         )
@@ -463,8 +464,10 @@ class ConfigProxy(ProxyHttp):
             [rc.cache for lc in config.listeners for rc in lc.routes if rc.cache is not None]
         )
         for listener in config.listeners:
+            bind = f"{listener.bind[0]}:{listener.bind[1]}"
             routes = [
-                Route(rc, RouteAction(rc, self.groups, self.caches)) for rc in listener.routes
+                Route(rc, RouteAction(rc, self.groups, self.caches, f"{bind}/{rc.name}"))
+                for rc in listener.routes
             ]
             self.routers[(listener.bind[0], listener.bind[1])] = Router(routes)
         self._only = next(iter(self.routers.values())) if len(self.routers) == 1 else None

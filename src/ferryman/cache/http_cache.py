@@ -36,6 +36,7 @@ from ferryman.cache.policy import (
     storable,
     usable,
 )
+from ferryman.cache.purge_log import PURGE_KEY, PURGE_PREFIX, PURGE_TAG, PurgeLog
 from ferryman.cache.storage import CacheMeta, CacheStorage
 from ferryman.cache.variants import vary_fields, vary_key
 
@@ -140,6 +141,8 @@ class HttpCache:
         purge_from: networks whose clients may send ``PURGE``; None: PURGE is not
             handled by the cache (it goes upstream as any method).
         status_header: add ``Cache-Status`` to responses.
+        scope: this cache's name in a :class:`~ferryman.cache.purge_log.PurgeLog`
+            (see :meth:`attach_purge_log`).
     """
 
     storage: CacheStorage
@@ -152,6 +155,7 @@ class HttpCache:
     lock_timeout: float = 5.0
     purge_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
     status_header: bool = True
+    scope: bytes = b""
     #: The in-process cache lock (one per worker: the object is copied into each).
     lock: CacheLock = field(init=False)
     #: Counters of cache results (``hit``, ``miss``, ``stale``, ``expired``,
@@ -167,6 +171,60 @@ class HttpCache:
             raise ValueError(f"cannot ignore {sorted(unknown)!r}")
         self.lock = CacheLock(self.lock_timeout)
         self.counts = {}
+        self._purge_log: PurgeLog | None = None
+        self._seen = 0
+        self._mine: set[int] = set()
+
+    def attach_purge_log(self, log: PurgeLog | None) -> None:
+        """Share purges with the other workers through ``log`` (made before they were
+        forked): purges of this cache are logged, and those other workers logged for the
+        same :attr:`scope` are applied before each lookup. Only for storages of one
+        process (a shared storage sees every purge already)."""
+        if self.storage.shared:
+            return
+        self._purge_log = log
+        self._seen = log.sequence if log is not None else 0
+        self._mine = set()
+
+    async def sync_purges(self) -> None:
+        """Apply the purges other workers logged since the last call (cheap when there
+        are none: one read of the log's sequence number)."""
+        log = self._purge_log
+        if log is None or log.sequence == self._seen:
+            return
+        last, records = log.read_since(self._seen)
+        self._seen = last
+        storage = self.storage
+        if records is None:  # (fell behind: empty the cache, never serve what was purged)
+            await storage.purge_prefix(b"")
+            self._mine.clear()
+            return
+        for record in records:
+            if record.seq in self._mine:
+                self._mine.discard(record.seq)
+                continue
+            if record.scope not in (self.scope, b""):
+                continue
+            if record.kind == PURGE_KEY:
+                await storage.purge(record.value)
+                await storage.purge_prefix(record.value + b"#")
+            elif record.kind == PURGE_PREFIX:
+                await storage.purge_prefix(record.value)
+            elif record.kind == PURGE_TAG:
+                await storage.purge_tag(record.value)
+            else:
+                await storage.purge_prefix(b"")
+
+    @property
+    def shares_purges(self) -> bool:
+        """Whether purges reach other workers through a purge log (so how many entries
+        one removed is not known where it was asked)."""
+        return self._purge_log is not None
+
+    def _log(self, kind: int, value: bytes) -> None:
+        log = self._purge_log
+        if log is not None:
+            self._mine.add(log.append(kind, self.scope, value))
 
     def count(self, result: str) -> None:
         """Add one to the ``result`` counter."""
@@ -452,9 +510,22 @@ class HttpCache:
         return any(address in network for network in self.purge_from)
 
     async def purge_key(self, key: bytes) -> int:
-        """Remove the entry under the primary key ``key`` and its variants; how many."""
+        """Remove the entry under the primary key ``key`` and its variants; how many
+        (in this worker, for storages of one process: the other workers are told)."""
+        await self.sync_purges()
         count = int(await self.storage.purge(key))
         count += await self.storage.purge_prefix(key + b"#")
+        self._log(PURGE_KEY, key)
+        if count:
+            self.count("purge")
+        return count
+
+    async def purge_key_prefix(self, prefix: bytes) -> int:
+        """Remove every entry whose key starts with ``prefix``; how many (in this worker
+        for storages of one process: the other workers are told)."""
+        await self.sync_purges()
+        count = await self.storage.purge_prefix(prefix)
+        self._log(PURGE_PREFIX, prefix)
         if count:
             self.count("purge")
         return count
@@ -465,14 +536,14 @@ class HttpCache:
 
     async def purge_prefix(self, url_prefix: str) -> int:
         """Remove every entry whose URL starts with ``url_prefix``."""
-        count = await self.storage.purge_prefix(self.url_prefix(url_prefix))
-        if count:
-            self.count("purge")
-        return count
+        return await self.purge_key_prefix(self.url_prefix(url_prefix))
 
     async def purge_tag(self, tag: str | bytes) -> int:
         """Remove every entry tagged ``tag`` (``Cache-Tag``/``Surrogate-Key``)."""
-        count = await self.storage.purge_tag(tag.encode() if isinstance(tag, str) else tag)
+        value = tag.encode() if isinstance(tag, str) else tag
+        await self.sync_purges()
+        count = await self.storage.purge_tag(value)
+        self._log(PURGE_TAG, value)
         if count:
             self.count("purge")
         return count
