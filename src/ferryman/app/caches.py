@@ -10,6 +10,7 @@ them), and routes naming the same Redis URL share one
 from __future__ import annotations
 
 import ipaddress
+import logging
 
 from ferryman.cache.http_cache import HttpCache
 from ferryman.cache.memory import MemoryStorage
@@ -18,6 +19,8 @@ from ferryman.cache.storage import CacheStorage
 from ferryman.config.model import CacheConfig
 
 __all__ = ["CacheRegistry"]
+
+log = logging.getLogger("ferryman.cache")
 
 #: The largest Redis entry when ``max_entry`` is not set.
 REDIS_MAX_ENTRY = 16 * 1024 * 1024
@@ -89,6 +92,14 @@ class CacheRegistry:
         )
         self.caches.append(cache)
         return cache
+
+    async def close(self) -> None:
+        """Close every storage (their connections and files)."""
+        for storage in self.storages:
+            try:
+                await storage.close()
+            except Exception:  # noqa: BLE001 - closing must not fail a worker
+                log.warning("closing a cache storage failed", exc_info=True)
 
     def attach_purge_log(self, log: PurgeLog | None) -> None:
         """Share the purges of per-worker (memory) caches through ``log``."""

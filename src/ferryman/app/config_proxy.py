@@ -440,6 +440,10 @@ _NEXT_UPSTREAM: Final = frozenset(
     (ErrorKind.UPSTREAM_CLOSED, ErrorKind.READ_TIMEOUT, ErrorKind.UPSTREAM_WRITE_TIMEOUT)
 )
 
+#: Seconds after ``worker_stop`` at which the cache storages of a replaced config are
+#: closed (their connections and files), when requests that started with it are done.
+STORAGE_CLOSE_DELAY: Final = 60.0
+
 _NOT_FOUND: Final = b"404 Not Found: no route for this request\n"
 _BAD_TARGET: Final = b"400 Bad Request: the request target is not a path or an http(s) URL\n"
 _BAD_PATH: Final = b"400 Bad Request: the path climbs above the root\n"
@@ -543,6 +547,11 @@ class ConfigProxy(ProxyHttp):
         for monitor in self._monitors:
             monitor.stop()
         self._monitors.clear()
+        if self.caches.storages:
+            # (requests in flight may still use them while they drain: closed later)
+            service.loop.call_later(
+                STORAGE_CLOSE_DELAY, lambda: service.loop.create_task(self.caches.close())
+            )
 
     def _await_discovery(self, board: HealthBoard) -> None:
         """Before serving, wait (a bounded time) for the control process's first word on

@@ -17,8 +17,9 @@ Fields (the JSON keys; the text format is the "combined" format followed by the 
   one, absent when no upstream was used); ``upstream_header_time``: seconds from the
   request head to the upstream's response head;
 * ``upstream_addr``, ``upstream_status``, ``retries``, ``reused`` (the upstream
-  connection carried requests before), ``request_id``, and ``error`` (the error kind
-  when the request failed).
+  connection carried requests before), ``request_id``, ``cache`` (what a route's cache
+  did: HIT, MISS, EXPIRED, STALE, UPDATING, REVALIDATED, BYPASS, PURGE; absent without a
+  cache), and ``error`` (the error kind when the request failed).
 """
 
 from __future__ import annotations
@@ -239,6 +240,8 @@ class AccessLog:
             )
         parts.append(b',"retries":%d,"request_id":' % session.retries)
         parts.append(_json_str(session.request_id_bytes()))
+        if session.cache_status:
+            parts.append(b',"cache":"%s"' % session.cache_status.encode())
         if error is not None:
             parts.append(b',"error":"%s"' % error.kind.value.encode())
         parts.append(b"}\n")
@@ -274,6 +277,8 @@ class AccessLog:
             )
         parts.append(b" retries=%d request_id=" % session.retries)
         parts.append(_text_escaped(session.request_id_bytes()))
+        if session.cache_status:
+            parts.append(b" cache=" + session.cache_status.encode())
         if error is not None:
             parts.append(b" error=" + error.kind.value.encode())
         parts.append(b"\n")
