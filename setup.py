@@ -38,6 +38,7 @@ COMPILED = [
     "src/ferryman/proxy/downstream.py",
     "src/ferryman/proxy/h2_downstream.py",
     "src/ferryman/proxy/fetch.py",
+    "src/ferryman/proxy/cache_hit.py",
     "src/ferryman/lb/backend.py",
     "src/ferryman/lb/algorithms.py",
     "src/ferryman/lb/balancer.py",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -192,7 +193,7 @@ def test_cache_key_callback_and_cache_miss(caching) -> None:  # type: ignore[no-
     second = get(harness.port, "/c/k?utm=2")
     third = get(harness.port, "/c/k?v=2")
     assert first[1] == second[1] == b"/c/k #1 ae=identity\n"
-    assert second[2]["Cache-Status"] == "ferryman; hit; ttl=59"
+    assert re.fullmatch(r"ferryman; hit; ttl=5[89]", second[2]["Cache-Status"])
     assert third[1] == b"/c/k #2 ae=identity\n"  # another key
     assert origin.count("/c/k") == 2
     assert proxy.misses == ["/c/k", "/c/k"]
@@ -203,7 +204,7 @@ def test_cache_hit_filter_forces_a_revalidation(caching) -> None:  # type: ignor
     get(harness.port, "/c/h")
     status, body, headers = get(harness.port, "/c/h", {"X-Force": "1"})
     assert (status, body) == (200, b"/c/h #1 ae=identity\n")
-    assert headers["Cache-Status"] == "ferryman; fwd=stale; fwd-status=304; ttl=59"
+    assert re.fullmatch(r"ferryman; fwd=stale; fwd-status=304; ttl=5[89]", headers["Cache-Status"])
     assert origin.seen[-1][1].get("If-None-Match") == '"e1"'
     assert origin.count("/c/h") == 2
 
@@ -217,7 +218,7 @@ def test_response_cache_filter_decides(caching) -> None:  # type: ignore[no-unty
     assert origin.count("/c/never") == 2
     assert origin.count("/c/forced") == 1
     assert origin.count("/c/short") == 1  # the hook's 60 s, not the origin's 1 s
-    assert headers["Cache-Status"] == "ferryman; hit; ttl=59"
+    assert re.fullmatch(r"ferryman; hit; ttl=5[89]", headers["Cache-Status"])
 
 
 def test_cache_vary_filter_normalises_variants(caching) -> None:  # type: ignore[no-untyped-def]
@@ -239,8 +240,9 @@ def test_should_serve_stale_on_error(caching) -> None:  # type: ignore[no-untype
     origin.failing = True
     status, body, headers = get(harness.port, "/c/forced-stale")
     assert (status, body) == (200, b"/c/forced-stale #1 ae=identity\n")
-    assert headers["Cache-Status"] == (
-        "ferryman; fwd=stale; fwd-status=503; ttl=-70; detail=stale-if-error"
+    assert re.fullmatch(
+        r"ferryman; fwd=stale; fwd-status=503; ttl=-7[01]; detail=stale-if-error",
+        headers["Cache-Status"],
     )
 
 

@@ -172,6 +172,7 @@ class HttpCache:
         self.lock = CacheLock(self.lock_timeout)
         self.counts = {}
         self._purge_log: PurgeLog | None = None
+        self._hit_prefix: bytes | None = None
         self._seen = 0
         self._mine: set[int] = set()
 
@@ -226,11 +227,27 @@ class HttpCache:
         if log is not None:
             self._mine.add(log.append(kind, self.scope, value))
 
+    def hit_status(self, ttl: float) -> bytes:
+        """The ``Cache-Status`` of a hit with ``ttl`` seconds of freshness left."""
+        prefix = self._hit_prefix
+        if prefix is None:
+            from ferryman.cache.status import cache_status
+
+            prefix = self._hit_prefix = cache_status(self.name, hit=True) + b"; ttl="
+        return prefix + b"%d" % (ttl // 1 if ttl >= 0 else -(-ttl // 1))
+
     def count(self, result: str) -> None:
         """Add one to the ``result`` counter."""
         self.counts[result] = self.counts.get(result, 0) + 1
 
     # keys --------------------------------------------------------------------------------
+
+    def fast_key(self, scheme: bytes, target: bytes, host: bytes | None) -> bytes | None:
+        """The key of a request when :attr:`key` is the default (scheme, Host, target),
+        made without :meth:`primary_key`'s generality; None for other keys."""
+        if self.key != DEFAULT_KEY:
+            return None
+        return b"%s|%s|%s" % (scheme, host.lower() if host else b"", target)
 
     def primary_key(
         self,
@@ -329,9 +346,11 @@ class HttpCache:
         """The request's Cache-Control and whether it has ``Pragma: no-cache``
         (nothing when ``client-cache-control`` is ignored)."""
         if "client-cache-control" in self.ignore:
-            return CacheControl(), False
-        pragma = any(b"no-cache" in v.lower() for v in header(b"pragma"))
-        return parse_cache_control(header(b"cache-control")), pragma
+            return _NO_DIRECTIVES, False
+        values = header(b"cache-control")
+        pragmas = header(b"pragma")
+        pragma = bool(pragmas) and any(b"no-cache" in v.lower() for v in pragmas)
+        return (parse_cache_control(values) if values else _NO_DIRECTIVES), pragma
 
     def response_cc(self, headers: list[tuple[bytes, bytes]]) -> CacheControl:
         """A response's Cache-Control (empty when ignored)."""
@@ -459,6 +478,32 @@ class HttpCache:
     ) -> Judgement:
         """What ``meta``'s response is good for now, for a request with ``request_cc``."""
         now = time.time() if now is None else now
+        parsed = meta.parsed
+        if type(parsed) is not _Parsed or parsed.cache is not self:
+            parsed = meta.parsed = self._parse(meta)
+        date = parsed.date
+        age_value = parsed.age_value
+        age = current_age(
+            age_value=age_value,
+            date_value=date,
+            request_time=meta.request_time,
+            response_time=meta.response_time,
+            now=now,
+        )
+        stored = Stored(lifetime=meta.fresh_for, age=age, response_cc=parsed.cc)
+        if (
+            request_cc is _NO_DIRECTIVES
+            and not pragma_no_cache
+            and parsed.plain
+            and meta.fresh_for > age
+        ):
+            verdict = "fresh"  # (what usable() says, without its checks)
+        else:
+            verdict = usable(stored, request_cc, request_pragma_no_cache=pragma_no_cache)
+        return Judgement(verdict, age, meta.fresh_for, stored, request_cc)
+
+    def _parse(self, meta: CacheMeta) -> _Parsed:
+        """What judging ``meta`` needs of its headers, parsed once per stored object."""
         date = None
         age_value = 0.0
         for name, value in meta.headers:
@@ -467,21 +512,14 @@ class HttpCache:
                 date = http_date(value)
             elif lname == b"age" and value.strip().isdigit():
                 age_value = float(value.strip())
-        age = current_age(
-            age_value=age_value,
-            date_value=date,
-            request_time=meta.request_time,
-            response_time=meta.response_time,
-            now=now,
-        )
         cc = self.response_cc(meta.headers)
         if self.stale_while_revalidate and cc.stale_while_revalidate is None:
             cc = _with(cc, stale_while_revalidate=int(self.stale_while_revalidate))
         if self.stale_if_error and cc.stale_if_error is None:
             cc = _with(cc, stale_if_error=int(self.stale_if_error))
-        stored = Stored(lifetime=meta.fresh_for, age=age, response_cc=cc)
-        verdict = usable(stored, request_cc, request_pragma_no_cache=pragma_no_cache)
-        return Judgement(verdict, age, meta.fresh_for, stored, request_cc)
+        plain = not (cc.no_cache and not cc.no_cache_fields)
+        base = [p for p in meta.headers if p[0].lower() not in (b"age", b"content-length")]
+        return _Parsed(self, date, age_value, cc, plain, base)
 
     def relifetime(self, meta: CacheMeta, now: float | None = None) -> float | None:
         """The freshness lifetime of a stored response whose fields a 304 refreshed
@@ -547,6 +585,22 @@ class HttpCache:
         if count:
             self.count("purge")
         return count
+
+
+#: The directives of a request without Cache-Control (compared by identity).
+_NO_DIRECTIVES = CacheControl()
+
+
+@dataclass(slots=True)
+class _Parsed:
+    """A stored response's headers as :meth:`HttpCache.judge` needs them."""
+
+    cache: HttpCache
+    date: float | None
+    age_value: float
+    cc: CacheControl
+    plain: bool  # no unqualified no-cache: a fresh entry may be used as it is
+    base: list[tuple[bytes, bytes]]  # the fields served, less Age and Content-Length
 
 
 def _with(cc: CacheControl, **changes: int) -> CacheControl:

@@ -63,27 +63,38 @@ class _Sketch:
         self.additions = 0
         self.period = 10 * width
 
-    def _indexes(self, key: bytes, h: int) -> list[int]:
-        h1 = h >> 20  # the low bits chose the shard
-        h2 = hash((key, 0x9E3779B9)) | 1
-        return [(h1 + i * h2) & self.mask for i in range(_ROWS)]
+    def _indexes(self, h: int) -> tuple[int, int, int, int]:
+        # double hashing (Kirsch and Mitzenmacher) from the key's 64-bit hash: bits 8-31
+        # and 32-63 (the lowest bits chose the shard)
+        mask = self.mask
+        h1 = h >> 8
+        h2 = (h >> 32) | 1
+        return h1 & mask, (h1 + h2) & mask, (h1 + 2 * h2) & mask, (h1 + 3 * h2) & mask
 
     def increment(self, key: bytes, h: int) -> None:
-        indexes = self._indexes(key, h)
-        rows = self.rows
-        least = min(rows[i][j] for i, j in enumerate(indexes))
-        if least < _MAX_COUNT:
-            for i, j in enumerate(indexes):
-                if rows[i][j] == least:
-                    rows[i][j] = least + 1
+        j0, j1, j2, j3 = self._indexes(h)
+        r0, r1, r2, r3 = self.rows
+        c0, c1, c2, c3 = r0[j0], r1[j1], r2[j2], r3[j3]
+        least = min(c0, c1, c2, c3)
+        if least < _MAX_COUNT:  # conservative update: only the smallest counters grow
+            more = least + 1
+            if c0 == least:
+                r0[j0] = more
+            if c1 == least:
+                r1[j1] = more
+            if c2 == least:
+                r2[j2] = more
+            if c3 == least:
+                r3[j3] = more
         self.additions += 1
         if self.additions >= self.period:
-            self.rows = [row.translate(_HALVE) for row in rows]
+            self.rows = [row.translate(_HALVE) for row in self.rows]
             self.additions //= 2
 
     def estimate(self, key: bytes, h: int) -> int:
-        rows = self.rows
-        return min(rows[i][j] for i, j in enumerate(self._indexes(key, h)))
+        j0, j1, j2, j3 = self._indexes(h)
+        r0, r1, r2, r3 = self.rows
+        return min(r0[j0], r1[j1], r2[j2], r3[j3])
 
 
 class _Node:
@@ -128,12 +139,14 @@ class _Shard:
 
     # -- lookups and admission ----------------------------------------------------------
 
-    def lookup(self, key: bytes, h: int) -> CacheEntry | None:
-        self.sketch.increment(key, h)
+    def lookup(self, key: bytes, h: int, count_miss: bool = True) -> CacheEntry | None:
         node = self.index.get(key)
         if node is None:
-            self.counters["misses"] += 1
+            if count_miss:
+                self.sketch.increment(key, h)
+                self.counters["misses"] += 1
             return None
+        self.sketch.increment(key, h)
         self.counters["hits"] += 1
         if node.queue == _PENDING:
             self.counters["hits_in_progress"] += 1
@@ -392,6 +405,12 @@ class MemoryStorage(CacheStorage):
         """The entry under ``key``, complete or in progress; None on a miss."""
         shard, h = self._shard(key)
         return shard.lookup(key, h)
+
+    def lookup_nowait(self, key: bytes) -> CacheEntry | None:
+        """:meth:`lookup` without waiting; a miss is not counted (the caller looks up
+        again with :meth:`lookup` when it goes on as a miss)."""
+        shard, h = self._shard(key)
+        return shard.lookup(key, h, False)
 
     async def begin(self, key: bytes, meta: CacheMeta) -> CacheWriter:
         """Start storing under ``key`` (subject to the size limits and admission)."""

@@ -92,6 +92,9 @@ class CacheMeta:
     #: The freshness lifetime decided when it was stored (RFC 9111 §4.2.1, or the
     #: cache's ``default_ttl``), in seconds.
     fresh_for: float = 0.0
+    #: What a cache parsed of :attr:`headers` to judge the entry (its owner's business:
+    #: kept with the object, never stored or compared).
+    parsed: object = field(default=None, compare=False, repr=False)
 
     def encode(self) -> bytes:
         """The metadata as bytes (compact JSON), for storages outside process memory;
@@ -401,6 +404,12 @@ class CacheStorage(abc.ABC):
     @abc.abstractmethod
     def stats(self) -> dict[str, int]:
         """Counters (at least ``hits``, ``misses``, ``entries``, ``size``)."""
+
+    def lookup_nowait(self, key: bytes) -> CacheEntry | None:
+        """The entry under ``key`` if this storage can tell without waiting (its index
+        is in process memory), else None; a None is not counted as a miss. The proxy's
+        sync mode serves fresh hits through it without a task. Default: None."""
+        return None
 
     async def fill_lock(self, key: bytes, ttl: float) -> bool:
         """Ask for the right to fetch and store ``key`` across processes.

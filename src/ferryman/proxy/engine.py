@@ -29,6 +29,7 @@ from ferryman.protocols.h1 import BODY_CHUNKED, BODY_NONE
 from ferryman.protocols.headers import Headers, RequestHeader, ResponseHeader
 from ferryman.proxy import cache_flow as _cache_flow
 from ferryman.proxy import session as _session_module
+from ferryman.proxy.cache_hit import serve_hit_now
 from ferryman.proxy.session import (
     _WAIT_END,
     _WAIT_HEAD,
@@ -298,8 +299,15 @@ def begin(session: Session) -> None:
             if plan.request_cache_filter:
                 cache = proxy.request_cache_filter(session, ctx)
                 if cache is not None:
-                    # the cache waits (storage, lock): the rest of the request is a task
                     session.cache = cache
+                    if serve_hit_now(session, ctx, cache):
+                        if session._done:
+                            _complete(session, None)
+                        else:  # (a large body, pumped as the client reads)
+                            session._phase = _PH_STREAMING
+                            step(session)
+                        return
+                    # the cache waits (storage, lock): the rest of the request is a task
                     session._sync = False
                     session._down.loop.create_task(_run_cached(session))
                     return
@@ -696,7 +704,11 @@ async def run_session(session: Session) -> None:
                 cache = (await r) if "request_cache_filter" in async_hooks else r
             if cache is not None:
                 session.cache = cache
-                await _cache_flow.serve(session, ctx)
+                if serve_hit_now(session, ctx, cache):
+                    if not session._done:
+                        await session._wait(_WAIT_END)
+                else:
+                    await _cache_flow.serve(session, ctx)
             else:
                 await _proxy_upstream(session, ctx)
         elif session._error is not None:
