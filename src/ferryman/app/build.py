@@ -28,6 +28,7 @@ from ferryman.proxy.hooks import ProxyHttp
 from ferryman.proxy.options import ProxyOptions
 from ferryman.proxy.service import HttpProxyService
 from ferryman.server.listener import Listener, ListenerTls, SniCertificate
+from ferryman.server.process import ProcessSetupError, resolve_account
 from ferryman.server.server import ReloadError, Server
 from ferryman.server.tls import server_ssl_context
 
@@ -202,12 +203,22 @@ def build_server(
     source = ConfigSource(config_path or config.source, workers, HealthBoard())
     if isinstance(proxy, ConfigProxy):
         proxy.caches.attach_purge_log(source.purge_log)
+        _hand_over_caches(proxy, config)
     server.extra_processes = source.helper_processes(server, proxy)
     server.add_service(HttpProxyService(proxy, listeners, proxy_options(config)))
     if config_path is not None:
         server.config_source = source
     source.running = config
     return server
+
+
+def _hand_over_caches(proxy: ConfigProxy, config: Config) -> None:
+    """Disk cache directories made by a root main process go to ``server.user``."""
+    try:
+        uid, gid = resolve_account(config.server.user, config.server.group)
+    except ProcessSetupError:
+        return  # (the server reports it when it starts)
+    proxy.caches.hand_over(uid, gid)
 
 
 #: ``server`` settings a reload cannot change in running processes (an upgrade can).
@@ -280,6 +291,7 @@ class ConfigSource:
         proxy = build_proxy(config)
         if isinstance(proxy, ConfigProxy):
             proxy.caches.attach_purge_log(self.purge_log)
+            _hand_over_caches(proxy, config)
         listeners = [make_listener(lc) for lc in config.listeners]
         server.extra_processes = self.helper_processes(server, proxy)
         service = server.services[0]

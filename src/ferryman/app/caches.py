@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 
 from ferryman.cache.http_cache import HttpCache
 from ferryman.cache.memory import MemoryStorage
@@ -101,7 +102,31 @@ class CacheRegistry:
             except Exception:  # noqa: BLE001 - closing must not fail a worker
                 log.warning("closing a cache storage failed", exc_info=True)
 
+    def hand_over(self, uid: int | None, gid: int | None) -> None:
+        """Give the disk caches' directories to the account the workers run as
+        (``server.user``/``group``), when the main process made them as another."""
+        if (uid is None and gid is None) or os.geteuid() != 0:
+            return
+        from ferryman.cache.disk import DiskStorage
+
+        for storage in self.storages:
+            if isinstance(storage, DiskStorage) and os.path.isdir(storage.path):
+                _chown_tree(storage.path, -1 if uid is None else uid, -1 if gid is None else gid)
+
     def attach_purge_log(self, log: PurgeLog | None) -> None:
         """Share the purges of per-worker (memory) caches through ``log``."""
         for cache in self.caches:
             cache.attach_purge_log(log)
+
+
+def _chown_tree(root: str, uid: int, gid: int) -> None:
+    """Give ``root`` and what is under it to ``uid``/``gid`` (-1: unchanged), skipping
+    what already belongs to them."""
+    for directory, _, files in os.walk(root):
+        for path in [directory, *(os.path.join(directory, name) for name in files)]:
+            try:
+                st = os.lstat(path)
+                if (uid != -1 and st.st_uid != uid) or (gid != -1 and st.st_gid != gid):
+                    os.lchown(path, uid, gid)
+            except OSError as exc:
+                log.warning("cannot give %s to the workers' account: %s", path, exc)
