@@ -281,6 +281,7 @@ CORRUPTIONS: dict[str, tuple[int, Callable[[Path, DiskStorage], None]]] = {
     "wrong magic": (100, lambda p, s: p.write_bytes(b"XXXX" + p.read_bytes()[4:])),
     "wrong version": (100, lambda p, s: _flip(p, 4)),
     "bad end marker": (BIG, lambda p, s: _flip(p, p.stat().st_size - 1)),
+    "bad small end marker": (100, lambda p, s: _flip(p, p.stat().st_size - 1)),
     "garbage": (100, lambda p, s: p.write_bytes(random.Random(1).randbytes(5000))),
     "zero length": (100, lambda p, s: p.write_bytes(b"")),
     "another key's file": (
@@ -376,6 +377,271 @@ def test_expired_entries_are_gone(tmp_path: Path) -> None:
         assert not os.path.exists(storage.path_of(b"old"))
         assert await storage.lookup(b"new") is not None
         assert storage.stats()["expired"] == 1
+
+    run(body)
+
+
+# -- lookups without waiting, and the files a lookup already checked ------------------------
+
+
+def _keep_times(path: Path, corrupt: Callable[[], None]) -> None:
+    """Run ``corrupt`` and set the file's atime and mtime back (its ctime still moves)."""
+    st = os.stat(path)
+    corrupt()
+    if path.exists():
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.mark.parametrize("size", [10, 60_000, BIG])
+def test_lookup_nowait(tmp_path: Path, size: int) -> None:
+    async def body() -> None:
+        data = body_of(b"k", size)[:size]
+        writer_side = DiskStorage(str(tmp_path), 1 << 24)
+        await store(writer_side, b"k", data)
+        storage = DiskStorage(str(tmp_path), 1 << 24)
+        assert storage.lookup_nowait(b"k") is None  # lookup starts the first pass
+        assert await storage.lookup(b"missing") is None
+        entry = storage.lookup_nowait(b"k")
+        assert entry is not None and entry.complete and entry.size == size
+        assert entry.meta.headers == meta().headers and entry.meta.length == size
+        source = entry.open_source()
+        assert source is not None
+        assert source.read(1 << 20) + source.read(1 << 20) == data
+        source.close()
+        assert storage.lookup_nowait(b"missing") is None  # a miss: not counted
+        stats = storage.stats()
+        assert stats["hits"] == 1 and stats["misses"] == 1
+        # being written in this process: None (lookup streams it), nothing counted
+        writer = await storage.begin(b"k", meta())
+        writer.write(b"new")
+        assert storage.lookup_nowait(b"k") is None
+        assert storage.stats()["hits"] == 1
+        streaming = await storage.lookup(b"k")
+        assert streaming is writer.entry and storage.stats()["hits_in_progress"] == 1
+        writer.finish()
+        entry = storage.lookup_nowait(b"k")
+        assert entry is not None and await entry.read() == b"new"
+        assert storage.stats()["hits"] == 3 and storage.stats()["misses"] == 1
+        # expired, corrupt: None, unlinked, counted as such (not as misses)
+        await store(storage, b"old", b"x", stored_at=time.time() - 100, keep_for=10.0)
+        assert storage.lookup_nowait(b"old") is None
+        assert not os.path.exists(storage.path_of(b"old"))
+        await store(storage, b"bad", data)
+        _flip(Path(storage.path_of(b"bad")), 33)
+        assert storage.lookup_nowait(b"bad") is None
+        stats = storage.stats()
+        assert stats["expired"] == 1 and stats["corrupt"] == 1 and stats["misses"] == 1
+        await storage.close()
+        assert storage.lookup_nowait(b"k") is None
+
+    run(body)
+
+
+def test_lookup_nowait_past_the_stream_window_finds_the_file(tmp_path: Path) -> None:
+    async def body() -> None:
+        storage = DiskStorage(str(tmp_path), 1 << 24, stream_window=1000)
+        await store(storage, b"k", b"old")
+        writer = await storage.begin(b"k", meta())
+        writer.write(b"a" * 600)
+        assert storage.lookup_nowait(b"k") is None
+        writer.write(b"b" * 600)  # no longer streamed locally: as lookup, the file
+        for found in (storage.lookup_nowait(b"k"), await storage.lookup(b"k")):
+            assert found is not None and await found.read() == b"old"
+        writer.finish()
+        found = storage.lookup_nowait(b"k")
+        assert found is not None and await found.read() == b"a" * 600 + b"b" * 600
+
+    run(body)
+
+
+@pytest.mark.parametrize("size", [10, 60_000, BIG])
+def test_hits_reuse_the_decoded_meta_until_the_file_changes(tmp_path: Path,
+                                                            size: int) -> None:
+    async def body() -> None:
+        storage = DiskStorage(str(tmp_path), 1 << 24)
+        other = DiskStorage(str(tmp_path), 1 << 24)  # another worker
+        data = body_of(b"k", size)[:size]
+        await store(storage, b"k", data)
+        path = Path(storage.path_of(b"k"))
+        first = await storage.lookup(b"k")
+        assert first is not None
+        for _ in range(3):
+            again = storage.lookup_nowait(b"k")
+            assert again is not None and again.meta is first.meta
+            assert await again.read() == data
+        first.meta.parsed = "judged"  # (what HttpCache.judge keeps on it)
+        # touched by another worker (new mtime and ctime): the same bytes, the same meta
+        os.utime(path, (path.stat().st_atime, time.time()))
+        again = await storage.lookup(b"k")
+        assert again is not None and again.meta is first.meta
+        # update_meta here, then in another worker: the new meta, at once
+        for updater, tag in ((storage, b"here"), (other, b"there")):
+            fresh = meta(size, tags=(tag,))
+            assert await updater.update_meta(b"k", fresh)
+            for found in (storage.lookup_nowait(b"k"), await storage.lookup(b"k")):
+                assert found is not None and found.meta == fresh
+                assert found.meta.parsed is None and await found.read() == data
+        # replaced in another worker
+        await store(other, b"k", data[::-1], tags=(b"replaced",))
+        found = storage.lookup_nowait(b"k")
+        assert found is not None and found.meta.tags == (b"replaced",)
+        assert await found.read() == data[::-1]
+        # purged here, then in another worker (and stored again by it)
+        assert await storage.purge(b"k")
+        assert storage.lookup_nowait(b"k") is None and await storage.lookup(b"k") is None
+        await store(other, b"k", data, tags=(b"back",))
+        found = storage.lookup_nowait(b"k")
+        assert found is not None and found.meta.tags == (b"back",)
+        assert await other.purge(b"k")
+        assert storage.lookup_nowait(b"k") is None and await storage.lookup(b"k") is None
+        await store(other, b"k", data, tags=(b"red",))
+        assert storage.lookup_nowait(b"k") is not None
+        assert await other.purge_tag(b"red") == 1
+        assert storage.lookup_nowait(b"k") is None
+        assert storage.stats()["corrupt"] == 0
+
+    run(body)
+
+
+def test_a_same_sized_file_in_place_with_the_old_mtime_is_not_taken_for_the_old(
+    tmp_path: Path,
+) -> None:
+    """What inode reuse could look like: same inode, size and mtime, other bytes."""
+
+    async def body() -> None:
+        elsewhere = DiskStorage(str(tmp_path / "elsewhere"), 1 << 24)
+        storage = DiskStorage(str(tmp_path / "cache"), 1 << 24)
+        at = time.time()
+        for size in (10, BIG):
+            key = b"k%d" % size
+            data = body_of(key, size)[:size]
+            same = {"stored_at": at, "request_time": at, "response_time": at}
+            await store(storage, key, data, tags=(b"aaaa",), **same)
+            await store(elsewhere, key, data[::-1], tags=(b"bbbb",), **same)
+            first = storage.lookup_nowait(key)
+            assert first is not None and first.meta.tags == (b"aaaa",)
+            path = Path(storage.path_of(key))
+            other = Path(elsewhere.path_of(key)).read_bytes()
+            assert len(other) == path.stat().st_size
+            ino = path.stat().st_ino
+            _keep_times(path, lambda p=path, b=other: p.write_bytes(b))  # type: ignore[misc]
+            assert path.stat().st_ino == ino
+            found = storage.lookup_nowait(key)
+            assert found is not None and found.meta.tags == (b"bbbb",)
+            assert await found.read() == data[::-1]
+
+    run(body)
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_corruption_after_a_hit_is_not_served(tmp_path: Path, case: str) -> None:
+    size, corrupt = CORRUPTIONS[case]
+
+    async def body() -> None:
+        storage = DiskStorage(str(tmp_path), 1 << 24)
+        await store(storage, b"k", body_of(b"k", size)[:size])
+        await store(storage, b"j", body_of(b"j", size)[:size])
+        path = Path(storage.path_of(b"k"))
+        for _ in range(2):  # checked, then known
+            found = await storage.lookup(b"k")
+            assert found is not None and storage.lookup_nowait(b"k") is not None
+        _keep_times(path, lambda: corrupt(path, storage))
+        assert storage.lookup_nowait(b"k") is None
+        assert not path.exists()
+        assert await storage.lookup(b"k") is None
+        stats = storage.stats()
+        assert stats["corrupt"] == 1 and stats["errors"] == 0
+        other = storage.lookup_nowait(b"j")
+        assert other is not None and await other.read() == body_of(b"j", size)[:size]
+
+    run(body)
+
+
+def test_a_known_large_body_flipped_in_place_is_cut_short(tmp_path: Path) -> None:
+    async def body() -> None:
+        storage = DiskStorage(str(tmp_path), 1 << 24)
+        data = body_of(b"k", BIG)
+        await store(storage, b"k", data)
+        assert await storage.lookup(b"k") is not None
+        path = Path(storage.path_of(b"k"))
+        _keep_times(path, lambda: _flip(path, path.stat().st_size - 16 - 100))
+        entry = storage.lookup_nowait(b"k")  # the body is not read at lookup
+        assert entry is not None
+        with pytest.raises(CacheWriteAborted):
+            await entry.read()
+        assert not path.exists() and storage.stats()["corrupt"] == 1
+        assert storage.lookup_nowait(b"k") is None
+
+    run(body)
+
+
+def test_known_files_bound_and_whole_second_file_times(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body() -> None:
+        storage = DiskStorage(str(tmp_path), 1 << 24, meta_cache=2)
+        keys = [b"a", b"b", b"c"]
+        for key in keys:
+            await store(storage, key, b"x" * BIG)
+            assert await storage.lookup(key) is not None
+        assert list(storage._known) == [b"b", b"c"]  # type: ignore[attr-defined]
+        assert storage.lookup_nowait(b"b") is not None
+        assert list(storage._known) == [b"c", b"b"]  # type: ignore[attr-defined]
+        # whole-second file times (a coarse file system): such files are always read
+        path = storage.path_of(b"c")
+        os.utime(path, ns=(os.stat(path).st_atime_ns, int(time.time()) * 1_000_000_000))
+        first = await storage.lookup(b"c")
+        assert first is not None
+        assert storage._known[b"c"].ident is None  # type: ignore[attr-defined]
+        reads = 0
+        real_pread = os.pread
+
+        def counting(*args: Any) -> bytes:
+            nonlocal reads
+            reads += 1
+            return real_pread(*args)
+
+        monkeypatch.setattr(os, "pread", counting)
+        again = storage.lookup_nowait(b"c")
+        assert again is not None and again.meta is first.meta and reads > 0
+        reads = 0
+        assert storage.lookup_nowait(b"b") is not None and reads == 0  # (stat only)
+        # no memory of checked files at all
+        plain = DiskStorage(str(tmp_path), 1 << 24, meta_cache=0)
+        assert await plain.lookup(b"a") is not None
+        found = plain.lookup_nowait(b"a")
+        assert found is not None and await found.read() == b"x" * BIG
+        assert not plain._known  # type: ignore[attr-defined]
+        # and bounded in bytes
+        monkeypatch.setattr(disk_module, "_KNOWN_BYTES", 60_000)
+        small = DiskStorage(str(tmp_path), 1 << 24)
+        big_head = (b"x-big", b"h" * 20_000)
+        for key in keys:
+            writer = await small.begin(key, CacheMeta(200, [big_head]))
+            writer.write(b"body")
+            writer.finish()
+            found = await small.lookup(key)
+            assert found is not None and found.meta.headers == [big_head]
+        assert list(small._known) == [b"c"]  # type: ignore[attr-defined]
+        assert 40_000 < small._known_bytes < 60_000  # type: ignore[attr-defined]
+
+    run(body)
+
+
+def test_known_files_are_still_touched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(disk_module, "_TOUCH_AFTER", 0.3)
+
+    async def body() -> None:
+        storage = DiskStorage(str(tmp_path), 1 << 24)
+        for key, size in ((b"small", 10), (b"large", BIG)):
+            await store(storage, key, b"x" * size, keep_for=3600.0)
+            assert await storage.lookup(key) is not None
+            path = storage.path_of(key)
+            expiry = os.stat(path).st_atime
+            _age(path, 1000)
+            await asyncio.sleep(0.4)
+            assert storage.lookup_nowait(key) is not None  # due: touched
+            st = os.stat(path)
+            assert time.time() - st.st_mtime < 5 and abs(st.st_atime - expiry) < 1
 
     run(body)
 

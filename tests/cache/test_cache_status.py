@@ -8,7 +8,7 @@ from ferryman.cache.status import cache_status
 
 CASES = [
     ({"hit": True, "ttl": 376.4}, b"ferryman; hit; ttl=376", "a hit with freshness left"),
-    ({"hit": True, "ttl": -12.5}, b"ferryman; hit; ttl=-12", "a stale hit"),
+    ({"hit": True, "ttl": -12.5}, b"ferryman; hit; ttl=-13", "a stale hit"),
     ({"fwd": "uri-miss", "fwd_status": 200, "stored": True},
      b"ferryman; fwd=uri-miss; fwd-status=200; stored", "a miss, stored"),
     ({"fwd": "vary-miss", "fwd_status": 200}, b"ferryman; fwd=vary-miss; fwd-status=200",

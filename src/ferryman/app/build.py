@@ -202,7 +202,8 @@ def build_server(
     # (made before any fork, whether or not this config needs it: a reload may)
     source = ConfigSource(config_path or config.source, workers, HealthBoard())
     if isinstance(proxy, ConfigProxy):
-        proxy.caches.attach_purge_log(source.purge_log)
+        # (one worker: its purges are all there is, and PURGE can tell 404 from 200)
+        proxy.caches.attach_purge_log(source.purge_log if server.workers > 1 else None)
         _hand_over_caches(proxy, config)
     server.extra_processes = source.helper_processes(server, proxy)
     server.add_service(HttpProxyService(proxy, listeners, proxy_options(config)))
@@ -289,8 +290,9 @@ class ConfigSource:
     def apply(self, server: Server, config: Config) -> None:
         """Reconfigure ``server`` (main process or worker) for ``config``."""
         proxy = build_proxy(config)
+        workers = self.workers if self.workers is not None else config.server.workers
         if isinstance(proxy, ConfigProxy):
-            proxy.caches.attach_purge_log(self.purge_log)
+            proxy.caches.attach_purge_log(self.purge_log if workers > 1 else None)
             _hand_over_caches(proxy, config)
         listeners = [make_listener(lc) for lc in config.listeners]
         server.extra_processes = self.helper_processes(server, proxy)
@@ -298,7 +300,7 @@ class ConfigSource:
         assert isinstance(service, HttpProxyService)
         service.reconfigure(proxy, listeners, proxy_options(config), server.reload_log_fds)
         server.grace_period = config.server.grace_period
-        server.workers = self.workers if self.workers is not None else config.server.workers
+        server.workers = workers
         server.cpus = config.server.cpu_affinity
         self.running = config
 

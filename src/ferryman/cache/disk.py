@@ -35,16 +35,27 @@ end-16     trailer: u64 body length B (again), u32 CRC-32 of the body, ``b"FEND"
 A lookup reads the header, key and meta (one small read), the trailer, and the file size:
 the magic, version, header CRC, key, ``32 + K + M + B + 16 == file size``, the trailer's
 length and end marker must all agree, else the file is unlinked and counted ``corrupt``.
-The body is not read at lookup unless the whole file is at most 64 KiB (then it is read
-in the same call, its CRC checked, and the entry served from memory). A larger body's CRC
-is verified while it streams (``verify_body``): a mismatch is only known at the end, so
-the last read fails instead of returning the last piece (the response is cut short, never
-completed with bad bytes), and the file is unlinked.
+The body is not read at lookup unless the whole file is at most 80 KiB (a 64 KiB body and
+its head: then it is read in the same call, its CRC checked, and the entry served from
+memory). A larger body's CRC is verified while it streams (``verify_body``): a mismatch is
+only known at the end, so the last read fails instead of returning the last piece (the
+response is cut short, never completed with bad bytes), and the file is unlinked.
 
-File times: **mtime** is the last use (set when written, touched on a hit at most once a
-minute), which eviction orders by; **atime** carries the expiry (``stored_at +
-keep_for``; ten years ahead without ``keep_for``), so a scan learns both from one
-``stat``. Files are read with ``O_NOATIME`` (relatime never moves a future atime either).
+Each instance remembers the last ``meta_cache`` (4096; up to about 16 MiB) files its lookups
+checked, with their decoded metadata: a hit of a known file reuses the same
+:class:`CacheMeta` object (no JSON decode; ``HttpCache`` keeps its parse on it) when the
+whole small file reads back as the bytes that were checked (its body CRC still checked), or,
+for a larger file, when ``stat`` gives the same inode, size, mtime and ctime to the
+nanosecond (nothing read at lookup: an entry file never changes in place, see
+:class:`_Known`). Anything else is checked in full. :meth:`DiskStorage.lookup_nowait` is
+:meth:`DiskStorage.lookup` for complete entries only, without a coroutine (the proxy's sync
+mode serves fresh hits through it).
+
+File times: **mtime** is the last use (set when written, touched by a hit when a minute
+old, at most once a minute per process), which eviction orders by; **atime** carries the
+expiry (``stored_at + keep_for``; ten years ahead without ``keep_for``), so a scan learns
+both from one ``stat``. Files are read with ``O_NOATIME`` (relatime never moves a future
+atime either).
 
 Writing
 -------
@@ -132,6 +143,7 @@ import struct
 import threading
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -158,8 +170,9 @@ _PLACEHOLDER = bytes(_HEADER.size)
 
 #: Body pieces read from files.
 _CHUNK = 64 * 1024
-#: Files up to this size are read whole (and checked) at lookup, and served from memory.
-_INLINE = 64 * 1024
+#: Files up to this size are read whole (and checked) at lookup, and served from memory
+#: (a 64 KiB body with up to 16 KiB of head and trailer: one read instead of two opens).
+_INLINE = 80 * 1024
 #: The first read of a larger file (header, key and meta, usually).
 _HEAD_READ = 8 * 1024
 #: Sanity bounds on the header's lengths.
@@ -167,6 +180,12 @@ _MAX_KEY = 1 << 20
 _MAX_META = 1 << 20
 #: A hit touches the file's mtime only if it is older than this (seconds).
 _TOUCH_AFTER = 60.0
+#: Entry files whose decoded metadata a storage instance remembers (:class:`_Known`), and
+#: the memory they may take at most (roughly: their heads twice over).
+_KNOWN_ENTRIES = 4096
+_KNOWN_BYTES = 16 << 20
+#: Nanoseconds in a second (a file time that is a whole second: a coarse file system).
+_NS = 1_000_000_000
 #: Expiry (atime) of entries without ``keep_for``: this far ahead (stays below 2038).
 _FOREVER = 10 * 365 * 86400.0
 #: An eviction pass brings the directory down to this fraction of ``max_size``.
@@ -204,6 +223,9 @@ class _Head:
     body_crc: int
     #: The body, when the whole file was read (and its CRC checked).
     body: bytes | None
+    #: The file's first ``body_offset`` bytes (header, key and meta) and its trailer.
+    raw: bytes
+    trailer: bytes
 
 
 def _digest(key: bytes) -> str:
@@ -264,6 +286,7 @@ def _read_head(fd: int, size: int, inline: int) -> _Head:
         bytes(view[_HEADER.size : _HEADER.size + key_len]),
         bytes(view[_HEADER.size + key_len : body_offset]),
         body_offset, body_len, body_crc, body,
+        data if len(data) == body_offset else bytes(view[:body_offset]), trailer,
     )
 
 
@@ -384,17 +407,17 @@ class _DiskEntry(CacheEntry):
     __slots__ = ("_storage", "_path", "_ino", "_dev", "_offset", "_length", "_crc")
 
     def __init__(
-        self, storage: DiskStorage, key: bytes, meta: CacheMeta, path: str,
-        st: os.stat_result, head: _Head,
+        self, storage: DiskStorage, key: bytes, meta: CacheMeta, path: str, ino: int,
+        dev: int, offset: int, length: int, crc: int,
     ) -> None:
         super().__init__(key, meta)
         self._storage = storage
         self._path = path
-        self._ino = st.st_ino
-        self._dev = st.st_dev
-        self._offset = head.body_offset
-        self._length = head.body_len
-        self._crc = head.body_crc
+        self._ino = ino
+        self._dev = dev
+        self._offset = offset
+        self._length = length
+        self._crc = crc
         self.finish()
 
     @property
@@ -443,8 +466,65 @@ class _DiskEntry(CacheEntry):
     def _corrupted(self) -> None:
         """The body turned out bad while read: drop the file."""
         self._storage._counters["corrupt"] += 1
+        self._storage._drop_known(self.key)
         if _unlink_if_same(self._path, self._ino, self._dev):
             self._storage._removed(self._offset + self._length + _TRAILER.size)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What tells an entry file from any other, and from itself modified: inode, device,
+    size, mtime and ctime (nanoseconds)."""
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+class _Known:
+    """An entry file a lookup of this process checked in full, with its decoded metadata,
+    so that later hits of the same file skip decoding it (:meth:`DiskStorage._load`).
+
+    A hit of a known file is served without decoding its metadata again when either:
+
+    * the whole file (at most ``_INLINE`` bytes) reads back with exactly :attr:`size`
+      bytes, starting with :attr:`raw` (header, key and meta: the bytes that were checked
+      and decoded) and ending with :attr:`trailer`, and its body matches the trailer's
+      CRC: every byte is read and checked as a first lookup would, only the JSON decode
+      (and the header CRC over bytes equal to checked ones) is skipped; or
+    * (larger files) ``stat`` of the path gives :attr:`ident`: the same inode, device and
+      size, and the same mtime and ctime to the nanosecond, as when the file was checked.
+      Nothing of the file is read then (:meth:`_DiskEntry.open_source` reads the body,
+      checked against the body CRC of the trailer read when the file was checked). Safe
+      because an entry file never changes after its rename into place: ``update_meta``,
+      replacements and purges make new files (a new inode) or unlink them, the only
+      change made in place is the mtime touch (a new mtime and ctime: checked in full
+      again), and the kernel sets the ctime on any other change (a write, ``utime``,
+      truncation), which userspace cannot set back. A new file reusing the inode would
+      also need the same size and an mtime equal to the nanosecond (set from
+      ``time.time()`` when written or touched). On a file system with whole-second file
+      times that last point fails (:attr:`ident` is None: such files are always read).
+
+    A hit also needs :attr:`touch_due` not reached: the mtime touch goes through the full
+    check (which gives the file's new times). Every other case (a changed, replaced or
+    touched file; corruption) is checked in full as a first lookup, and the decoded
+    metadata is still reused if the head's bytes are :attr:`raw`.
+    """
+
+    __slots__ = ("path", "raw", "trailer", "meta", "size", "offset", "length", "crc",
+                 "ident", "touch_due", "charge")
+
+    def __init__(self, path: str, head: _Head, meta: CacheMeta, st: os.stat_result,
+                 touch_due: float) -> None:
+        self.path = path
+        self.raw = head.raw
+        self.trailer = head.trailer
+        self.meta = meta
+        self.size = st.st_size
+        self.offset = head.body_offset
+        self.length = head.body_len
+        self.crc = head.body_crc
+        self.ident = _identity(st) if st.st_mtime_ns % _NS else None
+        #: When (``time.time()``) the file's mtime is to be touched by a hit.
+        self.touch_due = touch_due
+        #: Roughly the memory this takes, in bytes.
+        self.charge = len(path) + len(self.raw) + meta.approx_size() + 256
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -547,6 +627,7 @@ class _DiskWriter(CacheWriter):
             _unlink_quietly(self._tmp)
             return
         self._stored = True
+        storage._drop_known(key)  # (a new inode: would not be taken for the old one)
         storage._added(size)
 
     def abort(self) -> None:
@@ -915,6 +996,23 @@ def _rewrite_meta(
         os.close(src)
 
 
+def _read_known(fd: int, key: bytes, known: _Known, now: float) -> CacheEntry | None:
+    """A known small file, read whole: the entry if every byte checks against ``known``
+    (see :class:`_Known`), else None (the caller checks it in full)."""
+    size = known.size
+    data = os.pread(fd, size + 1, 0)  # (one byte more: a longer file shows)
+    if (len(data) != size or not data.startswith(known.raw)
+            or not data.endswith(known.trailer) or _expired(known.meta, now)):
+        return None
+    body = data[known.offset : size - _TRAILER.size]
+    if zlib.crc32(body) != known.crc:
+        return None
+    entry = CacheEntry(key, known.meta)
+    entry.append(body)
+    entry.finish()
+    return entry
+
+
 # -- the storage ---------------------------------------------------------------------------
 
 
@@ -932,6 +1030,8 @@ class DiskStorage(CacheStorage):
         scan_interval: least seconds between two periodic maintenance passes.
         stale_after: temporary files unmodified this long are removed (seconds).
         verify_body: check the body CRC of entries streamed from files.
+        meta_cache: how many checked entry files (their decoded metadata) this instance
+            remembers, so that their hits skip decoding it (0: none; see :class:`_Known`).
 
     See the module docstring for the layout, file format and policies.
     """
@@ -942,6 +1042,7 @@ class DiskStorage(CacheStorage):
         self, path: str, max_size: int, max_entry: int | None = None, *,
         stream_window: int = 4 << 20, scan_interval: float = 10.0,
         stale_after: float = 600.0, verify_body: bool = True,
+        meta_cache: int = _KNOWN_ENTRIES,
     ) -> None:
         """A storage in directory ``path`` of at most ``max_size`` bytes."""
         if max_size < 1:
@@ -966,6 +1067,10 @@ class DiskStorage(CacheStorage):
         self._stale_after = stale_after
         self._verify_body = verify_body
         self._read_flags = _read_flags()
+        #: Entry files checked by lookups, by key, least recently hit first.
+        self._known: OrderedDict[bytes, _Known] = OrderedDict()
+        self._known_max = max(meta_cache, 0)
+        self._known_bytes = 0
         #: Writers storing to disk, by key (at most one per key in this process).
         self._writing: dict[bytes, _DiskWriter] = {}
         #: Fill locks held: key -> (lock file descriptor, deadline).
@@ -1024,50 +1129,123 @@ class DiskStorage(CacheStorage):
         counters["hits" if entry is not None else "misses"] += 1
         return entry
 
+    def lookup_nowait(self, key: bytes) -> CacheEntry | None:
+        """The complete entry stored under ``key`` (a hit), read without waiting; None
+        (not counted) on a miss, for an entry being written in this process (the
+        :meth:`lookup` that follows streams it), before this instance's first
+        maintenance pass has started (:meth:`lookup` starts it) and on any failure."""
+        writer = self._writing.get(key)
+        if writer is not None and writer.pending:
+            return None
+        if self._closed or (self._next_scan == 0.0 and self._task is None):
+            return None
+        entry = self._load(key)
+        if entry is not None:
+            self._counters["hits"] += 1
+        return entry
+
     def _load(self, key: bytes) -> CacheEntry | None:
-        path = self.path_of(key)
+        """The entry in ``key``'s file, checked (see :class:`_Known` for the files already
+        checked by this process); corrupt and expired files are unlinked."""
+        now = time.time()
+        known = self._known.get(key)
+        if known is None:
+            path = self.path_of(key)
+        else:
+            self._known.move_to_end(key)
+            path = known.path
+            if now < known.touch_due and known.size > _INLINE and known.ident is not None:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    self._drop_known(key)
+                    return None
+                except OSError:
+                    self._counters["errors"] += 1
+                    return None
+                if _identity(st) == known.ident and not _expired(known.meta, now):
+                    return _DiskEntry(self, key, known.meta, path, st.st_ino, st.st_dev,
+                                      known.offset, known.length, known.crc)
         try:
             fd = _open_read(path, self._read_flags)
         except FileNotFoundError:
+            if known is not None:
+                self._drop_known(key)
             return None
         except OSError:
             self._counters["errors"] += 1
             return None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                self._counters["errors"] += 1
-                return None
-            try:
-                head = _read_head(fd, st.st_size, _INLINE)
-                if head.key != key:
-                    raise _Corrupt("another key's file")
-                meta = CacheMeta.decode(head.meta)
-            except (_Corrupt, ValueError):
-                self._counters["corrupt"] += 1
-                if _unlink_if_same(path, st.st_ino, st.st_dev):
-                    self._removed(st.st_size)
-                return None
-            now = time.time()
-            if _expired(meta, now):
-                if _unlink_if_same(path, st.st_ino, st.st_dev):
-                    self._counters["expired"] += 1
-                    self._removed(st.st_size)
-                return None
-            if now - st.st_mtime > _TOUCH_AFTER:
-                with contextlib.suppress(OSError):
-                    os.utime(fd, (_expiry(meta, now), now))
-            if head.body is None:
-                return _DiskEntry(self, key, meta, path, st, head)
-            entry = CacheEntry(key, meta)
-            entry.append(head.body)
-            entry.finish()
-            return entry
+            if known is not None and known.size <= _INLINE and now < known.touch_due:
+                entry = _read_known(fd, key, known, now)
+                if entry is not None:
+                    return entry
+            return self._check(fd, key, path, known, now)
         except OSError:
             self._counters["errors"] += 1
             return None
         finally:
             os.close(fd)
+
+    def _check(self, fd: int, key: bytes, path: str, known: _Known | None,
+               now: float) -> CacheEntry | None:
+        """Check the open file of ``key`` in full (as :func:`_read_head`), decoding its
+        metadata unless its head is ``known``'s; touch its mtime if due; remember it."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            self._counters["errors"] += 1
+            return None
+        try:
+            head = _read_head(fd, st.st_size, _INLINE)
+            if head.key != key:
+                raise _Corrupt("another key's file")
+            if known is not None and head.raw == known.raw:
+                meta = known.meta  # the very bytes decoded before
+            else:
+                meta = CacheMeta.decode(head.meta)
+        except (_Corrupt, ValueError):
+            self._counters["corrupt"] += 1
+            self._drop_known(key)
+            if _unlink_if_same(path, st.st_ino, st.st_dev):
+                self._removed(st.st_size)
+            return None
+        if _expired(meta, now):
+            self._drop_known(key)
+            if _unlink_if_same(path, st.st_ino, st.st_dev):
+                self._counters["expired"] += 1
+                self._removed(st.st_size)
+            return None
+        touch_due = st.st_mtime + _TOUCH_AFTER
+        if now > touch_due:
+            touch_due = now + _TOUCH_AFTER
+            with contextlib.suppress(OSError):
+                os.utime(fd, (_expiry(meta, now), now))
+                st = os.fstat(fd)  # (its new times identify the file from now on)
+        if self._known_max:
+            self._remember(key, _Known(path, head, meta, st, touch_due))
+        if head.body is None:
+            return _DiskEntry(self, key, meta, path, st.st_ino, st.st_dev, head.body_offset,
+                              head.body_len, head.body_crc)
+        entry = CacheEntry(key, meta)
+        entry.append(head.body)
+        entry.finish()
+        return entry
+
+    def _remember(self, key: bytes, known: _Known) -> None:
+        """Remember a checked file (forgetting the least recently hit beyond the bounds)."""
+        entries = self._known
+        self._drop_known(key)
+        entries[key] = known
+        self._known_bytes += known.charge
+        while len(entries) > self._known_max or self._known_bytes > _KNOWN_BYTES:
+            _, old = entries.popitem(last=False)
+            self._known_bytes -= old.charge
+
+    def _drop_known(self, key: bytes) -> None:
+        """Forget the file checked for ``key``, if any."""
+        old = self._known.pop(key, None)
+        if old is not None:
+            self._known_bytes -= old.charge
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -1153,6 +1331,7 @@ class DiskStorage(CacheStorage):
         if writer is not None:
             writer._discard()
             existed = True
+        self._drop_known(key)
         path = self.path_of(key)
         try:
             st = os.stat(path, follow_symlinks=False)
@@ -1201,6 +1380,8 @@ class DiskStorage(CacheStorage):
             self._counters["errors"] += 1
             result = _PurgeResult()
         keys |= result.keys
+        for key in keys:
+            self._drop_known(key)
         self._counters["corrupt"] += result.corrupt
         self._counters["errors"] += result.errors
         self._counters["purged"] += len(keys)
@@ -1213,6 +1394,7 @@ class DiskStorage(CacheStorage):
         copied in the kernel, renamed into place; in a thread); whether there was one."""
         if self._closed:
             return False
+        self._drop_known(key)
         path = self.path_of(key)
         tmp = f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         job = functools.partial(_rewrite_meta, path, tmp, key, meta.encode(),
@@ -1225,6 +1407,8 @@ class DiskStorage(CacheStorage):
         except OSError:
             self._counters["errors"] += 1
             return False
+        finally:
+            self._drop_known(key)  # (a hit may have checked the old file meanwhile)
         if delta is None:
             return False
         self._size = max(0, self._size + delta)
@@ -1403,6 +1587,8 @@ class DiskStorage(CacheStorage):
     async def close(self) -> None:
         """Abort the writes in progress, give back the fill locks, stop maintenance."""
         self._closed = True
+        self._known.clear()
+        self._known_bytes = 0
         for writer in list(self._writing.values()):
             writer.abort()
         for key in list(self._locks):

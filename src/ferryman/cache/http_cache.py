@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -234,7 +235,7 @@ class HttpCache:
             from ferryman.cache.status import cache_status
 
             prefix = self._hit_prefix = cache_status(self.name, hit=True) + b"; ttl="
-        return prefix + b"%d" % (ttl // 1 if ttl >= 0 else -(-ttl // 1))
+        return prefix + b"%d" % math.floor(ttl)
 
     def count(self, result: str) -> None:
         """Add one to the ``result`` counter."""

@@ -10,6 +10,7 @@ another request's fetch: the cache lock) and ``detail``.
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["FORWARD_REASONS", "cache_status"]
@@ -52,7 +53,7 @@ def cache_status(
     if fwd_status is not None:
         parts.append(f"fwd-status={fwd_status}")
     if ttl is not None:
-        parts.append(f"ttl={int(ttl // 1) if ttl >= 0 else -int(-ttl // 1)}")
+        parts.append(f"ttl={math.floor(ttl)}")  # (a slightly stale response: -1, not 0)
     if stored:
         parts.append("stored")
     if collapsed:

@@ -114,7 +114,8 @@ Every key, with its default (all optional unless marked *required*)::
                                  # this file's directory
               # redis: redis://127.0.0.1:6379/0  # redis only, required
               max_size: 256MiB   # memory: per worker; disk: the directory; default 64MiB
-              max_entry: 8MiB    # largest body stored; default max_size/8 (redis: 16MiB)
+              max_entry: 8MiB    # largest body stored; default: memory max_size/64, disk
+                                 # max_size/8, redis 16MiB
               default_ttl: 10m   # freshness when the response states none; default: only
                                  # RFC 9111's heuristic (10% of the age of Last-Modified)
               key: [scheme, host, uri]  # the default; also path, query, method,

@@ -355,8 +355,9 @@ class CacheConfig:
         redis: the ``redis://`` URL of a ``redis`` storage.
         max_size: the storage's bound in bytes (memory: per worker; disk: the
             directory). Redis is bounded by its own ``maxmemory``. Default 64 MiB.
-        max_entry: the largest response body stored, or None for an eighth of
-            ``max_size`` (memory, disk) or 16 MiB (redis).
+        max_entry: the largest response body stored, or None for the storage's
+            default: memory ``max_size``/64 (an eighth of each of its 8 shards), disk
+            ``max_size``/8, redis 16 MiB.
         default_ttl: freshness of responses that state none, or None (RFC 9111's
             heuristic only).
         key: the cache key's parts. Default ``(scheme, host, uri)``.

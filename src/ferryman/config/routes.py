@@ -217,11 +217,14 @@ def _route(
     elif actions[0] != "upstream":
         for key in UPSTREAM_ONLY:
             if key in sec:
+                why = (
+                    "it stores upstream responses" if key == "cache"
+                    else "it changes the request sent upstream"
+                )
                 reader.problem(
                     sec.key_node(key),
                     sec.path_of(key),
-                    f"{key} is only used with upstream (it changes the request sent upstream; "
-                    f"this route uses {actions[0]})",
+                    f"{key} is only used with upstream ({why}; this route uses {actions[0]})",
                     f"a route with upstream, or no {key}",
                 )
 

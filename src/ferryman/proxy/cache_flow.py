@@ -420,7 +420,8 @@ async def _fetch(
             resp.headers.add(
                 b"Cache-Status",
                 _status_value(
-                    cache, fwd=fwd, fwd_status=status, stored=writer is not None,
+                    cache, fwd=fwd, fwd_status=status,
+                    stored=writer is not None and writer.stored,
                     collapsed=collapsed,
                 ),
             )
@@ -488,7 +489,11 @@ async def _refreshed(
 ) -> CacheMeta:
     """The stored metadata updated by a 304 (RFC 9111 §4.3.4), saved to storage."""
     old = stale.meta
-    headers = merge_not_modified(old.headers, not_modified.headers.items())
+    headers = [
+        pair
+        for pair in merge_not_modified(old.headers, not_modified.headers.items())
+        if pair[0].lower() != b"set-cookie"  # (never stored: it is one client's)
+    ]
     updated = CacheMeta(
         old.status,
         headers,
@@ -716,6 +721,8 @@ async def _serve_hit(
         if ranges is not None:
             await _send_ranges(session, ctx, resp, entry, ranges, size)
             return
+    if not plain and req.raw_method != b"HEAD" and meta.status not in (204, 304):
+        await reader.open(entry)  # (a Range not applied: the whole body after all)
     if size is not None:
         resp.headers.set(b"Content-Length", str(size))
     try:
