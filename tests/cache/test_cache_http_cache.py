@@ -307,3 +307,46 @@ def test_purge_api() -> None:
         assert c.counts == {"purge": 3}
 
     asyncio.run(main())
+
+
+def test_default_ttl_never_shares_an_authorized_response() -> None:
+    c = cache(default_ttl=30.0)
+    assert decide(c, 200, [], authorization=True) is None  # §3.5
+    assert decide(c, 200, [(CC, b"public")], authorization=True) == 30.0
+
+
+def test_fields_of_one_client_are_not_stored() -> None:
+    meta = cache().meta_for(
+        status=200,
+        headers=[(CC, b'max-age=60, private="X-Secret", no-cache="X-Fresh"'),
+                 (b"X-Secret", b"alice"), (b"X-Fresh", b"1"), (b"X-Kept", b"k")],
+        lifetime=60.0, variant=b"", request_time=NOW, response_time=NOW,
+    )  # fmt: skip
+    assert [n for n, _ in meta.headers] == [CC, b"X-Kept"]
+
+
+def test_hit_for_miss_is_remembered_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ferryman.cache.http_cache as module
+
+    c = cache()
+    assert not c.passes(b"k")
+    c.pass_for(b"k")
+    assert c.passes(b"k")
+    clock = module.time.monotonic() + module.PASS_TIME + 1
+    monkeypatch.setattr(module.time, "monotonic", lambda: clock)
+    assert not c.passes(b"k")
+    monkeypatch.setattr(module, "PASS_KEYS", 3)
+    for i in range(5):
+        c.pass_for(b"k%d" % i)
+    assert [c.passes(b"k%d" % i) for i in range(5)] == [False, False, True, True, True]
+
+
+def test_a_namespace_keeps_routes_sharing_a_storage_apart() -> None:
+    c = cache(namespace=b"static")
+    header = fields(host=[b"x"])
+    assert c.primary_key(scheme=b"http", method=b"GET", target=b"/a", header=header) == (
+        b"static|http|x|/a"
+    )
+    assert c.fast_key(b"http", b"/a", b"x") is None  # (the general way, with the namespace)
+    assert c.url_key("http://x/a") == b"static|http|x|/a"
+    assert c.url_prefix("http://x/s/") == b"static|http|x|/s/"

@@ -204,7 +204,9 @@ def test_cache_hit_filter_forces_a_revalidation(caching) -> None:  # type: ignor
     get(harness.port, "/c/h")
     status, body, headers = get(harness.port, "/c/h", {"X-Force": "1"})
     assert (status, body) == (200, b"/c/h #1 ae=identity\n")
-    assert re.fullmatch(r"ferryman; fwd=stale; fwd-status=304; ttl=5[89]", headers["Cache-Status"])
+    assert re.fullmatch(
+        r"ferryman; fwd=request; fwd-status=304; ttl=5[89]", headers["Cache-Status"]
+    )
     assert origin.seen[-1][1].get("If-None-Match") == '"e1"'
     assert origin.count("/c/h") == 2
 
@@ -269,3 +271,17 @@ def test_purge_api_from_python(caching) -> None:  # type: ignore[no-untyped-def]
     get(harness.port, "/c/p1")
     get(harness.port, "/c/p2")
     assert (origin.count("/c/p1"), origin.count("/c/p2")) == (2, 1)
+
+
+class FilteringProxy(AsyncCachingProxy):
+    async def response_filter(self, session, response, ctx):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0)
+        response.headers.set(b"X-Filtered", session.cache_status or "none")
+
+
+def test_an_async_response_filter_runs_on_hits_too(counting_origin, start_proxy) -> None:  # type: ignore[no-untyped-def]
+    harness = start_proxy(FilteringProxy(counting_origin))
+    first = get(harness.port, "/c/f")
+    second = get(harness.port, "/c/f")
+    assert (first[2]["X-Filtered"], second[2]["X-Filtered"]) == ("MISS", "HIT")
+    assert counting_origin.count("/c/f") == 1

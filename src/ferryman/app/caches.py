@@ -34,10 +34,14 @@ class CacheRegistry:
         """Prepare for ``configs`` (every cache block of the config: the largest bound
         of a shared disk directory is known before any storage is made)."""
         self._disk_sizes: dict[str, int] = {}
+        self._users: dict[tuple[str, str], int] = {}
         for config in configs:
             if config.storage == "disk" and config.path is not None:
                 size = self._disk_sizes.get(config.path, 0)
                 self._disk_sizes[config.path] = max(size, config.max_size)
+            place = _place(config)
+            if place is not None:
+                self._users[place] = self._users.get(place, 0) + 1
         self._shared: dict[tuple[str, str], CacheStorage] = {}
         #: Every storage made, for closing.
         self.storages: list[CacheStorage] = []
@@ -73,9 +77,13 @@ class CacheRegistry:
             self.storages.append(found)
         return found
 
-    def cache(self, config: CacheConfig, scope: str = "") -> HttpCache:
+    def cache(self, config: CacheConfig, scope: str = "", name: str = "") -> HttpCache:
         """The cache of one route's ``cache`` block; ``scope`` names it in the purge log
-        (the listener and route)."""
+        (the listener and route). Routes sharing a disk directory or Redis keep their
+        keys apart under their ``name`` (so do servers sharing Redis: the same route
+        names share entries)."""
+        place = _place(config)
+        namespace = name.encode() if place is not None and self._users[place] > 1 else b""
         purge = None
         if config.purge is not None:
             purge = tuple(ipaddress.ip_network(n, strict=False) for n in config.purge)
@@ -90,6 +98,7 @@ class CacheRegistry:
             purge_from=purge,
             status_header=config.status_header,
             scope=scope.encode(),
+            namespace=namespace,
         )
         self.caches.append(cache)
         return cache
@@ -117,6 +126,15 @@ class CacheRegistry:
         """Share the purges of per-worker (memory) caches through ``log``."""
         for cache in self.caches:
             cache.attach_purge_log(log)
+
+
+def _place(config: CacheConfig) -> tuple[str, str] | None:
+    """Where a shared storage lives, or None for a memory one."""
+    if config.storage == "disk" and config.path is not None:
+        return ("disk", config.path)
+    if config.storage == "redis" and config.redis is not None:
+        return ("redis", config.redis)
+    return None
 
 
 def _chown_tree(root: str, uid: int, gid: int) -> None:

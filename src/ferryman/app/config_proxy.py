@@ -383,7 +383,7 @@ class RouteAction:
     ) -> None:
         cache = None
         if route.cache is not None and caches is not None:
-            cache = caches.cache(route.cache, scope)
+            cache = caches.cache(route.cache, scope, route.name)
         self.proxy = (
             ProxyAction(route, groups[route.upstream], cache) if route.upstream else None
         )

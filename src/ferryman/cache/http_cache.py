@@ -67,6 +67,10 @@ IGNORABLE = frozenset(("cache-control", "expires", "set-cookie", "vary", "client
 #: Statuses ``default_ttl`` applies to when the response gives no freshness itself
 #: (those cacheable by default, less 206: partial responses are not stored).
 DEFAULT_TTL_STATUSES = HEURISTIC_STATUSES - {206}
+#: Seconds a key whose response forbade storing goes straight to the origin.
+PASS_TIME = 60.0
+#: Keys remembered so at most (the oldest are forgotten first).
+PASS_KEYS = 10_000
 #: How long an entry with validators is kept past its freshness, for revalidation.
 REVALIDATION_KEEP = 3600.0
 _TAG_FIELDS = (b"cache-tag", b"surrogate-key")
@@ -144,6 +148,8 @@ class HttpCache:
         status_header: add ``Cache-Status`` to responses.
         scope: this cache's name in a :class:`~ferryman.cache.purge_log.PurgeLog`
             (see :meth:`attach_purge_log`).
+        namespace: put before every key (with ``|``), so that caches sharing a storage
+            (two routes on one disk directory or Redis) keep their entries apart.
     """
 
     storage: CacheStorage
@@ -157,6 +163,7 @@ class HttpCache:
     purge_from: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None = None
     status_header: bool = True
     scope: bytes = b""
+    namespace: bytes = b""
     #: The in-process cache lock (one per worker: the object is copied into each).
     lock: CacheLock = field(init=False)
     #: Counters of cache results (``hit``, ``miss``, ``stale``, ``expired``,
@@ -174,6 +181,7 @@ class HttpCache:
         self.counts = {}
         self._purge_log: PurgeLog | None = None
         self._hit_prefix: bytes | None = None
+        self._pass: dict[bytes, float] = {}
         self._seen = 0
         self._mine: set[int] = set()
 
@@ -228,6 +236,26 @@ class HttpCache:
         if log is not None:
             self._mine.add(log.append(kind, self.scope, value))
 
+    def passes(self, key: bytes) -> bool:
+        """Whether ``key`` was found uncacheable less than :data:`PASS_TIME` ago: its
+        requests then go to the origin as they are, without the cache lock (Varnish's
+        hit-for-miss)."""
+        until = self._pass.get(key)
+        if until is None:
+            return False
+        if until > time.monotonic():
+            return True
+        del self._pass[key]
+        return False
+
+    def pass_for(self, key: bytes) -> None:
+        """Remember that ``key``'s response forbids storing (see :meth:`passes`)."""
+        passing = self._pass
+        passing.pop(key, None)
+        passing[key] = time.monotonic() + PASS_TIME
+        if len(passing) > PASS_KEYS:
+            del passing[next(iter(passing))]
+
     def hit_status(self, ttl: float) -> bytes:
         """The ``Cache-Status`` of a hit with ``ttl`` seconds of freshness left."""
         prefix = self._hit_prefix
@@ -246,7 +274,7 @@ class HttpCache:
     def fast_key(self, scheme: bytes, target: bytes, host: bytes | None) -> bytes | None:
         """The key of a request when :attr:`key` is the default (scheme, Host, target),
         made without :meth:`primary_key`'s generality; None for other keys."""
-        if self.key != DEFAULT_KEY:
+        if self.key != DEFAULT_KEY or self.namespace:
             return None
         return b"%s|%s|%s" % (scheme, host.lower() if host else b"", target)
 
@@ -288,6 +316,8 @@ class HttpCache:
                 if args is None:
                     args = _query_args(query)
                 out.append(args.get(part[4:].encode(), b""))
+        if self.namespace:
+            out.insert(0, self.namespace)
         return b"|".join(out)
 
     def url_key(self, url: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
@@ -317,7 +347,7 @@ class HttpCache:
             )
         parts = urlsplit(url_prefix)
         target = parts.path + ("?" + parts.query if parts.query else "")
-        out = []
+        out = [self.namespace] if self.namespace else []
         for part in self.key[:-1]:
             out.append(parts.scheme.encode() if part == "scheme" else parts.netloc.lower().encode())
         out.append(target.encode())
@@ -390,7 +420,11 @@ class HttpCache:
         verb = "HEAD" if method == b"HEAD" else method.decode("latin-1")
         if not storable(
             verb, status, request_cc, cc, authorization=authorization, expires=expires
-        ) and not (default and verb in ("GET", "HEAD") and not self._forbidden(cc, request_cc)):
+        ) and not (
+            default
+            and verb in ("GET", "HEAD")
+            and not self._forbidden(cc, request_cc, authorization)
+        ):
             return None
         if default:
             assert self.default_ttl is not None
@@ -414,9 +448,19 @@ class HttpCache:
         return lifetime
 
     @staticmethod
-    def _forbidden(cc: CacheControl, request_cc: CacheControl) -> bool:
-        """What ``default_ttl`` never overrides: no-store, private, the client's no-store."""
-        return cc.no_store or (cc.private and not cc.private_fields) or request_cc.no_store
+    def _forbidden(cc: CacheControl, request_cc: CacheControl, authorization: bool) -> bool:
+        """What ``default_ttl`` never overrides: no-store, private, the client's
+        no-store, and a request with Authorization the response does not make shareable
+        (RFC 9111 §3.5)."""
+        return (
+            cc.no_store
+            or (cc.private and not cc.private_fields)
+            or request_cc.no_store
+            or (
+                authorization
+                and not (cc.public or cc.must_revalidate or cc.s_maxage is not None)
+            )
+        )
 
     def meta_for(
         self,
@@ -430,11 +474,16 @@ class HttpCache:
     ) -> CacheMeta:
         """What to store of a response :meth:`decide` allowed: its fields (as received;
         Set-Cookie never), the times, its Vary, tags and keep time."""
-        stored = [(n, v) for n, v in headers if n.lower() not in _UNSTORED_FIELDS]
+        cc = self.response_cc(headers)
+        # fields of one client (private="F") or never to be reused unvalidated
+        # (no-cache="F") are not kept (RFC 9111 §5.2.2.4, §5.2.2.7)
+        unstored = _UNSTORED_FIELDS.union(
+            name.lower().encode("latin-1") for name in cc.private_fields + cc.no_cache_fields
+        )
+        stored = [(n, v) for n, v in headers if n.lower() not in unstored]
         age = 0.0
         length = None
         tags: list[bytes] = []
-        cc = self.response_cc(headers)
         has_validators = False
         for name, value in headers:
             lname = name.lower()

@@ -35,6 +35,7 @@ class _Entry:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     outcome: LockOutcome = LockOutcome.FAILED
     waiters: int = 0
+    value: object = None
 
 
 @dataclass(slots=True)
@@ -63,6 +64,12 @@ class ReadHandle:
         finally:
             self._entry.waiters -= 1
         return self._entry.outcome
+
+    @property
+    def value(self) -> object:
+        """What the writer handed to its waiters with a DONE (say, the entry it is
+        storing, which the storage may not keep), or None."""
+        return self._entry.value
 
 
 class CacheLock:
@@ -93,15 +100,19 @@ class CacheLock:
         entry = self._entries[key] = _Entry()
         return WritePermit(key, entry)
 
-    def release(self, permit: WritePermit, outcome: LockOutcome) -> None:
+    def release(
+        self, permit: WritePermit, outcome: LockOutcome, value: object = None
+    ) -> None:
         """The writer is done with ``key``: wake its waiters with ``outcome`` (DONE or
-        FAILED). The next miss of the key gets a new permit."""
+        FAILED) and ``value`` (:attr:`ReadHandle.value`). The next miss of the key gets a
+        new permit."""
         if permit.released:
             return
         permit.released = True
         if self._entries.get(permit.key) is permit._entry:
             del self._entries[permit.key]
         permit._entry.outcome = outcome
+        permit._entry.value = value
         permit._entry.done.set()
 
     def waiting(self, key: bytes) -> int:

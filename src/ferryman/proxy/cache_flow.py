@@ -42,9 +42,10 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ferryman.cache.lock import LockOutcome, ReadHandle, WritePermit
+from ferryman.cache.policy import CacheControl
 from ferryman.cache.ranges import if_range_matches, multipart_parts, parse_range
 from ferryman.cache.status import cache_status
-from ferryman.cache.storage import CacheEntry, CacheMeta, CacheWriteAborted
+from ferryman.cache.storage import CacheEntry, CacheMeta, CacheWriteAborted, ChunkSource
 from ferryman.cache.variants import conditional_headers, merge_not_modified
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH
@@ -69,8 +70,9 @@ _NOT_MODIFIED_FIELDS = frozenset(
     (b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary",
      b"last-modified")
 )
-#: Background refreshes in flight (kept referenced until done).
+#: Background refreshes and unlocks in flight (kept referenced until done).
 _refreshes: set[asyncio.Task[None]] = set()
+_NO_DIRECTIVES = CacheControl()
 
 
 class _Vanished(Exception):
@@ -203,16 +205,18 @@ async def _serve(session: Session, ctx: Any) -> None:
         session.cache_status = "MISS"
         session.send_error(504)  # RFC 9111 §5.2.1.7
         return
+    if cache.passes(key):  # (recently uncacheable: straight to the origin, no lock)
+        await _pass(session, ctx, cache)
+        return
     collapsed = False
-    permit: WritePermit | None = None
-    shared_held = False
+    fill = _Fill(cache, key)
     lock = cache.lock.lock(key)
     try:
         if isinstance(lock, ReadHandle):
             outcome = await lock.wait()
             collapsed = True
             if outcome is LockOutcome.DONE:
-                found, _ = await _lookup(session, ctx, cache, key)
+                found = await _collapsed_entry(session, ctx, cache, key, lock.value)
                 if found is not None:
                     j = await _judge(session, ctx, cache, found, request_cc, pragma)
                     if j.verdict == "fresh" or not found.complete:
@@ -225,30 +229,93 @@ async def _serve(session: Session, ctx: Any) -> None:
                         except _Vanished:
                             pass
         else:
-            permit = lock
+            fill.permit = lock
             if cache.storage.shared:
-                shared_held, other = await _shared_wait(
+                fill.shared, other = await _shared_wait(
                     session, ctx, cache, key, request_cc, pragma
                 )
                 if other is not None:
                     entry_found, j = other
+                    fill.release(LockOutcome.DONE, entry_found)
                     try:
                         await _serve_hit(
                             session, ctx, cache, entry_found, entry_found.meta, j, "HIT",
                             collapsed=True,
                         )
-                        cache.lock.release(permit, LockOutcome.DONE)
-                        permit = None
                         return
                     except _Vanished:
                         pass
-        await _fetch(session, ctx, cache, key, entry, judgement, miss, permit, collapsed)
-        permit = None  # (_fetch released it)
+        await _fetch(session, ctx, cache, key, entry, judgement, miss, fill, collapsed)
     finally:
+        fill.release(LockOutcome.FAILED)
+
+
+class _Fill:
+    """The right to fetch a key: the cache lock's permit (waiters in this worker) and,
+    for a shared storage, its fill lock (other processes). Both are given back together,
+    as soon as the response head shows whether it is stored — not when the client has
+    it all."""
+
+    __slots__ = ("cache", "key", "permit", "shared")
+
+    def __init__(self, cache: HttpCache, key: bytes) -> None:
+        self.cache = cache
+        self.key = key
+        self.permit: WritePermit | None = None
+        self.shared = False
+
+    def release(self, outcome: LockOutcome, value: object = None) -> None:
+        """Wake the waiters with ``outcome`` (and ``value``, the entry); idempotent."""
+        permit, self.permit = self.permit, None
         if permit is not None:
-            cache.lock.release(permit, LockOutcome.FAILED)
-        if shared_held:
-            await cache.storage.fill_unlock(key)
+            self.cache.lock.release(permit, outcome, value)
+        if self.shared:
+            self.shared = False
+            _background(self.cache.storage.fill_unlock(self.key))
+
+
+def _background(coro: Any) -> None:
+    """Run ``coro`` as a task kept referenced until it ends."""
+    task = asyncio.get_running_loop().create_task(coro)
+    _refreshes.add(task)
+    task.add_done_callback(_refreshes.discard)
+
+
+async def _collapsed_entry(
+    session: Session, ctx: Any, cache: HttpCache, key: bytes, value: object
+) -> CacheEntry | None:
+    """What a request that waited on the cache lock is answered from: the entry the
+    fetch stored (handed over, even if the storage did not keep it) when it is this
+    request's variant, else whatever storage has now."""
+    if isinstance(value, CacheEntry) and not value.aborted:
+        fields = value.meta.vary
+        if not fields:
+            return value
+        proxy: Any = session._proxy
+        if proxy.cache_vary_filter(session, fields, ctx) == value.meta.variant:
+            return value
+    found, _ = await _lookup(session, ctx, cache, key)
+    return found
+
+
+async def _pass(session: Session, ctx: Any, cache: HttpCache) -> None:
+    """A key recently found uncacheable: proxied as it is (Range, conditionals and HEAD
+    reach the origin), without the cache lock, as Varnish's hit-for-miss."""
+    session.cache_status = "MISS"
+    cache.count("miss")
+    engine = _engine()
+    session._send_continue()
+    peer = await engine.upstream_head(session, ctx)
+    assert peer is not None  # (GET and HEAD never tunnel)
+    resp = session._up_resp
+    assert resp is not None
+    await engine.upstream_response_hooks(session, ctx, resp)
+    if cache.status_header:
+        resp.headers.add(
+            b"Cache-Status",
+            _status_value(cache, fwd="miss", fwd_status=resp.status, detail="uncacheable"),
+        )
+    await engine.deliver_upstream_response(session, ctx, peer, resp)
 
 
 async def _judge(
@@ -328,21 +395,13 @@ async def _fetch(
     stale: CacheEntry | None,
     judgement: Judgement | None,
     miss: str,
-    permit: WritePermit | None,
+    fill: _Fill,
     collapsed: bool,
 ) -> None:
     """Go upstream for the key (conditionally when ``stale`` is set), store what may be
-    stored, and answer the client."""
+    stored, and answer the client; ``fill`` is released as soon as that is known."""
     engine = _engine()
     req = session.req_header
-    outcome = LockOutcome.FAILED
-
-    def release(result: LockOutcome) -> None:
-        nonlocal permit
-        if permit is not None:
-            cache.lock.release(permit, result)
-            permit = None
-
     try:
         if stale is not None:
             meta = stale.meta
@@ -361,9 +420,13 @@ async def _fetch(
             peer = await engine.upstream_head(session, ctx)
         except ProxyError as failure:
             if stale is not None and await _call(session, "should_serve_stale", ctx, failure):
+                fill.release(LockOutcome.FAILED)
                 engine._abandon_upstream(session, failure)
                 session._error = None
-                await _serve_stale_on_error(session, ctx, cache, stale, judgement, None)
+                try:
+                    await _serve_stale_on_error(session, ctx, cache, stale, judgement, None)
+                except _Vanished:
+                    raise failure from None
                 return
             raise
         assert peer is not None  # (GET and HEAD never tunnel)
@@ -376,23 +439,31 @@ async def _fetch(
                 ErrorKind.INVALID_RESPONSE, ErrorSource.UPSTREAM, f"origin answered {status}"
             )
             if await _call(session, "should_serve_stale", ctx, err):
+                fill.release(LockOutcome.FAILED)
                 up = session._up
                 session._up = None
                 if up is not None:
                     up.abort()  # (its body is not wanted)
-                await _serve_stale_on_error(session, ctx, cache, stale, judgement, status)
+                try:
+                    await _serve_stale_on_error(session, ctx, cache, stale, judgement, status)
+                except _Vanished:
+                    raise err from None
                 return
         if stale is not None and status == 304:
             await engine.upstream_response_hooks(session, ctx, resp)
             updated = await _refreshed(cache, stale, resp, request_time, response_time)
-            outcome = LockOutcome.DONE
-            release(outcome)
+            fill.release(LockOutcome.DONE, stale)
             j = cache.judge(updated, *cache.request_cc(req.headers.get_all))
             session.cache_judgement = j
-            await _serve_hit(
-                session, ctx, cache, stale, updated, j, "REVALIDATED", fwd="stale",
-                fwd_status=304,
-            )
+            try:
+                await _serve_hit(
+                    session, ctx, cache, stale, updated, j, "REVALIDATED",
+                    fwd=_why_forward(judgement),
+                    fwd_status=304,
+                )
+            except _Vanished:  # (evicted or purged since: fetch it whole)
+                session._reset_attempt()
+                await _fetch(session, ctx, cache, key, None, None, "uri-miss", fill, collapsed)
             return
         await engine.upstream_response_hooks(session, ctx, resp)
         writer = None
@@ -404,14 +475,18 @@ async def _fetch(
                     response_time,
                 )
         if writer is not None:
-            outcome = LockOutcome.DONE
-            release(outcome)
-        elif stale is not None:
-            await cache.purge_key(key)  # the origin no longer lets it be stored
-        release(LockOutcome.FAILED)
+            fill.release(LockOutcome.DONE, writer.entry)
+        else:
+            fill.release(LockOutcome.FAILED)
+            if status < 500 and _uncacheable(cache, resp):
+                # the response itself forbids storing (not this request's directives):
+                # what is stored is outdated, and the next requests go straight through
+                cache.pass_for(key)
+                if stale is not None:
+                    await cache.purge_key(key)
         if stale is not None:
             session.cache_status = "EXPIRED"
-            fwd = "stale"
+            fwd = _why_forward(judgement)
         else:
             session.cache_status = "MISS"
             fwd = "request" if judgement is not None else miss or "miss"
@@ -430,10 +505,34 @@ async def _fetch(
             return
         await engine.deliver_upstream_response(session, ctx, peer, resp)
     finally:
-        release(outcome)
+        fill.release(LockOutcome.FAILED)
         session._abort_fill()  # (a fill still open here did not complete)
         session._up_validators = None
         session._up_method = None
+
+
+def _why_forward(judgement: Judgement | None) -> str:
+    """Cache-Status ``fwd`` of a stored response that was revalidated: ``stale``, or
+    ``request`` when it was fresh but the request (or ``cache_hit_filter``) would not
+    take it unvalidated (RFC 9211 §2.2)."""
+    if judgement is not None and judgement.ttl > 0:
+        return "request"
+    return "stale"
+
+
+def _uncacheable(cache: HttpCache, resp: ResponseHeader) -> bool:
+    """Whether the response forbids storing it whatever the request (no-store,
+    private, Set-Cookie, ``Vary: *``, no freshness nor validators...)."""
+    return (
+        cache.decide(
+            method=b"GET",
+            status=resp.status,
+            headers=resp.headers.items(),
+            request_cc=_NO_DIRECTIVES,
+            authorization=False,
+        )
+        is None
+    )
 
 
 async def _begin_store(
@@ -587,40 +686,41 @@ async def _refresh(
         request_time = time.time()
         head = await fetch.head()
         response_time = time.time()
+        engine = _engine()
+        engine.prepare_downstream_response(session, head)  # (hop-by-hop fields out)
+        proxy: Any = session._proxy
+        if session._plan.upstream_response_filter:
+            await _call(session, "upstream_response_filter", head, ctx)
         if head.status == 304:
             await _refreshed(cache, stale, head, request_time, response_time)
             fetch.discard()
             outcome = LockOutcome.DONE
             cache.count("refreshed")
             return
-        engine = _engine()
-        engine.prepare_downstream_response(session, head)
-        lifetime = cache.decide(
-            method=b"GET",
-            status=head.status,
-            headers=head.headers.items(),
-            request_cc=cache.request_cc(session.req_header.headers.get_all)[0],
-            authorization=b"authorization" in session.req_header.headers,
-        )
-        if lifetime is None or head.status in _ERROR_STATUSES:
-            fetch.discard()
-            return
+        lifetime = None
+        if head.status not in _ERROR_STATUSES:
+            lifetime = await _call(session, "response_cache_filter", head, ctx)
         fields = cache.vary_of(head.headers.items())
-        if fields is None:
+        if lifetime is None or fields is None:
             fetch.discard()
             return
         store_key = key
-        variant = stale.meta.variant
+        variant = b""
         if fields:
+            variant = proxy.cache_vary_filter(session, fields, ctx)
             store_key = cache.variant_key(key, variant)
         meta = cache.meta_for(
             status=head.status,
             headers=head.headers.items(),
-            lifetime=lifetime,
+            lifetime=float(lifetime),
             variant=variant,
             request_time=request_time,
             response_time=response_time,
         )
+        if fields and stale.meta.vary != fields:  # (the marker names the fields)
+            marker = CacheMeta(0, [], vary=fields, keep_for=meta.keep_for)
+            marker_writer = await cache.storage.begin(key, marker)
+            marker_writer.finish()
         writer = await cache.storage.begin(store_key, meta)
         outcome = LockOutcome.DONE
         fetch.take_body(writer.write)
@@ -628,10 +728,12 @@ async def _refresh(
         writer.finish()
         writer = None
         cache.count("refreshed")
-    except Exception as exc:  # noqa: BLE001 - a failed refresh leaves the stale entry
-        log.info("background refresh of %r failed: %r", key, exc)
+    except BaseException as exc:  # a failed refresh leaves the stale entry
         if writer is not None:
             writer.abort()
+        if not isinstance(exc, Exception):
+            raise  # (cancelled: the worker stops)
+        log.info("background refresh of %r failed: %r", key, exc)
     finally:
         cache.lock.release(permit, outcome)
 
@@ -723,7 +825,7 @@ async def _serve_hit(
             return
     if not plain and req.raw_method != b"HEAD" and meta.status not in (204, 304):
         await reader.open(entry)  # (a Range not applied: the whole body after all)
-    if size is not None:
+    if size is not None and meta.status != 204:
         resp.headers.set(b"Content-Length", str(size))
     try:
         await _send_head(session, ctx, resp, size)
@@ -845,34 +947,96 @@ async def _send_ranges(
         await _send_head(session, ctx, out, 0)
         session._finish_response()
         return
-    body = await entry.read()
     out = ResponseHeader(206, Headers._wrap([
         (n, v) for n, v in headers.items() if n.lower() not in (b"content-length",)
     ]))
     if len(ranges) == 1:
         first, last = ranges[0]
-        piece = body[first : last + 1]
+        parts = [(b"", first, last)]
+        closing = b""
         out.headers.set(b"Content-Range", b"bytes %d-%d/%d" % (first, last, size))
-        out.headers.set(b"Content-Length", str(len(piece)))
-        await _send_head(session, ctx, out, len(piece))
-        session._write_body(piece)
+    else:
+        boundary = os.urandom(12).hex().encode()
+        content_type = headers.get(b"content-type") or b"application/octet-stream"
+        parts, closing = multipart_parts(ranges, size, content_type, boundary)
+        out.headers.remove(b"content-type")
+        out.headers.set(b"Content-Type", b"multipart/byteranges; boundary=" + boundary)
+    length = sum(len(head) + last + 1 - first for head, first, last in parts) + len(closing)
+    out.headers.set(b"Content-Length", str(length))
+    probe = entry.open_source()
+    if probe is not None:  # (complete and readable without waiting)
+        probe.close()
+        source: Any = _RangesSource(entry, parts, closing)
+    else:
+        try:
+            body = await entry.read()
+        except CacheWriteAborted as exc:
+            raise _Vanished(str(exc)) from None
+        source = ChunkSource(
+            [piece for head, first, last in parts for piece in (head, body[first : last + 1])]
+            + [closing]
+        )
+    await _send_head(session, ctx, out, length)
+    if session._head_only:
+        source.close()
         session._finish_response()
         return
-    boundary = os.urandom(12).hex().encode()
-    content_type = headers.get(b"content-type") or b"application/octet-stream"
-    parts, closing = multipart_parts(ranges, size, content_type, boundary)
-    pieces: list[bytes] = []
-    for head, first, last in parts:
-        pieces.append(head)
-        pieces.append(body[first : last + 1])
-    pieces.append(closing)
-    payload = b"".join(pieces)
-    out.headers.remove(b"content-type")
-    out.headers.set(b"Content-Type", b"multipart/byteranges; boundary=" + boundary)
-    out.headers.set(b"Content-Length", str(len(payload)))
-    await _send_head(session, ctx, out, len(payload))
-    session._write_body(payload)
-    session._finish_response()
+    session.send_body_from(source)
+    if not session._done:
+        await _wait_end(session)
+
+
+class _RangesSource:
+    """The body of a 206: each part's head, then its bytes read from a stored entry
+    (each from a reader of its own, skipping to the part's first byte: memory stays
+    bounded whatever the entry's size), then the closing delimiter."""
+
+    def __init__(
+        self, entry: CacheEntry, parts: list[tuple[bytes, int, int]], closing: bytes
+    ) -> None:
+        self._entry = entry
+        self._parts = list(reversed(parts))
+        self._closing = closing
+        self._source: Any = None
+        self._left = 0
+
+    def read(self, size: int, /) -> bytes:
+        """Up to ``size`` bytes of the 206 body; ``b""`` at its end."""
+        while True:
+            source = self._source
+            if source is not None:
+                if self._left > 0:
+                    data = source.read(min(size, self._left))
+                    if data:
+                        self._left -= len(data)
+                        return data
+                    raise OSError("the stored body is shorter than it was")
+                source.close()
+                self._source = None
+            if not self._parts:
+                closing, self._closing = self._closing, b""
+                return closing
+            head, first, last = self._parts.pop()
+            source = self._entry.open_source()
+            if source is None:
+                raise OSError("the stored body can no longer be read")
+            skip = first
+            while skip > 0:
+                data = source.read(min(skip, 256 * 1024))
+                if not data:
+                    raise OSError("the stored body is shorter than it was")
+                skip -= len(data)
+            self._source = source
+            self._left = last + 1 - first
+            if head:
+                return head
+
+    def close(self) -> None:
+        """Close the part being read."""
+        source, self._source = self._source, None
+        if source is not None:
+            source.close()
+        self._parts = []
 
 
 async def _serve_range_from_fill(
@@ -883,8 +1047,20 @@ async def _serve_range_from_fill(
     session._fill_only = True
     session._pending = []
     entry = writer.entry
-    body = await entry.read()
-    ranges = parse_range(session.req_header.headers.get(b"range") or b"", len(body))
+    try:
+        body = await entry.read()
+    except CacheWriteAborted as exc:
+        raise ProxyError(
+            ErrorKind.UPSTREAM_CLOSED, ErrorSource.UPSTREAM,
+            "the upstream response broke off", cause=exc,
+        ) from None
+    req_headers = session.req_header.headers
+    ranges = None
+    if if_range_matches(
+        req_headers.get(b"if-range"), resp.headers.get(b"etag"),
+        resp.headers.get(b"last-modified"),
+    ):
+        ranges = parse_range(req_headers.get(b"range") or b"", len(body))
     if ranges is None:
         resp.headers.set(b"Content-Length", str(len(body)))
         await _send_head(session, ctx, resp, len(body))

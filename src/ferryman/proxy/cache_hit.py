@@ -72,6 +72,9 @@ def serve_hit_now(session: Session, ctx: Any, cache: Any) -> bool:
     if "cache_hit_filter" in hooks:
         if "cache_hit_filter" in async_hooks or proxy.cache_hit_filter(session, meta, ctx):
             return False
+    plan = session._plan
+    if plan.response_filter and "response_filter" in async_hooks:
+        return False  # (it must be awaited: the full way)
     source: Any = entry.open_source()
     if source is None:
         return False
@@ -81,14 +84,18 @@ def serve_hit_now(session: Session, ctx: Any, cache: Any) -> bool:
     size: int = entry.size
     age: float = judgement.age
     out: list[tuple[bytes, bytes]] = list(meta.parsed.base)
-    out.append((b"Content-Length", b"%d" % size))
+    if meta.status != 204:  # (RFC 9110 §8.6: a 204 has no Content-Length)
+        out.append((b"Content-Length", b"%d" % size))
     out.append((b"Age", b"%d" % int(age) if age > 0.0 else b"0"))
     if cache.status_header:
         out.append((b"Cache-Status", cache.hit_status(judgement.ttl)))
     resp = ResponseHeader(meta.status, Headers._wrap(out))
-    plan = session._plan
     if plan.response_filter:
-        proxy.response_filter(session, resp, ctx)  # (plain: its proxy runs in sync mode)
+        try:
+            proxy.response_filter(session, resp, ctx)  # (a plain function: checked above)
+        except BaseException:
+            source.close()
+            raise
     session._from_hook = False
     session._trust_length = not plan.response_body_filter
     down = session._down
