@@ -347,6 +347,42 @@ def test_a_namespace_keeps_routes_sharing_a_storage_apart() -> None:
     assert c.primary_key(scheme=b"http", method=b"GET", target=b"/a", header=header) == (
         b"static|http|x|/a"
     )
-    assert c.fast_key(b"http", b"/a", b"x") is None  # (the general way, with the namespace)
+    assert c.fast_key(b"http", b"/a", b"X") == b"static|http|x|/a"
     assert c.url_key("http://x/a") == b"static|http|x|/a"
     assert c.url_prefix("http://x/s/") == b"static|http|x|/s/"
+
+
+def test_tags_are_namespaced_too() -> None:
+    import asyncio
+
+    async def main() -> None:
+        storage = MemoryStorage(1 << 20)
+        a = HttpCache(storage, namespace=b"a")
+        b = HttpCache(storage, namespace=b"b")
+        for c, key in ((a, b"a|k"), (b, b"b|k")):
+            meta = c.meta_for(status=200, headers=[(b"Cache-Tag", b"t")], lifetime=9.0,
+                              variant=b"", request_time=NOW, response_time=NOW)  # fmt: skip
+            writer = await storage.begin(key, meta)
+            writer.finish()
+        assert await a.purge_tag("t") == 1
+        assert await storage.lookup(b"a|k") is None
+        assert await storage.lookup(b"b|k") is not None
+
+    asyncio.run(main())
+
+
+def test_routes_sharing_a_storage_get_distinct_namespaces(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ferryman.app.caches import CacheRegistry
+    from ferryman.config.model import CacheConfig
+
+    disk = CacheConfig(storage="disk", path=str(tmp_path))
+    memory = CacheConfig()
+    registry = CacheRegistry([(disk, "api"), (disk, "api"), (disk, "static"), (memory, "m")])
+    first = registry.cache(disk, "127.0.0.1:80/api", "api")
+    second = registry.cache(disk, "127.0.0.1:81/api", "api")
+    static = registry.cache(disk, "127.0.0.1:80/static", "static")
+    assert (first.namespace, second.namespace, static.namespace) == (
+        b"127.0.0.1:80/api", b"127.0.0.1:81/api", b"static"
+    )
+    assert first.storage is second.storage is static.storage
+    assert registry.cache(memory, "127.0.0.1:80/m", "m").namespace == b""

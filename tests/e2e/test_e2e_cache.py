@@ -562,11 +562,12 @@ def test_responses_that_are_not_stored(
     env.origin.route(path, headers=headers, body=name.encode())
     resp = request(env.port, path, headers=request_headers)
     assert (resp.status, resp.body, resp.cs) == (200, name.encode(), MISS_NOT_STORED)
-    # a response that forbids storing it sends the next requests of its URL straight
-    # through for a while (hit-for-miss: no cache lock, the client's Range and
-    # conditionals kept); a request that kept it from being stored does not
+    # a response that forbids storing it whoever asks sends the next requests of its
+    # URL straight through for a while (hit-for-miss: no cache lock, the client's Range
+    # and conditionals kept); one kept from being stored by the request, or by a
+    # Set-Cookie (an origin may set one for some clients only), does not
     resp = request(env.port, path, headers=request_headers)
-    by_request = name in ("authorization", "client-no-store")
+    by_request = name in ("authorization", "client-no-store", "set-cookie")
     assert (resp.status, resp.body, resp.cs) == (
         200, name.encode(), MISS_NOT_STORED if by_request else PASSED
     )
@@ -1425,3 +1426,41 @@ def test_a_range_miss_with_an_outdated_if_range_gets_the_whole_body(env: Env) ->
         206, body[:10], "bytes 0-9/1024"
     )
     assert env.origin.count(path) == 1
+
+
+def test_private_fields_of_a_304_are_not_stored(env: Env) -> None:
+    path = "/review/private-304"
+    private = ("Cache-Control", 'max-age=1, private="X-Secret"')
+    env.origin.route(path, headers=[private, ("ETag", '"p"')], body=b"page",
+                     not_modified_headers=[private, ("X-Secret", "alice-token")])  # fmt: skip
+    assert request(env.port, path).cs == MISS_STORED
+    stale_by()
+    alice = request(env.port, path)  # revalidated: the 304 carries alice's field
+    assert alice.cs is not None and alice.cs.startswith("ferryman; fwd=stale; fwd-status=304")
+    bob = request(env.port, path)
+    assert (bob.body, bob.header("X-Secret")) == (b"page", None)
+
+
+def test_a_client_cannot_keep_a_url_out_of_the_cache(env: Env) -> None:
+    """An origin that sets a cookie for clients without one makes their responses
+    unstorable; a cookieless client forcing revalidation neither purges the entry nor
+    sends everyone else to the origin."""
+    path = "/review/cookie-for-some"
+    env.origin.route(path, headers=MAX_AGE_60, body=b"page")
+    assert request(env.port, path).cs == MISS_STORED
+    env.origin.route(path, headers=[*MAX_AGE_60, ("Set-Cookie", "sid=new")], body=b"page")
+    resp = request(env.port, path, headers={"Cache-Control": "max-age=0"})
+    assert resp.cs == "ferryman; fwd=request; fwd-status=200"
+    for _ in range(3):
+        assert request(env.port, path).cs == HIT_59
+    assert env.origin.count(path) == 2
+
+
+def test_purge_ends_hit_for_miss(env: Env) -> None:
+    path = "/purge/pass"
+    env.origin.route(path, headers=[("Cache-Control", "no-store")], body=b"x")
+    assert request(env.port, path).cs == MISS_NOT_STORED
+    assert request(env.port, path).cs == PASSED
+    assert request(env.port, path, method="PURGE").status == 404
+    env.origin.route(path, headers=MAX_AGE_60, body=b"y")
+    assert request(env.port, path).cs == MISS_STORED  # (straight away, not in a minute)

@@ -30,18 +30,19 @@ REDIS_MAX_ENTRY = 16 * 1024 * 1024
 class CacheRegistry:
     """Builds the caches of one config, sharing storages between routes."""
 
-    def __init__(self, configs: list[CacheConfig]) -> None:
-        """Prepare for ``configs`` (every cache block of the config: the largest bound
-        of a shared disk directory is known before any storage is made)."""
+    def __init__(self, configs: list[tuple[CacheConfig, str]]) -> None:
+        """Prepare for ``configs``, every cache block of the config with its route's
+        name (the largest bound of a shared disk directory, and which names repeat
+        among the routes sharing a storage, are known before any storage is made)."""
         self._disk_sizes: dict[str, int] = {}
-        self._users: dict[tuple[str, str], int] = {}
-        for config in configs:
+        self._names: dict[tuple[tuple[str, str], str], int] = {}
+        for config, name in configs:
             if config.storage == "disk" and config.path is not None:
                 size = self._disk_sizes.get(config.path, 0)
                 self._disk_sizes[config.path] = max(size, config.max_size)
             place = _place(config)
             if place is not None:
-                self._users[place] = self._users.get(place, 0) + 1
+                self._names[(place, name)] = self._names.get((place, name), 0) + 1
         self._shared: dict[tuple[str, str], CacheStorage] = {}
         #: Every storage made, for closing.
         self.storages: list[CacheStorage] = []
@@ -79,11 +80,14 @@ class CacheRegistry:
 
     def cache(self, config: CacheConfig, scope: str = "", name: str = "") -> HttpCache:
         """The cache of one route's ``cache`` block; ``scope`` names it in the purge log
-        (the listener and route). Routes sharing a disk directory or Redis keep their
-        keys apart under their ``name`` (so do servers sharing Redis: the same route
-        names share entries)."""
+        (the listener and route). The keys and tags of a disk or Redis storage begin with
+        the route's ``name`` (its listener too when two listeners' routes of that name
+        share the storage): routes sharing a storage keep apart, and servers sharing a
+        Redis share the entries of their routes of the same name."""
         place = _place(config)
-        namespace = name.encode() if place is not None and self._users[place] > 1 else b""
+        namespace = b""
+        if place is not None:
+            namespace = (name if self._names[(place, name)] == 1 else scope).encode()
         purge = None
         if config.purge is not None:
             purge = tuple(ipaddress.ip_network(n, strict=False) for n in config.purge)

@@ -465,7 +465,12 @@ class ConfigProxy(ProxyHttp):
         self.groups = {name: UpstreamGroup(u) for name, u in config.upstreams.items()}
         self.routers: dict[tuple[str, int], Router] = {}
         self.caches = CacheRegistry(
-            [rc.cache for lc in config.listeners for rc in lc.routes if rc.cache is not None]
+            [
+                (rc.cache, rc.name)
+                for lc in config.listeners
+                for rc in lc.routes
+                if rc.cache is not None
+            ]
         )
         for listener in config.listeners:
             bind = f"{listener.bind[0]}:{listener.bind[1]}"

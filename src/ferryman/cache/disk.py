@@ -390,6 +390,15 @@ class _FileSource:
                 raise OSError(errno.EIO, "cache entry body checksum mismatch")
         return data
 
+    def skip(self, count: int) -> int:
+        """Move ``count`` body bytes on without reading them (a Range's start); how many
+        were skipped. The body CRC can no longer be checked by this reader."""
+        count = max(0, min(count, self._left))
+        self._pos += count
+        self._left -= count
+        self._expect = None
+        return count
+
     def close(self) -> None:
         """Close the file."""
         fd = self._fd

@@ -231,6 +231,11 @@ class HttpCache:
         one removed is not known where it was asked)."""
         return self._purge_log is not None
 
+    def _tag(self, tag: bytes) -> bytes:
+        """A tag as stored: in this cache's namespace (so a tag purge of one route never
+        removes another's entries from a shared storage)."""
+        return self.namespace + b"|" + tag if self.namespace else tag
+
     def _log(self, kind: int, value: bytes) -> None:
         log = self._purge_log
         if log is not None:
@@ -274,9 +279,12 @@ class HttpCache:
     def fast_key(self, scheme: bytes, target: bytes, host: bytes | None) -> bytes | None:
         """The key of a request when :attr:`key` is the default (scheme, Host, target),
         made without :meth:`primary_key`'s generality; None for other keys."""
-        if self.key != DEFAULT_KEY or self.namespace:
+        if self.key != DEFAULT_KEY:
             return None
-        return b"%s|%s|%s" % (scheme, host.lower() if host else b"", target)
+        host = host.lower() if host else b""
+        if self.namespace:
+            return b"%s|%s|%s|%s" % (self.namespace, scheme, host, target)
+        return b"%s|%s|%s" % (scheme, host, target)
 
     def primary_key(
         self,
@@ -475,12 +483,7 @@ class HttpCache:
         """What to store of a response :meth:`decide` allowed: its fields (as received;
         Set-Cookie never), the times, its Vary, tags and keep time."""
         cc = self.response_cc(headers)
-        # fields of one client (private="F") or never to be reused unvalidated
-        # (no-cache="F") are not kept (RFC 9111 §5.2.2.4, §5.2.2.7)
-        unstored = _UNSTORED_FIELDS.union(
-            name.lower().encode("latin-1") for name in cc.private_fields + cc.no_cache_fields
-        )
-        stored = [(n, v) for n, v in headers if n.lower() not in unstored]
+        stored = self.storable_fields(headers, cc)
         age = 0.0
         length = None
         tags: list[bytes] = []
@@ -512,10 +515,26 @@ class HttpCache:
             vary=self.vary_of(headers),
             variant=variant,
             length=length,
-            tags=tuple(dict.fromkeys(tags)),
+            tags=tuple(dict.fromkeys(self._tag(t) for t in tags)),
             keep_for=keep,
             fresh_for=lifetime,
         )
+
+    def storable_fields(
+        self, headers: list[tuple[bytes, bytes]], cc: CacheControl | None = None
+    ) -> list[tuple[bytes, bytes]]:
+        """The fields of a response that may be stored: never Set-Cookie or Age, nor the
+        fields of one client (``private="F"``) or never to be reused unvalidated
+        (``no-cache="F"``; RFC 9111 §5.2.2.4, §5.2.2.7)."""
+        if cc is None:
+            cc = self.response_cc(headers)
+        unstored = _UNSTORED_FIELDS
+        if cc.private_fields or cc.no_cache_fields:
+            unstored = unstored.union(
+                name.lower().encode("latin-1")
+                for name in cc.private_fields + cc.no_cache_fields
+            )
+        return [(n, v) for n, v in headers if n.lower() not in unstored]
 
     # using -------------------------------------------------------------------------------
 
@@ -601,6 +620,7 @@ class HttpCache:
         """Remove the entry under the primary key ``key`` and its variants; how many
         (in this worker, for storages of one process: the other workers are told)."""
         await self.sync_purges()
+        self._pass.pop(key, None)
         count = int(await self.storage.purge(key))
         count += await self.storage.purge_prefix(key + b"#")
         self._log(PURGE_KEY, key)
@@ -612,6 +632,8 @@ class HttpCache:
         """Remove every entry whose key starts with ``prefix``; how many (in this worker
         for storages of one process: the other workers are told)."""
         await self.sync_purges()
+        for passing in [k for k in self._pass if k.startswith(prefix)]:
+            del self._pass[passing]
         count = await self.storage.purge_prefix(prefix)
         self._log(PURGE_PREFIX, prefix)
         if count:
@@ -628,8 +650,9 @@ class HttpCache:
 
     async def purge_tag(self, tag: str | bytes) -> int:
         """Remove every entry tagged ``tag`` (``Cache-Tag``/``Surrogate-Key``)."""
-        value = tag.encode() if isinstance(tag, str) else tag
+        value = self._tag(tag.encode() if isinstance(tag, str) else tag)
         await self.sync_purges()
+        self._pass.clear()
         count = await self.storage.purge_tag(value)
         self._log(PURGE_TAG, value)
         if count:

@@ -322,6 +322,20 @@ class ChunkSource:
         self._offset = offset
         return piece
 
+    def skip(self, count: int) -> int:
+        """Move ``count`` bytes on without copying them; how many were skipped."""
+        chunks = self._chunks
+        done = 0
+        while done < count and self._index < len(chunks):
+            rest = len(chunks[self._index]) - self._offset
+            step = min(rest, count - done)
+            done += step
+            self._offset += step
+            if self._offset >= len(chunks[self._index]):
+                self._index += 1
+                self._offset = 0
+        return done
+
     def close(self) -> None:
         """Forget the chunks."""
         self._chunks = []

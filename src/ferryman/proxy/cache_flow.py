@@ -252,9 +252,10 @@ async def _serve(session: Session, ctx: Any) -> None:
 
 class _Fill:
     """The right to fetch a key: the cache lock's permit (waiters in this worker) and,
-    for a shared storage, its fill lock (other processes). Both are given back together,
-    as soon as the response head shows whether it is stored — not when the client has
-    it all."""
+    for a shared storage, its fill lock (other processes). The permit is given back as
+    soon as the response head shows whether it is stored (waiters here stream the entry
+    as it is written); the fill lock then too, unless the response is being stored:
+    other processes see it only once it is complete, so they wait for that."""
 
     __slots__ = ("cache", "key", "permit", "shared")
 
@@ -264,12 +265,15 @@ class _Fill:
         self.permit: WritePermit | None = None
         self.shared = False
 
-    def release(self, outcome: LockOutcome, value: object = None) -> None:
-        """Wake the waiters with ``outcome`` (and ``value``, the entry); idempotent."""
+    def release(
+        self, outcome: LockOutcome, value: object = None, keep_shared: bool = False
+    ) -> None:
+        """Wake the waiters with ``outcome`` (and ``value``, the entry); idempotent.
+        ``keep_shared``: hold the shared fill lock until a later call."""
         permit, self.permit = self.permit, None
         if permit is not None:
             self.cache.lock.release(permit, outcome, value)
-        if self.shared:
+        if self.shared and not keep_shared:
             self.shared = False
             _background(self.cache.storage.fill_unlock(self.key))
 
@@ -475,15 +479,20 @@ async def _fetch(
                     response_time,
                 )
         if writer is not None:
-            fill.release(LockOutcome.DONE, writer.entry)
+            fill.release(LockOutcome.DONE, writer.entry, keep_shared=True)
         else:
             fill.release(LockOutcome.FAILED)
-            if status < 500 and _uncacheable(cache, resp):
-                # the response itself forbids storing (not this request's directives):
-                # what is stored is outdated, and the next requests go straight through
-                cache.pass_for(key)
-                if stale is not None:
-                    await cache.purge_key(key)
+            if (
+                200 <= status < 400
+                and _why_forward(judgement) != "request"
+                and _uncacheable(cache, resp)
+            ):
+                # the response forbids storing whoever asks (not because of this
+                # request's directives, cookie or credentials): what is stored is
+                # outdated, and the next requests go straight through for a while
+                await cache.purge_key(key)
+                if not cache.vary_of(resp.headers.items()):
+                    cache.pass_for(key)
         if stale is not None:
             session.cache_status = "EXPIRED"
             fwd = _why_forward(judgement)
@@ -521,13 +530,14 @@ def _why_forward(judgement: Judgement | None) -> str:
 
 
 def _uncacheable(cache: HttpCache, resp: ResponseHeader) -> bool:
-    """Whether the response forbids storing it whatever the request (no-store,
-    private, Set-Cookie, ``Vary: *``, no freshness nor validators...)."""
+    """Whether the response forbids storing it whoever asks: no-store, private,
+    ``Vary: *``, no freshness nor validators... — a Set-Cookie does not count (an origin
+    may set one for some clients only)."""
     return (
         cache.decide(
             method=b"GET",
             status=resp.status,
-            headers=resp.headers.items(),
+            headers=[p for p in resp.headers.items() if p[0].lower() != b"set-cookie"],
             request_cc=_NO_DIRECTIVES,
             authorization=False,
         )
@@ -588,11 +598,11 @@ async def _refreshed(
 ) -> CacheMeta:
     """The stored metadata updated by a 304 (RFC 9111 §4.3.4), saved to storage."""
     old = stale.meta
-    headers = [
-        pair
-        for pair in merge_not_modified(old.headers, not_modified.headers.items())
-        if pair[0].lower() != b"set-cookie"  # (never stored: it is one client's)
-    ]
+    merged = merge_not_modified(old.headers, not_modified.headers.items())
+    age = [pair for pair in merged if pair[0].lower() == b"age"]
+    # (what the 304 carries is stored by the same rules as a full response: never
+    # Set-Cookie, nor private="F" / no-cache="F" fields; its Age is kept for the age)
+    headers = cache.storable_fields(merged) + age[-1:]
     updated = CacheMeta(
         old.status,
         headers,
@@ -673,6 +683,7 @@ async def _refresh(
     outcome = LockOutcome.FAILED
     connector = session._plan.connector
     writer: CacheWriter | None = None
+    fetch: UpstreamFetch | None = None
     try:
         up = connector.get_idle(peer)
         if up is None:
@@ -693,7 +704,6 @@ async def _refresh(
             await _call(session, "upstream_response_filter", head, ctx)
         if head.status == 304:
             await _refreshed(cache, stale, head, request_time, response_time)
-            fetch.discard()
             outcome = LockOutcome.DONE
             cache.count("refreshed")
             return
@@ -702,7 +712,6 @@ async def _refresh(
             lifetime = await _call(session, "response_cache_filter", head, ctx)
         fields = cache.vary_of(head.headers.items())
         if lifetime is None or fields is None:
-            fetch.discard()
             return
         store_key = key
         variant = b""
@@ -722,11 +731,11 @@ async def _refresh(
             marker_writer = await cache.storage.begin(key, marker)
             marker_writer.finish()
         writer = await cache.storage.begin(store_key, meta)
-        outcome = LockOutcome.DONE
         fetch.take_body(writer.write)
         await fetch.done()
         writer.finish()
         writer = None
+        outcome = LockOutcome.DONE
         cache.count("refreshed")
     except BaseException as exc:  # a failed refresh leaves the stale entry
         if writer is not None:
@@ -735,6 +744,8 @@ async def _refresh(
             raise  # (cancelled: the worker stops)
         log.info("background refresh of %r failed: %r", key, exc)
     finally:
+        if fetch is not None and not fetch.ended:
+            fetch.discard()  # (nothing more of its body is wanted, nor kept)
         cache.lock.release(permit, outcome)
 
 
@@ -772,9 +783,8 @@ async def _serve_hit(
     collapsed: bool = False,
     detail: str | None = None,
 ) -> None:
-    """Answer the client from a stored entry."""
-    session.cache_status = result
-    cache.count(result.lower())
+    """Answer the client from a stored entry (raises :class:`_Vanished`, having sent
+    nothing, when the entry cannot be read any more)."""
     req = session.req_header
     headers = [(n, v) for n, v in meta.headers if n.lower() != b"age"]
     resp = ResponseHeader(meta.status, Headers._wrap(headers))
@@ -801,6 +811,8 @@ async def _serve_hit(
     )
     if plain:
         await reader.open(entry)  # (raises _Vanished: nothing was sent yet)
+    session.cache_status = result
+    cache.count(result.lower())
     if meta.status == 200 and _not_modified(req.headers, meta.headers):
         kept = [(n, v) for n, v in resp.headers.items()
                 if n.lower() in _NOT_MODIFIED_FIELDS or n in (b"Age", b"Cache-Status")]
@@ -817,7 +829,10 @@ async def _serve_hit(
                              _field(meta, b"last-modified"))
     ):
         if size is None:
-            body = await entry.read()  # (a range of an entry still streaming in)
+            try:
+                body = await entry.read()  # (a range of an entry still streaming in)
+            except CacheWriteAborted as exc:
+                raise _Vanished(str(exc)) from None
             size = len(body)
         ranges = parse_range(range_value, size)
         if ranges is not None:
@@ -1020,12 +1035,18 @@ class _RangesSource:
             source = self._entry.open_source()
             if source is None:
                 raise OSError("the stored body can no longer be read")
-            skip = first
-            while skip > 0:
-                data = source.read(min(skip, 256 * 1024))
-                if not data:
-                    raise OSError("the stored body is shorter than it was")
-                skip -= len(data)
+            try:
+                skip = getattr(source, "skip", None)
+                skipped = skip(first) if skip is not None else 0
+                left = first - skipped
+                while left > 0:  # (a source that cannot skip: read up to the range)
+                    data = source.read(min(left, 256 * 1024))
+                    if not data:
+                        raise OSError("the stored body is shorter than it was")
+                    left -= len(data)
+            except BaseException:
+                source.close()
+                raise
             self._source = source
             self._left = last + 1 - first
             if head:
