@@ -245,7 +245,8 @@ LISTENER_CASES = [
          "mapping", "routes-mapping"),
     case(routes("- app\n"),
          f"{R}: expected a mapping with keys match, upstream, redirect, respond, static, "
-         "strip_prefix, rewrite, request_headers, response_headers, name, cache, got 'app'",
+         "strip_prefix, rewrite, request_headers, response_headers, name, cache, compress, "
+         "got 'app'",
          "route-scalar"),
 ]
 
@@ -253,7 +254,7 @@ ROUTE_CASES = [
     case(routes("- upstrem: app\n"),
          f'{R}.upstrem: unknown key "upstrem" (did you mean "upstream"?); expected one of: '
          "match, upstream, redirect, respond, static, strip_prefix, rewrite, request_headers, "
-         f"response_headers, name, cache\n{R}: {ACTION}, got none", "unknown-key"),
+         f"response_headers, name, cache, compress\n{R}: {ACTION}, got none", "unknown-key"),
     case(routes("- upstream: nope\n"),
          f'{R}.upstream: unknown upstream "nope" (defined: app, api)', "unknown-upstream"),
     case(routes("- upstream: [app]\n"),

@@ -53,6 +53,15 @@ from ferryman.lb import (
     TcpHealthCheck,
     apply_snapshot,
 )
+from ferryman.modules.compression import (
+    DEFAULT_CONTENT_TYPES,
+    CompressionConfig,
+    Encoder,
+    apply_response_headers,
+    negotiate,
+    new_encoder,
+    should_compress,
+)
 from ferryman.protocols.headers import Headers, ResponseHeader, reason_phrase
 from ferryman.proxy.engine import IDEMPOTENT_METHODS
 from ferryman.proxy.hooks import ProxyHttp
@@ -370,7 +379,10 @@ class FixedResponder:
 class RouteAction:
     """What the config proxy does with a route's requests (attached as ``Route.action``)."""
 
-    __slots__ = ("proxy", "redirect", "fixed", "static", "response_edits", "edits_response")
+    __slots__ = (
+        "proxy", "redirect", "fixed", "static", "response_edits", "edits_response",
+        "compression",
+    )
 
     proxy: ProxyAction | None
 
@@ -393,6 +405,15 @@ class RouteAction:
         self.static = StaticFiles(s.root, s.index, s.max_age) if s is not None else None
         self.response_edits = Edits(route.response_headers)
         self.edits_response = self.response_edits.any
+        #: how the route's proxied responses are compressed, or None
+        self.compression: CompressionConfig | None = None
+        c = route.compress
+        if c is not None and route.upstream:
+            self.compression = CompressionConfig(
+                algorithms=c.algorithms,
+                min_size=c.min_size,
+                content_types=c.types if c.types is not None else DEFAULT_CONTENT_TYPES,
+            )
 
 
 # --------------------------------------------------------------------------------------
@@ -418,7 +439,7 @@ class RequestState:
 
     __slots__ = (
         "route", "group", "backend", "tried", "reported", "start", "fail_open", "path",
-        "error", "stale",
+        "error", "stale", "encoder",
     )
 
     def __init__(self) -> None:
@@ -432,6 +453,7 @@ class RequestState:
         self.reported = False
         self.start = 0.0
         self.fail_open = False
+        self.encoder: Encoder | None = None
 
 
 #: Failures before the response head after which an idempotent request is retried on
@@ -492,7 +514,10 @@ class ConfigProxy(ProxyHttp):
         actions = [r.action for router in self.routers.values() for r in router.routes]
         needed = {
             "upstream_request_filter": any(a.proxy and a.proxy.changes_request for a in actions),
-            "response_filter": any(a.proxy and a.edits_response for a in actions),
+            "response_filter": any(
+                a.proxy and (a.edits_response or a.compression) for a in actions
+            ),
+            "response_body_filter": any(a.proxy and a.compression for a in actions),
             "upstream_response_filter": any(g.timed for g in self.groups.values()),
             "request_cache_filter": any(a.proxy and a.proxy.cache for a in actions),
         }
@@ -792,10 +817,37 @@ class ConfigProxy(ProxyHttp):
     def response_filter(  # type: ignore[override]
         self, session: Session, response: ResponseHeader, ctx: RequestState
     ) -> None:
-        """Response header edits of the route."""
+        """Response header edits of the route, and its compression."""
         route = ctx.route
-        if route is not None and route.action.edits_response:
-            route.action.response_edits.apply(response.headers)
+        if route is None:
+            return
+        action: RouteAction = route.action
+        if action.edits_response:
+            action.response_edits.apply(response.headers)
+        compression = action.compression
+        if compression is None:
+            return
+        req = session.req_header
+        if should_compress(response.status, req.method, response.headers, compression):
+            encoding = negotiate(req.headers.get_all(b"accept-encoding"), compression.algorithms)
+            apply_response_headers(response.headers, encoding)  # (Vary in any case)
+            if encoding is not None:
+                ctx.encoder = new_encoder(encoding, compression)
+                return
+        session.bypass_response_body_filter()  # (sent as it is, Content-Length kept)
+
+    def response_body_filter(
+        self, session: Session, body: bytes, end_of_stream: bool, ctx: RequestState
+    ) -> bytes | None:
+        """Compress the body when ``response_filter`` chose an encoding."""
+        encoder = ctx.encoder
+        if encoder is None:
+            return body
+        out = encoder.compress(body) if body else b""
+        if end_of_stream:
+            out += encoder.finish()
+            ctx.encoder = None
+        return out
 
     def upstream_response_filter(  # type: ignore[override]
         self, session: Session, upstream_response: ResponseHeader, ctx: RequestState

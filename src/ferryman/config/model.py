@@ -13,6 +13,7 @@ from typing import Literal
 __all__ = [
     "Address",
     "CacheConfig",
+    "CompressConfig",
     "DnsDiscovery",
     "FixedResponse",
     "HeaderEdits",
@@ -387,6 +388,25 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CompressConfig:
+    """Compress the responses of an upstream route (key ``compress`` of a route).
+
+    Fields:
+        algorithms: the codings offered, in preference order among those a client
+            accepts equally. Default ``(br, zstd, gzip)``.
+        min_size: responses whose Content-Length is below this are sent as they are.
+            Default 1 KiB.
+        types: media types compressed (``text/*``, ``application/json``,
+            ``*+xml``...), or None for the default list (text, JSON, JavaScript, XML,
+            SVG...).
+    """
+
+    algorithms: tuple[str, ...] = ("br", "zstd", "gzip")
+    min_size: int = 1024
+    types: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PathRewrite:
     """Rewrite the request path sent upstream with a regular expression (key ``rewrite``).
 
@@ -417,6 +437,7 @@ class RouteConfig:
         response_headers: changes to the response sent to the client (every action).
         name: a name for logs and metrics; defaults to its key path, ``listeners[N].routes[M]``.
         cache: for ``upstream``: cache its responses, or None.
+        compress: for ``upstream``: compress its responses (gzip, brotli, zstd), or None.
     """
 
     match: RouteMatch = field(default_factory=RouteMatch)
@@ -430,6 +451,7 @@ class RouteConfig:
     response_headers: HeaderEdits = field(default_factory=HeaderEdits)
     name: str = ""
     cache: CacheConfig | None = None
+    compress: CompressConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

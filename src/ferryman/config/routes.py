@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from yaml.nodes import MappingNode, Node
+from yaml.nodes import MappingNode, Node, ScalarNode
 
 from ferryman.cache.http_cache import IGNORABLE, key_part_valid
 
@@ -32,6 +32,7 @@ from .common import (
 from .document import node_line
 from .model import (
     CacheConfig,
+    CompressConfig,
     FixedResponse,
     HeaderEdits,
     HeaderMatch,
@@ -57,9 +58,10 @@ ROUTE_KEYS = (
     "response_headers",
     "name",
     "cache",
+    "compress",
 )
 ACTIONS = ("upstream", "redirect", "respond", "static")
-UPSTREAM_ONLY = ("strip_prefix", "rewrite", "request_headers", "cache")
+UPSTREAM_ONLY = ("strip_prefix", "rewrite", "request_headers", "cache", "compress")
 MATCH_KEYS = ("host", "path_prefix", "path", "path_regex", "methods", "headers")
 PATH_KEYS = ("path_prefix", "path", "path_regex")
 HEADER_EDIT_KEYS = ("set", "add", "remove")
@@ -73,6 +75,8 @@ CACHE_KEYS = (
     "stale_while_revalidate", "stale_if_error", "lock_timeout", "purge", "status_header",
 )
 CACHE_STORAGES = ("memory", "disk", "redis")
+COMPRESS_KEYS = ("algorithms", "min_size", "types")
+COMPRESS_ALGORITHMS = ("br", "zstd", "gzip")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 NO_BODY_STATUSES = (204, 304)
 
@@ -107,6 +111,11 @@ INDEX_EXPECTED = 'a file name such as "index.html", or a list of them'
 INDEX_NAME_EXPECTED = 'a file name such as "index.html" (without "/")'
 MAX_AGE_EXPECTED = 'a whole number of seconds, or a duration such as "1h" or "30s"'
 REPLACEMENT_EXPECTED = "a replacement that refers only to groups of the regex"
+COMPRESS_EXPECTED = "true, or a mapping with keys " + ", ".join(COMPRESS_KEYS)
+COMPRESS_ALGORITHMS_EXPECTED = "a list of: br, zstd, gzip"
+COMPRESS_ALGORITHM_EXPECTED = "one of br, zstd, gzip"
+COMPRESS_TYPES_EXPECTED = 'a media type such as "text/*" or "application/json", or a list'
+COMPRESS_TYPE_EXPECTED = 'a media type such as "text/*" or "application/json"'
 CACHE_EXPECTED = "a mapping with keys " + ", ".join(CACHE_KEYS)
 CACHE_STORAGE_EXPECTED = "one of memory, disk, redis"
 CACHE_KEY_EXPECTED = (
@@ -217,10 +226,10 @@ def _route(
     elif actions[0] != "upstream":
         for key in UPSTREAM_ONLY:
             if key in sec:
-                why = (
-                    "it stores upstream responses" if key == "cache"
-                    else "it changes the request sent upstream"
-                )
+                why = {
+                    "cache": "it stores upstream responses",
+                    "compress": "it compresses upstream responses",
+                }.get(key, "it changes the request sent upstream")
                 reader.problem(
                     sec.key_node(key),
                     sec.path_of(key),
@@ -252,6 +261,7 @@ def _route(
         response_headers=_header_edits(sec, "response_headers", reader),
         name=name,
         cache=_cache(sec, reader),
+        compress=_compress(sec, reader),
     )
     return route, name_node
 
@@ -712,6 +722,50 @@ def _cache(route: Section, reader: Reader) -> CacheConfig | None:
         purge=purge,
         status_header=sec.boolean("status_header", True),
     )
+
+
+def _compress(route: Section, reader: Reader) -> CompressConfig | None:
+    node = route.get("compress")
+    if node is None:
+        return None
+    path = route.path_of("compress")
+    if isinstance(node, ScalarNode):
+        on = reader.boolean(node, path)
+        return CompressConfig() if on else None
+    sec = reader.section(node, path, COMPRESS_KEYS, COMPRESS_EXPECTED)
+    if sec is None:
+        return None
+    d = CompressConfig()
+    algorithms = d.algorithms
+    algorithms_node = sec.get("algorithms")
+    if algorithms_node is not None:
+        values = string_or_list(
+            reader, algorithms_node, sec.path_of("algorithms"), COMPRESS_ALGORITHMS_EXPECTED,
+            lambda n, p: reader.string(
+                n, p, COMPRESS_ALGORITHM_EXPECTED, lambda v: v in COMPRESS_ALGORITHMS
+            ),
+        )
+        if values:
+            algorithms = tuple(dict.fromkeys(v for _, _, v in values))
+    types = d.types
+    types_node = sec.get("types")
+    if types_node is not None:
+        values = string_or_list(
+            reader, types_node, sec.path_of("types"), COMPRESS_TYPES_EXPECTED,
+            lambda n, p: reader.string(n, p, COMPRESS_TYPE_EXPECTED, _is_media_pattern),
+        )
+        if values:
+            types = tuple(v.lower() for _, _, v in values)
+    return CompressConfig(
+        algorithms=algorithms,
+        min_size=sec.size("min_size", d.min_size),
+        types=types,
+    )
+
+
+def _is_media_pattern(text: str) -> bool:
+    kind, slash, sub = text.partition("/")
+    return bool(slash and kind and sub) and not _WHITESPACE.search(text)
 
 
 def _is_network(text: str) -> bool:

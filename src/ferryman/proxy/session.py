@@ -448,6 +448,14 @@ class Session(UpstreamSink):
         self.send_response_body(data, end_of_stream)
         await self._drain()
 
+    def bypass_response_body_filter(self) -> None:
+        """Send this response's body as it comes: ``response_body_filter`` is not called
+        for it, and its Content-Length is kept. Call it from ``response_filter`` (or an
+        earlier hook), before the response head goes out; a proxy that filters only some
+        responses (compressing some, say) leaves the others untouched so."""
+        if self.response_header is None:
+            self._resp_body_filter = False
+
     def send_body_from(self, source: BodySource) -> None:
         """Stream the rest of the response body from ``source``, as fast as the client reads.
 
