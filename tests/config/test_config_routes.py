@@ -466,10 +466,31 @@ EDIT_SAFETY_CASES = [
 ]
 
 
+C = "ferryman.yaml:6: listeners[0].routes[0].compress"
+COMPRESS_CASES = [
+    case(routes("- upstream: app\n  compress: maybe\n"),
+         f"{C}: expected true or false, got 'maybe'", "compress-not-bool"),
+    case(routes("- upstream: app\n  compress: {level: 9}\n"),
+         "ferryman.yaml:6: listeners[0].routes[0].compress.level: unknown key \"level\"; "
+         "expected one of: algorithms, min_size, types", "compress-unknown-key"),
+    case(routes("- upstream: app\n  compress: {algorithms: [lz4]}\n"),
+         f"{C}.algorithms[0]: expected one of br, zstd, gzip, got 'lz4'", "compress-algorithm"),
+    case(routes("- upstream: app\n  compress: {types: [json]}\n"),
+         f'{C}.types[0]: expected a media type such as "text/*" or "application/json", '
+         "got 'json'", "compress-type"),
+    case(routes("- upstream: app\n  compress: {min_size: lots}\n"),
+         f'{C}.min_size: expected a size such as "8KiB", "512k" or "1m", got \'lots\'',
+         "compress-min-size"),
+    case(routes("- respond: {status: 200}\n  compress: true\n"),
+         f"{C}: compress is only used with upstream (it compresses upstream responses; this "
+         "route uses respond)", "compress-on-respond"),
+]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     LISTENER_CASES + ROUTE_CASES + MATCH_CASES + HEADER_EDIT_CASES + ACTION_CASES
-    + EDIT_SAFETY_CASES,
+    + EDIT_SAFETY_CASES + COMPRESS_CASES,
 )
 def test_error_message(error_text: ErrorText, text: str, message: str) -> None:
     assert error_text(text) == message

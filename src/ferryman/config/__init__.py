@@ -128,6 +128,13 @@ Every key, with its default (all optional unless marked *required*)::
               purge: [127.0.0.1, 10.0.0.0/8]  # who may send PURGE; default: PURGE is
                                  # not handled (it goes upstream as any method)
               status_header: true  # add Cache-Status (RFC 9211); default true
+            compress:            # upstream only: compress responses (or `compress: true`)
+              algorithms: [br, zstd, gzip]  # offered, preferred first among those a
+                                 # client accepts equally (Accept-Encoding q-values)
+              min_size: 1KiB     # smaller bodies (by Content-Length) go as they are
+              types: [text/*, application/json]  # default: text, JSON, JavaScript, XML,
+                                 # SVG, wasm...; never already-encoded bodies, no-transform,
+                                 # HEAD, 204, 206, 304, or text/event-stream
           - match: {path_prefix: /old}
             redirect:
               to: /new           # required: a path or an http(s):// URL; $path and $query
