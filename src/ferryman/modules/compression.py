@@ -19,6 +19,7 @@ trip and costs a codec set-up (zlib alone allocates ~256 KiB of state).
 
 from __future__ import annotations
 
+import abc
 import zlib
 from dataclasses import dataclass, field
 from typing import Final
@@ -349,7 +350,7 @@ def apply_response_headers(headers: Headers | ResponseHeader, encoding: str | No
 # -- encoders ------------------------------------------------------------------------------
 
 
-class Encoder:
+class Encoder(abc.ABC):
     """A streaming compressor: feed body chunks, send what comes back.
 
     ``compress`` may return ``b""`` while the codec gathers input; ``flush`` returns
@@ -367,17 +368,17 @@ class Encoder:
         self.encoding = encoding
         self._done = False
 
+    @abc.abstractmethod
     def compress(self, chunk: bytes) -> bytes:
         """Compressed bytes for ``chunk`` (possibly empty while buffered)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def flush(self) -> bytes:
         """Everything buffered, so the client can decode all the input given so far."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(self) -> bytes:
         """The end of the compressed stream."""
-        raise NotImplementedError
 
     def _check(self) -> None:
         if self._done:
