@@ -50,6 +50,7 @@ from ferryman.cache.variants import conditional_headers, merge_not_modified
 from ferryman.errors import ErrorKind, ErrorSource, ProxyError
 from ferryman.protocols.h1 import BODY_CHUNKED, BODY_LENGTH
 from ferryman.protocols.headers import Headers, ResponseHeader
+from ferryman.proxy.cache_hit import hit_head
 from ferryman.proxy.fetch import UpstreamFetch
 
 if TYPE_CHECKING:
@@ -118,10 +119,10 @@ class _BodyReader:
             source.close()
         chunks, self.chunks = self.chunks, None
         if chunks is not None:
-            session_loop_close(chunks)
+            _close_later(chunks)
 
 
-def session_loop_close(chunks: Any) -> None:
+def _close_later(chunks: Any) -> None:
     """Close an async generator left unfinished (in the background)."""
     try:
         asyncio.get_running_loop().create_task(chunks.aclose())
@@ -786,9 +787,7 @@ async def _serve_hit(
     """Answer the client from a stored entry (raises :class:`_Vanished`, having sent
     nothing, when the entry cannot be read any more)."""
     req = session.req_header
-    headers = [(n, v) for n, v in meta.headers if n.lower() != b"age"]
-    resp = ResponseHeader(meta.status, Headers._wrap(headers))
-    resp.headers.add(b"Age", str(int(max(judgement.age, 0.0))))
+    status_value = None
     if cache.status_header:
         params: dict[str, Any] = {"ttl": judgement.ttl, "collapsed": collapsed}
         if fwd is None:
@@ -800,20 +799,22 @@ async def _serve_hit(
             params["detail"] = detail
         elif result == "UPDATING":
             params["detail"] = "stale-while-revalidate"
-        resp.headers.add(b"Cache-Status", _status_value(cache, **params))
+        status_value = _status_value(cache, **params)
     size = entry.size if entry.complete else None
+    resp = hit_head(meta, size, judgement.age, status_value)
     reader = _BodyReader()
+    not_modified = meta.status == 200 and _not_modified(req.headers, meta.headers)
     plain = (
         req.raw_method != b"HEAD"
         and meta.status not in (204, 304)
-        and not (meta.status == 200 and _not_modified(req.headers, meta.headers))
+        and not not_modified
         and not (b"range" in req.headers and meta.status == 200)
     )
     if plain:
         await reader.open(entry)  # (raises _Vanished: nothing was sent yet)
     session.cache_status = result
     cache.count(result.lower())
-    if meta.status == 200 and _not_modified(req.headers, meta.headers):
+    if not_modified:
         kept = [(n, v) for n, v in resp.headers.items()
                 if n.lower() in _NOT_MODIFIED_FIELDS or n in (b"Age", b"Cache-Status")]
         resp = ResponseHeader(304, Headers._wrap(kept))
@@ -840,8 +841,6 @@ async def _serve_hit(
             return
     if not plain and req.raw_method != b"HEAD" and meta.status not in (204, 304):
         await reader.open(entry)  # (a Range not applied: the whole body after all)
-    if size is not None and meta.status != 204:
-        resp.headers.set(b"Content-Length", str(size))
     try:
         await _send_head(session, ctx, resp, size)
     except BaseException:

@@ -82,14 +82,10 @@ def serve_hit_now(session: Session, ctx: Any, cache: Any) -> bool:
     session.cache_status = "HIT"
     cache.count("hit")
     size: int = entry.size
-    age: float = judgement.age
-    out: list[tuple[bytes, bytes]] = list(meta.parsed.base)
-    if meta.status != 204:  # (RFC 9110 §8.6: a 204 has no Content-Length)
-        out.append((b"Content-Length", b"%d" % size))
-    out.append((b"Age", b"%d" % int(age) if age > 0.0 else b"0"))
-    if cache.status_header:
-        out.append((b"Cache-Status", cache.hit_status(judgement.ttl)))
-    resp = ResponseHeader(meta.status, Headers._wrap(out))
+    resp = hit_head(
+        meta, size, judgement.age,
+        cache.hit_status(judgement.ttl) if cache.status_header else None,
+    )
     if plan.response_filter:
         try:
             proxy.response_filter(session, resp, ctx)  # (a plain function: checked above)
@@ -120,3 +116,21 @@ def serve_hit_now(session: Session, ctx: Any, cache: Any) -> bool:
     finally:
         down.uncork()
     return True
+
+
+def hit_head(
+    meta: Any, size: int | None, age: float, cache_status: bytes | None
+) -> ResponseHeader:
+    """The head of a response served from a stored entry (``meta``, judged by
+    :meth:`~ferryman.cache.http_cache.HttpCache.judge`, which parsed its fields once):
+    the stored fields less Age and Content-Length, then Content-Length (``size``, or the
+    stored length while the body is still coming in; never for a 204, RFC 9110 §8.6),
+    Age and ``cache_status``."""
+    out: list[tuple[bytes, bytes]] = list(meta.parsed.base)
+    length = size if size is not None else meta.length
+    if length is not None and meta.status != 204:
+        out.append((b"Content-Length", b"%d" % length))
+    out.append((b"Age", b"%d" % int(age) if age > 0.0 else b"0"))
+    if cache_status is not None:
+        out.append((b"Cache-Status", cache_status))
+    return ResponseHeader(meta.status, Headers._wrap(out))

@@ -327,8 +327,6 @@ async def _run_cached(session: Session) -> None:
         error = ProxyError(ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "cancelled")
     except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
         error = as_proxy_error(exc)
-    if error is not None:
-        await _fail_task(session, error, ctx)
     await _end_task(session, error, ctx)
 
 
@@ -724,13 +722,14 @@ async def run_session(session: Session) -> None:
         error = ProxyError(ErrorKind.CLIENT_CLOSED, ErrorSource.DOWNSTREAM, "cancelled")
     except Exception as exc:  # noqa: BLE001 - ProxyError, or a hook that raised
         error = as_proxy_error(exc)
-    if error is not None:
-        await _fail_task(session, error, ctx)
     await _end_task(session, error, ctx)
 
 
 async def _end_task(session: Session, error: ProxyError | None, ctx: Any) -> None:
-    """Task mode: the request is over; next request, then ``logging`` and the logs."""
+    """Task mode: the request is over (with ``error``: answer it first); next request,
+    then ``logging`` and the logs."""
+    if error is not None:
+        await _fail_task(session, error, ctx)
     proxy: Any = session._proxy
     plan = session._plan
     if not session._done:
