@@ -20,6 +20,7 @@ from ferryman.app.config_proxy import (
 from ferryman.cache.purge_log import PurgeLog
 from ferryman.config import Config, ConfigError, ListenerConfig, load_config
 from ferryman.lb import HealthBoard, run_control_process
+from ferryman.limits.arena import default_arena
 from ferryman.metrics.board import MAX_WORKERS, MetricsBoard
 from ferryman.metrics.recorder import MainMetrics
 from ferryman.protocols.h1 import RequestLimits
@@ -241,6 +242,9 @@ class ConfigSource:
         self.board = board
         #: purges of per-worker caches, passed between the workers (made before the fork)
         self.purge_log = PurgeLog()
+        #: the shared memory of the limits, made before the fork so that limits built
+        #: on a reload (in the workers) are shared by them too
+        self.arena = default_arena()
         #: the config being served (updated by :meth:`apply`)
         self.running: Config | None = None
         #: whether the config being served has a control process (discovery, checks)

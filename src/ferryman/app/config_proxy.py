@@ -33,6 +33,7 @@ from urllib.parse import quote_from_bytes
 from mypy_extensions import mypyc_attr
 
 from ferryman.app.caches import CacheRegistry
+from ferryman.app.route_limits import RouteLimit, refusal_body
 from ferryman.app.routes import Route, Router, match_path, plain_path_end, to_origin_form
 from ferryman.app.static import StaticFiles
 from ferryman.config.model import Config, HeaderEdits, RouteConfig, UpstreamConfig
@@ -53,6 +54,8 @@ from ferryman.lb import (
     TcpHealthCheck,
     apply_snapshot,
 )
+from ferryman.limits.inflight import Guard
+from ferryman.limits.limiter import Verdict
 from ferryman.modules.compression import (
     DEFAULT_CONTENT_TYPES,
     CompressionConfig,
@@ -381,7 +384,7 @@ class RouteAction:
 
     __slots__ = (
         "proxy", "redirect", "fixed", "static", "response_edits", "edits_response",
-        "compression",
+        "compression", "limits",
     )
 
     proxy: ProxyAction | None
@@ -414,6 +417,11 @@ class RouteAction:
                 min_size=c.min_size,
                 content_types=c.types if c.types is not None else DEFAULT_CONTENT_TYPES,
             )
+        #: the route's limits, checked in order before its action
+        self.limits = tuple(
+            RouteLimit(lc, f"{scope}/limit[{i}]", f"{route.name}/limit[{i}]")
+            for i, lc in enumerate(route.limit)
+        )
 
 
 # --------------------------------------------------------------------------------------
@@ -439,7 +447,7 @@ class RequestState:
 
     __slots__ = (
         "route", "group", "backend", "tried", "reported", "start", "fail_open", "path",
-        "error", "stale", "encoder",
+        "error", "stale", "encoder", "guards", "limit_headers",
     )
 
     def __init__(self) -> None:
@@ -454,6 +462,10 @@ class RequestState:
         self.start = 0.0
         self.fail_open = False
         self.encoder: Encoder | None = None
+        #: concurrency units held by the request (released by the logging hook)
+        self.guards: list[Guard] | None = None
+        #: RateLimit-* fields for the response, or None
+        self.limit_headers: list[tuple[bytes, bytes]] | None = None
 
 
 #: Failures before the response head after which an idempotent request is retried on
@@ -515,7 +527,9 @@ class ConfigProxy(ProxyHttp):
         needed = {
             "upstream_request_filter": any(a.proxy and a.proxy.changes_request for a in actions),
             "response_filter": any(
-                a.proxy and (a.edits_response or a.compression) for a in actions
+                a.proxy
+                and (a.edits_response or a.compression or any(lim.headers for lim in a.limits))
+                for a in actions
             ),
             "response_body_filter": any(a.proxy and a.compression for a in actions),
             "upstream_response_filter": any(g.timed for g in self.groups.values()),
@@ -577,6 +591,20 @@ class ConfigProxy(ProxyHttp):
         for monitor in self._monitors:
             monitor.stop()
         self._monitors.clear()
+        fleet = [
+            lim
+            for router in self.routers.values()
+            for r in router.routes
+            for lim in r.action.limits
+            if lim.config.backend == "redis"
+        ]
+        if fleet:
+
+            async def close_fleet() -> None:
+                for lim in fleet:
+                    await lim.close()
+
+            service.loop.create_task(close_fleet())
         if self.caches.storages:
             # (requests in flight may still use them while they drain: closed later)
             service.loop.call_later(
@@ -699,11 +727,13 @@ class ConfigProxy(ProxyHttp):
             return True
         ctx.route = route
         action: RouteAction = route.action
+        if action.limits and self._refused(session, ctx, action.limits):
+            return True
         p = action.proxy
         if p is not None:
             ctx.group = p.group
             return False
-        edit = self._response_editor(action)
+        edit = self._response_editor(action, ctx.limit_headers)
         if action.static is not None:
             action.static.serve(session, edit=edit)
             return True
@@ -744,11 +774,60 @@ class ConfigProxy(ProxyHttp):
         return proxy.group
 
     @staticmethod
-    def _response_editor(action: RouteAction) -> Callable[[ResponseHeader], None] | None:
-        if not action.edits_response:
+    def _refused(session: Session, ctx: RequestState, limits: tuple[RouteLimit, ...]) -> bool:
+        """Check the route's limits; answer and return True when one refuses. The
+        concurrency units taken go to ``ctx.guards``, the fields to show to
+        ``ctx.limit_headers`` (those of the limit with the fewest requests left)."""
+        shown: Verdict | None = None
+        for limit in limits:
+            verdict = limit.check(session)
+            if verdict is None:
+                continue
+            if not verdict.admitted:
+                guards = ctx.guards
+                if guards is not None:
+                    for held in guards:
+                        held.release()
+                    ctx.guards = None
+                headers = verdict.headers() if limit.headers else []
+                if limit.retry_after:
+                    headers.append((b"Retry-After", verdict.retry_after_value()))
+                status = limit.status
+                session.send_response(
+                    status, refusal_body(status, verdict.reason), headers,
+                    content_type="text/plain; charset=utf-8",
+                )
+                return True
+            guard = verdict.guard
+            if guard is not None:
+                if ctx.guards is None:
+                    ctx.guards = [guard]
+                else:
+                    ctx.guards.append(guard)
+            if limit.headers and verdict.quota and (
+                shown is None or verdict.remaining < shown.remaining
+            ):
+                shown = verdict
+        if shown is not None:
+            ctx.limit_headers = shown.headers()
+        return False
+
+    @staticmethod
+    def _response_editor(
+        action: RouteAction, extra: list[tuple[bytes, bytes]] | None = None
+    ) -> Callable[[ResponseHeader], None] | None:
+        if not action.edits_response and not extra:
             return None
-        edits = action.response_edits
-        return lambda resp: edits.apply(resp.headers)
+        edits = action.response_edits if action.edits_response else None
+
+        def edit(resp: ResponseHeader) -> None:
+            if edits is not None:
+                edits.apply(resp.headers)
+            if extra:
+                for name, value in extra:
+                    resp.headers.set(name, value)
+
+        return edit
 
     @staticmethod
     def _send_local(
@@ -824,6 +903,11 @@ class ConfigProxy(ProxyHttp):
         action: RouteAction = route.action
         if action.edits_response:
             action.response_edits.apply(response.headers)
+        extra = ctx.limit_headers
+        if extra:
+            headers = response.headers
+            for name, value in extra:
+                headers.set(name, value)
         compression = action.compression
         if compression is None:
             return
@@ -935,7 +1019,13 @@ class ConfigProxy(ProxyHttp):
     def logging(  # type: ignore[override]
         self, session: Session, error: ProxyError | None, ctx: RequestState
     ) -> None:
-        """Release the in-flight count, record latency and success for passive health."""
+        """Give back concurrency units, release the in-flight count, record latency and
+        success for passive health."""
+        guards = ctx.guards
+        if guards is not None:
+            ctx.guards = None
+            for guard in guards:
+                guard.release()
         backend = ctx.backend
         group = ctx.group
         if backend is None or group is None:

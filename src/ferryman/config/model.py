@@ -14,6 +14,7 @@ __all__ = [
     "Address",
     "CacheConfig",
     "CompressConfig",
+    "LimitConfig",
     "DnsDiscovery",
     "FixedResponse",
     "HeaderEdits",
@@ -407,6 +408,46 @@ class CompressConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitConfig:
+    """A rate and/or concurrency limit of a route (key ``limit``: one, or a list).
+
+    Fields:
+        key: what is limited: ``client_ip``, ``header:NAME``, ``cookie:NAME`` or ``route``
+            (all requests of the route together). Requests without the header or cookie
+            are not limited by it. Default ``client_ip``.
+        rate: ``(events, period in seconds)`` from ``100/s``, ``6000/m``, ``10/5s``; or
+            None.
+        burst: requests admitted at once: the rate is held over a window of
+            ``burst / rate`` seconds holding ``burst`` requests; None: the rate's own
+            period and count.
+        concurrency: requests of one key in progress at once, or None.
+        status: the status of refused requests. Default 429.
+        retry_after: whether refusals carry ``Retry-After``. Default true.
+        headers: whether responses carry ``RateLimit-Limit``/``-Remaining``/``-Reset``/
+            ``-Policy``. Default true.
+        backend: ``local`` (shared by the workers of this server) or ``redis`` (shared by
+            every server using the same Redis). Default ``local``.
+        redis: the Redis URL of ``backend: redis``.
+        sync: seconds between a worker's syncs with Redis (the staleness bound).
+            Default 0.05.
+        fail_open: when Redis is down: true holds the limit per server, false refuses
+            requests. Default true.
+    """
+
+    key: str = "client_ip"
+    rate: tuple[int, float] | None = None
+    burst: int | None = None
+    concurrency: int | None = None
+    status: int = 429
+    retry_after: bool = True
+    headers: bool = True
+    backend: Literal["local", "redis"] = "local"
+    redis: str | None = None
+    sync: float = 0.05
+    fail_open: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class PathRewrite:
     """Rewrite the request path sent upstream with a regular expression (key ``rewrite``).
 
@@ -438,6 +479,7 @@ class RouteConfig:
         name: a name for logs and metrics; defaults to its key path, ``listeners[N].routes[M]``.
         cache: for ``upstream``: cache its responses, or None.
         compress: for ``upstream``: compress its responses (gzip, brotli, zstd), or None.
+        limit: rate and concurrency limits checked before the route's action.
     """
 
     match: RouteMatch = field(default_factory=RouteMatch)
@@ -452,6 +494,7 @@ class RouteConfig:
     name: str = ""
     cache: CacheConfig | None = None
     compress: CompressConfig | None = None
+    limit: tuple[LimitConfig, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

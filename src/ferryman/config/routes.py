@@ -13,9 +13,10 @@ import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from yaml.nodes import MappingNode, Node, ScalarNode
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from ferryman.cache.http_cache import IGNORABLE, key_part_valid
+from ferryman.limits.limiter import parse_rate
 
 from .common import (
     TOKEN,
@@ -36,6 +37,7 @@ from .model import (
     FixedResponse,
     HeaderEdits,
     HeaderMatch,
+    LimitConfig,
     PathRewrite,
     RedirectAction,
     RouteConfig,
@@ -59,6 +61,7 @@ ROUTE_KEYS = (
     "name",
     "cache",
     "compress",
+    "limit",
 )
 ACTIONS = ("upstream", "redirect", "respond", "static")
 UPSTREAM_ONLY = ("strip_prefix", "rewrite", "request_headers", "cache", "compress")
@@ -77,6 +80,11 @@ CACHE_KEYS = (
 CACHE_STORAGES = ("memory", "disk", "redis")
 COMPRESS_KEYS = ("algorithms", "min_size", "types")
 COMPRESS_ALGORITHMS = ("br", "zstd", "gzip")
+LIMIT_KEYS = (
+    "key", "rate", "burst", "concurrency", "status", "retry_after", "headers", "backend",
+    "redis", "sync", "fail_open",
+)
+LIMIT_BACKENDS = ("local", "redis")
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 NO_BODY_STATUSES = (204, 304)
 
@@ -136,6 +144,13 @@ CACHE_PATH_EXPECTED = "a directory path for the disk cache"
 CACHE_REDIS_EXPECTED = 'a Redis URL such as "redis://127.0.0.1:6379/0"'
 CACHE_PURGE_EXPECTED = 'an address or network such as "127.0.0.1" or "10.0.0.0/8", or a list'
 CACHE_NETWORK_EXPECTED = 'an address or network such as "127.0.0.1" or "10.0.0.0/8"'
+LIMITS_EXPECTED = "a mapping with keys " + ", ".join(LIMIT_KEYS) + ", or a list of them"
+LIMIT_EXPECTED = "a mapping with keys " + ", ".join(LIMIT_KEYS)
+LIMIT_KEY_EXPECTED = "client_ip, header:NAME, cookie:NAME or route"
+LIMIT_RATE_EXPECTED = 'a rate such as "100/s", "6000/m" or "10/5s"'
+LIMIT_STATUS_EXPECTED = "a status code 400..599"
+LIMIT_BACKEND_EXPECTED = "one of local, redis"
+LIMIT_NEEDS_EXPECTED = "rate, concurrency or both"
 REPLACEMENT_STRING_EXPECTED = 'a replacement string such as "/v2/\\1"'
 
 _PATH = re.compile(r"/[^\s?#\x00-\x1f\x7f]*")
@@ -262,6 +277,7 @@ def _route(
         name=name,
         cache=_cache(sec, reader),
         compress=_compress(sec, reader),
+        limit=_limits(sec, reader),
     )
     return route, name_node
 
@@ -660,9 +676,7 @@ def _cache(route: Section, reader: Reader) -> CacheConfig | None:
             )
         else:
             redis_url = reader.string(
-                redis_node, sec.path_of("redis"), CACHE_REDIS_EXPECTED,
-                lambda v: urlsplit(v).scheme in ("redis", "rediss", "unix")
-                and bool(urlsplit(v).netloc or urlsplit(v).path),
+                redis_node, sec.path_of("redis"), CACHE_REDIS_EXPECTED, _is_redis_url,
             )
     elif redis_node is not None:
         reader.problem(
@@ -761,6 +775,115 @@ def _compress(route: Section, reader: Reader) -> CompressConfig | None:
         min_size=sec.size("min_size", d.min_size),
         types=types,
     )
+
+
+def _limits(route: Section, reader: Reader) -> tuple[LimitConfig, ...]:
+    node = route.get("limit")
+    if node is None:
+        return ()
+    path = route.path_of("limit")
+    if isinstance(node, SequenceNode):
+        items = reader.sequence(node, path, LIMITS_EXPECTED, non_empty=True)
+        if items is None:
+            return ()
+        limits = [_limit(n, p, reader) for p, n in items]
+        return tuple(limit for limit in limits if limit is not None)
+    one = _limit(node, path, reader)
+    return () if one is None else (one,)
+
+
+def _limit_key(text: str) -> bool:
+    if text in ("client_ip", "route"):
+        return True
+    kind, colon, name = text.partition(":")
+    return bool(colon) and kind in ("header", "cookie") and bool(TOKEN.fullmatch(name))
+
+
+def _limit(node: Node, path: str, reader: Reader) -> LimitConfig | None:
+    sec = reader.section(node, path, LIMIT_KEYS, LIMIT_EXPECTED)
+    if sec is None:
+        return None
+    d = LimitConfig()
+    key = sec.read(
+        "key", lambda n, p: reader.string(n, p, LIMIT_KEY_EXPECTED, _limit_key), d.key
+    )
+    rate: tuple[int, float] | None = None
+    rate_node = sec.get("rate")
+    if rate_node is not None:
+        text = reader.string(rate_node, sec.path_of("rate"), LIMIT_RATE_EXPECTED)
+        if text is not None:
+            try:
+                rate = parse_rate(text)
+            except ValueError:
+                reader.expected(rate_node, sec.path_of("rate"), LIMIT_RATE_EXPECTED)
+    burst = None
+    if "burst" in sec:
+        burst = sec.integer("burst", 0, minimum=1) or None
+        if rate_node is None:
+            reader.problem(
+                sec.key_node("burst"), sec.path_of("burst"),
+                "burst needs a rate (it is how many of the rate's requests may come at once)",
+                "a rate with the burst, or no burst",
+            )
+    concurrency = sec.integer("concurrency", 0, minimum=1) or None
+    if rate_node is None and "concurrency" not in sec:
+        reader.problem(
+            sec.node, path, f"a limit needs {LIMIT_NEEDS_EXPECTED}", LIMIT_NEEDS_EXPECTED
+        )
+    status = sec.read(
+        "status",
+        lambda n, p: _status(reader, n, p, LIMIT_STATUS_EXPECTED, range(400, 600)),
+        d.status,
+    )
+    backend: str = sec.read(
+        "backend",
+        lambda n, p: reader.string(n, p, LIMIT_BACKEND_EXPECTED, lambda v: v in LIMIT_BACKENDS),
+        str(d.backend),
+    )
+    redis_url = None
+    redis_node = sec.get("redis")
+    if backend == "redis":
+        if redis_node is None:
+            reader.problem(
+                sec.node, sec.path_of("redis"), "backend: redis needs a redis URL",
+                CACHE_REDIS_EXPECTED,
+            )
+        else:
+            redis_url = reader.string(
+                redis_node, sec.path_of("redis"), CACHE_REDIS_EXPECTED, _is_redis_url
+            )
+        if rate_node is None and "concurrency" in sec:
+            reader.problem(
+                sec.key_node("backend"), sec.path_of("backend"),
+                "backend: redis shares rates; concurrency is counted per server",
+                "a rate with backend: redis, or backend: local",
+            )
+    else:
+        for only in ("redis", "sync", "fail_open"):
+            if only in sec:
+                reader.problem(
+                    sec.key_node(only), sec.path_of(only),
+                    f"{only} is only used with backend: redis (this limit is local)",
+                    f"backend: redis, or no {only}",
+                )
+    return LimitConfig(
+        key=key,
+        rate=rate,
+        burst=burst,
+        concurrency=concurrency,
+        status=status,
+        retry_after=sec.boolean("retry_after", d.retry_after),
+        headers=sec.boolean("headers", d.headers),
+        backend=backend,  # type: ignore[arg-type]  # (one of LIMIT_BACKENDS)
+        redis=redis_url,
+        sync=sec.duration("sync", d.sync, positive=True),
+        fail_open=sec.boolean("fail_open", d.fail_open),
+    )
+
+
+def _is_redis_url(text: str) -> bool:
+    parts = urlsplit(text)
+    return parts.scheme in ("redis", "rediss", "unix") and bool(parts.netloc or parts.path)
 
 
 def _is_media_pattern(text: str) -> bool:

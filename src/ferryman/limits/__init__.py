@@ -8,8 +8,22 @@ so it can be tested without clocks and used from sync hooks.
 
 from __future__ import annotations
 
+from ferryman.limits.arena import SharedArena, default_arena
 from ferryman.limits.estimator import Estimator, Key
 from ferryman.limits.inflight import Guard, Inflight
+from ferryman.limits.limiter import Limiter, Verdict, parse_rate
 from ferryman.limits.rate import Rate, TokenBucket
 
-__all__ = ["Estimator", "Guard", "Inflight", "Key", "Rate", "TokenBucket"]
+__all__ = [
+    "Estimator",
+    "Guard",
+    "Inflight",
+    "Key",
+    "Limiter",
+    "Rate",
+    "SharedArena",
+    "TokenBucket",
+    "Verdict",
+    "default_arena",
+    "parse_rate",
+]
