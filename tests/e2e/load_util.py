@@ -51,36 +51,58 @@ async def _one(
     out.append(Outcome(at, status, headers))
 
 
-async def paced_load(
-    host: str, port: int, streams: list[tuple[str, float, str]], duration: float,
-    extra: str = "",
+@dataclass
+class Stream:
+    """Requests to send: ``rate`` per second from ``source`` to ``port`` for ``path``."""
+
+    label: str
+    port: int
+    source: str
+    rate: float
+    path: str = "/"
+
+
+async def paced_streams(
+    streams: list[Stream], duration: float, extra: str = "", host: str = "127.0.0.1"
 ) -> dict[str, list[Outcome]]:
-    """Send, for ``duration`` seconds, from each ``(source address, requests per second,
-    path)`` of ``streams``, evenly paced; returns the outcomes per source address."""
-    results: dict[str, list[Outcome]] = {source: [] for source, _, _ in streams}
+    """Send each stream for ``duration`` seconds, evenly paced; the outcomes per label."""
+    results: dict[str, list[Outcome]] = {s.label: [] for s in streams}
     start = time.monotonic()
     tasks: set[asyncio.Task[None]] = set()
 
-    async def stream(source: str, rate: float, path: str) -> None:
+    async def run(s: Stream) -> None:
         n = 0
         while True:
-            at = n / rate
+            at = n / s.rate
             if at >= duration:
                 return
             delay = start + at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             task = asyncio.ensure_future(
-                _one(host, port, source, path, time.monotonic() - start, results[source], extra)
+                _one(host, s.port, s.source, s.path, time.monotonic() - start,
+                     results[s.label], extra)
             )
             tasks.add(task)
             task.add_done_callback(tasks.discard)
             n += 1
 
-    await asyncio.gather(*(stream(*s) for s in streams))
+    await asyncio.gather(*(run(s) for s in streams))
     if tasks:
         await asyncio.wait(tasks, timeout=15)
     return results
+
+
+async def paced_load(
+    host: str, port: int, streams: list[tuple[str, float, str]], duration: float,
+    extra: str = "",
+) -> dict[str, list[Outcome]]:
+    """Send, for ``duration`` seconds, from each ``(source address, requests per second,
+    path)`` of ``streams`` to ``port``, evenly paced; the outcomes per source address."""
+    return await paced_streams(
+        [Stream(source, port, source, rate, path) for source, rate, path in streams],
+        duration, extra, host,
+    )
 
 
 def per_second(outcomes: list[Outcome], status: int, start: int, end: int) -> list[int]:
