@@ -245,7 +245,7 @@ LISTENER_CASES = [
          "mapping", "routes-mapping"),
     case(routes("- app\n"),
          f"{R}: expected a mapping with keys match, upstream, redirect, respond, static, "
-         "strip_prefix, rewrite, request_headers, response_headers, name, cache, compress, "
+         "strip_prefix, rewrite, request_headers, response_headers, name, cache, compress, limit, "
          "got 'app'",
          "route-scalar"),
 ]
@@ -254,7 +254,7 @@ ROUTE_CASES = [
     case(routes("- upstrem: app\n"),
          f'{R}.upstrem: unknown key "upstrem" (did you mean "upstream"?); expected one of: '
          "match, upstream, redirect, respond, static, strip_prefix, rewrite, request_headers, "
-         f"response_headers, name, cache, compress\n{R}: {ACTION}, got none", "unknown-key"),
+         f"response_headers, name, cache, compress, limit\n{R}: {ACTION}, got none", "unknown-key"),
     case(routes("- upstream: nope\n"),
          f'{R}.upstream: unknown upstream "nope" (defined: app, api)', "unknown-upstream"),
     case(routes("- upstream: [app]\n"),
@@ -487,10 +487,78 @@ COMPRESS_CASES = [
 ]
 
 
+L = "ferryman.yaml:6: listeners[0].routes[0].limit"
+LIMIT_KEYS = (
+    "key, rate, burst, concurrency, status, retry_after, headers, backend, redis, sync, "
+    "fail_open"
+)
+LIMIT_CASES = [
+    case(routes("- respond: {status: 200}\n  limit: 100/s\n"),
+         f"{L}: expected a mapping with keys {LIMIT_KEYS}, got '100/s'", "limit-scalar"),
+    case(routes("- respond: {status: 200}\n  limit: []\n"),
+         f"{L}: expected a mapping with keys {LIMIT_KEYS}, or a list of them, got an empty "
+         "list", "limit-empty-list"),
+    case(routes("- respond: {status: 200}\n  limit: {zone: one, rate: 1/s}\n"),
+         f'{L}.zone: unknown key "zone"; expected one of: {LIMIT_KEYS}', "limit-unknown-key"),
+    case(routes("- respond: {status: 200}\n  limit: {status: 429}\n"),
+         f"{L}: a limit needs rate, concurrency or both", "limit-nothing"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 100/x}\n"),
+         f'{L}.rate: expected a rate such as "100/s", "6000/m" or "10/5s", got \'100/x\'',
+         "limit-rate-unit"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 0/s}\n"),
+         f'{L}.rate: expected a rate such as "100/s", "6000/m" or "10/5s", got \'0/s\'',
+         "limit-rate-zero"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 100}\n"),
+         f'{L}.rate: expected a rate such as "100/s", "6000/m" or "10/5s", got 100',
+         "limit-rate-number"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, burst: 0}\n"),
+         f"{L}.burst: expected an integer >= 1, got 0", "limit-burst-zero"),
+    case(routes("- respond: {status: 200}\n  limit: {concurrency: 2, burst: 5}\n"),
+         f"{L}.burst: burst needs a rate (it is how many of the rate's requests may come at "
+         "once)", "limit-burst-without-rate"),
+    case(routes("- respond: {status: 200}\n  limit: {concurrency: -1}\n"),
+         f"{L}.concurrency: expected an integer >= 1, got -1", "limit-concurrency"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, key: ip}\n"),
+         f"{L}.key: expected client_ip, header:NAME, cookie:NAME or route, got 'ip'",
+         "limit-key"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, key: 'header:X Y'}\n"),
+         f"{L}.key: expected client_ip, header:NAME, cookie:NAME or route, got 'header:X Y'",
+         "limit-key-header-name"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, status: 200}\n"),
+         f"{L}.status: expected a status code 400..599, got 200", "limit-status"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, retry_after: sometimes}\n"),
+         f"{L}.retry_after: expected true or false, got 'sometimes'", "limit-retry-after"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, backend: memcached}\n"),
+         f"{L}.backend: expected one of local, redis, got 'memcached'", "limit-backend"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, backend: redis}\n"),
+         f"{L}.redis: backend: redis needs a redis URL", "limit-redis-missing"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, backend: redis, redis: x}\n"),
+         f'{L}.redis: expected a Redis URL such as "redis://127.0.0.1:6379/0", got \'x\'',
+         "limit-redis-url"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, redis: 'redis://h:1'}\n"),
+         f"{L}.redis: redis is only used with backend: redis (this limit is local)",
+         "limit-redis-on-local"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, sync: 1s}\n"),
+         f"{L}.sync: sync is only used with backend: redis (this limit is local)",
+         "limit-sync-on-local"),
+    case(routes("- respond: {status: 200}\n  limit: {concurrency: 1, backend: redis, "
+                "redis: 'redis://h:1'}\n"),
+         f"{L}.backend: backend: redis shares rates; concurrency is counted per server",
+         "limit-redis-concurrency-only"),
+    case(routes("- respond: {status: 200}\n  limit: {rate: 1/s, backend: redis, "
+                "redis: 'redis://h:1', sync: 0s}\n"),
+         f'{L}.sync: expected a positive duration such as "2s" or "500ms", got \'0s\'',
+         "limit-sync-zero"),
+    case(routes("- respond: {status: 200}\n  limit: [{rate: 1/s}, {rate: fast}]\n"),
+         f'{L}[1].rate: expected a rate such as "100/s", "6000/m" or "10/5s", got \'fast\'',
+         "limit-list-item"),
+]
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     LISTENER_CASES + ROUTE_CASES + MATCH_CASES + HEADER_EDIT_CASES + ACTION_CASES
-    + EDIT_SAFETY_CASES + COMPRESS_CASES,
+    + EDIT_SAFETY_CASES + COMPRESS_CASES + LIMIT_CASES,
 )
 def test_error_message(error_text: ErrorText, text: str, message: str) -> None:
     assert error_text(text) == message

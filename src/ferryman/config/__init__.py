@@ -135,6 +135,26 @@ Every key, with its default (all optional unless marked *required*)::
               types: [text/*, application/json]  # default: text, JSON, JavaScript, XML,
                                  # SVG, wasm...; never already-encoded bodies, no-transform,
                                  # HEAD, 204, 206, 304, or text/event-stream
+            limit:               # any action; one limit or a list (each must admit)
+              key: client_ip     # client_ip (default), "header:NAME", "cookie:NAME" (no
+                                 # such header/cookie: not limited) or route (all clients)
+              rate: 100/s        # N/s, N/m, N/h, N/d or N/5s (also nginx's 100r/s); a
+                                 # sliding window (only admitted requests count)
+              burst: 20          # at most 20 at once: the window becomes burst/rate (0.2s
+                                 # here) holding 20; default: the rate's period and count
+              concurrency: 10    # requests of one key in progress at once; default none
+                                 # (rate, concurrency or both is required)
+              status: 429        # of refusals, 400..599; default 429
+              retry_after: true  # refusals carry Retry-After (seconds); default true
+              headers: true      # RateLimit-Limit/-Remaining/-Reset/-Policy on responses
+                                 # and refusals; default true
+              backend: local     # local: shared by this server's workers (default);
+                                 # redis: shared by every server using the same Redis
+              # redis: redis://127.0.0.1:6379/0  # redis only, required
+              # sync: 50ms       # redis only: how stale a worker's view of the fleet may
+                                 # get; default 50ms
+              # fail_open: true  # redis only: Redis down: true holds the limit per
+                                 # server (default), false refuses with `status`
           - match: {path_prefix: /old}
             redirect:
               to: /new           # required: a path or an http(s):// URL; $path and $query
