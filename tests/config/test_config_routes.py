@@ -482,8 +482,8 @@ COMPRESS_CASES = [
          f'{C}.min_size: expected a size such as "8KiB", "512k" or "1m", got \'lots\'',
          "compress-min-size"),
     case(routes("- respond: {status: 200}\n  compress: true\n"),
-         f"{C}: compress is only used with upstream (it compresses upstream responses; this "
-         "route uses respond)", "compress-on-respond"),
+         f"{C}: compress is only used with upstream or static (it compresses proxied "
+         "responses and static files; this route uses respond)", "compress-on-respond"),
 ]
 
 

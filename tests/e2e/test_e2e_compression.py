@@ -26,6 +26,10 @@ from origin import free_port
 JSON = b'{"items": [' + b", ".join(b'{"id": %d, "name": "item %d"}' % (i, i)
                                    for i in range(2000)) + b"]}"  # fmt: skip
 STREAM_MB = 100
+BIG_TEXT = b"".join(b"%06d: a static text file, long enough to be streamed\n" % i
+                    for i in range(20000))  # fmt: skip
+PNG = os.urandom(8192)
+SMALL_JSON = JSON[:20000]  # (below the 64 KiB a static file is sent in one write)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -88,11 +92,17 @@ def origin() -> Iterator[ThreadingHTTPServer]:
 def proxy(origin: ThreadingHTTPServer, tmp_path_factory: pytest.TempPathFactory
           ) -> Iterator[ProxyProcess]:  # fmt: skip
     port = free_port()
+    site = tmp_path_factory.mktemp("site")
+    (site / "files").mkdir()
+    (site / "files" / "big.txt").write_bytes(BIG_TEXT)
+    (site / "files" / "data.json").write_bytes(SMALL_JSON)
+    (site / "files" / "photo.png").write_bytes(PNG)
     text = (
         "server: {workers: 1}\n"
         f'listeners: [{{bind: "127.0.0.1:{port}", routes: [\n'
         "  {match: {path_prefix: /cached/}, upstream: app, strip_prefix: /cached,\n"
         "   compress: true, cache: {default_ttl: 60s}},\n"
+        f"  {{match: {{path_prefix: /files/}}, static: {{root: {site}}}, compress: true}},\n"
         "  {upstream: app, compress: {algorithms: [br, zstd, gzip], min_size: 1KiB}}]}]\n"
         f'upstreams: {{app: {{servers: ["127.0.0.1:{origin.server_port}"], '
         "timeouts: {read: 30s}}}\n"
@@ -171,6 +181,48 @@ def test_cached_responses_are_stored_plain_and_compressed_per_client(
     assert hit["content-encoding"] == "br" and brotli.decompress(body) == JSON
     plain, body = _curl(proxy.port, "/cached/json")
     assert "content-encoding" not in plain and body == JSON
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
+def test_static_files_are_compressed(proxy: ProxyProcess, encoding: str) -> None:
+    """A static route with `compress: true`: a file above 64 KiB streams chunked, a
+    smaller one is compressed whole and keeps a Content-Length; both decode to the file's
+    bytes, with a weak ETag, Vary and no Accept-Ranges."""
+    headers, body = _curl(proxy.port, "/files/big.txt", "-H", f"Accept-Encoding: {encoding}")
+    assert headers["content-encoding"] == encoding
+    assert headers["transfer-encoding"] == "chunked" and "content-length" not in headers
+    assert headers["etag"].startswith('W/"') and headers["vary"] == "Accept-Encoding"
+    assert "accept-ranges" not in headers
+    assert len(body) < len(BIG_TEXT) // 3 and DECODE[encoding](body) == BIG_TEXT
+    headers, body = _curl(proxy.port, "/files/data.json", "-H", f"Accept-Encoding: {encoding}")
+    assert headers["content-encoding"] == encoding
+    assert headers["content-length"] == str(len(body)) and DECODE[encoding](body) == SMALL_JSON
+
+
+def test_static_files_not_compressed(proxy: ProxyProcess) -> None:
+    """What a static route sends as it is: an image; a client without Accept-Encoding
+    (with Vary, Content-Length and Accept-Ranges); a Range request (206 of the plain
+    bytes); HEAD; and a revalidation with the compressed response's weak ETag gets 304."""
+    headers, body = _curl(proxy.port, "/files/photo.png", "-H", "Accept-Encoding: gzip")
+    assert "content-encoding" not in headers and body == PNG and "vary" not in headers
+    headers, body = _curl(proxy.port, "/files/big.txt")
+    assert "content-encoding" not in headers and body == BIG_TEXT
+    assert headers["vary"] == "Accept-Encoding" and headers["accept-ranges"] == "bytes"
+    assert headers["content-length"] == str(len(BIG_TEXT)) and not headers["etag"].startswith("W/")
+    headers, body = _curl(proxy.port, "/files/big.txt", "-H", "Accept-Encoding: gzip",
+                          "-H", "Range: bytes=10-19")  # fmt: skip
+    assert headers["content-range"] == f"bytes 10-19/{len(BIG_TEXT)}" and body == BIG_TEXT[10:20]
+    assert "content-encoding" not in headers
+    headers, body = _curl(proxy.port, "/files/big.txt", "-I", "-H", "Accept-Encoding: gzip")
+    assert "content-encoding" not in headers and headers["vary"] == "Accept-Encoding"
+    assert headers["content-length"] == str(len(BIG_TEXT))
+    weak = _curl(proxy.port, "/files/data.json", "-H", "Accept-Encoding: br")[0]["etag"]
+    out = subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Accept-Encoding: br",
+         "-H", f"If-None-Match: {weak}", f"http://127.0.0.1:{proxy.port}/files/data.json"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert out == "304"
 
 
 def _rss_kib(pid: int) -> int:

@@ -404,19 +404,22 @@ class RouteAction:
         )
         self.redirect = RedirectResponder(route) if route.redirect else None
         self.fixed = FixedResponder(route) if route.respond else None
-        s = route.static
-        self.static = StaticFiles(s.root, s.index, s.max_age) if s is not None else None
-        self.response_edits = Edits(route.response_headers)
-        self.edits_response = self.response_edits.any
-        #: how the route's proxied responses are compressed, or None
-        self.compression: CompressionConfig | None = None
         c = route.compress
-        if c is not None and route.upstream:
-            self.compression = CompressionConfig(
+        compression = None
+        if c is not None:
+            compression = CompressionConfig(
                 algorithms=c.algorithms,
                 min_size=c.min_size,
                 content_types=c.types if c.types is not None else DEFAULT_CONTENT_TYPES,
             )
+        s = route.static
+        self.static = (
+            StaticFiles(s.root, s.index, s.max_age, compression) if s is not None else None
+        )
+        self.response_edits = Edits(route.response_headers)
+        self.edits_response = self.response_edits.any
+        #: how the route's proxied responses are compressed, or None
+        self.compression: CompressionConfig | None = compression if route.upstream else None
         #: the route's limits, checked in order before its action
         self.limits = tuple(
             RouteLimit(lc, f"{scope}/limit[{i}]", f"{route.name}/limit[{i}]")

@@ -56,9 +56,18 @@ from email.utils import formatdate, mktime_tz, parsedate_tz
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote_from_bytes
 
+from ferryman.modules.compression import (
+    CompressionConfig,
+    Encoder,
+    apply_response_headers,
+    negotiate,
+    new_encoder,
+    should_compress,
+)
 from ferryman.protocols.headers import Headers, ResponseHeader
 
 if TYPE_CHECKING:
+    from ferryman.protocols.headers import RequestHeader
     from ferryman.proxy.session import Session
 
 __all__ = [
@@ -440,6 +449,37 @@ class _Multipart:
         self.file.close()
 
 
+class _Encoded:
+    """A file range read through an encoder: what ``send_body_from`` streams when the
+    client accepts a coding. ``read`` returns ``b""`` only at the end (a compressor that
+    buffers is fed more of the file until it gives bytes)."""
+
+    __slots__ = ("source", "encoder", "done")
+
+    def __init__(self, source: _FileRange, encoder: Encoder) -> None:
+        self.source = source
+        self.encoder = encoder
+        self.done = False
+
+    def read(self, size: int, /) -> bytes:
+        """Up to about ``size`` encoded bytes; ``b""`` at the end."""
+        if self.done:
+            return b""
+        encoder = self.encoder
+        while True:
+            data = self.source.read(size)
+            if not data:
+                self.done = True
+                return encoder.finish()
+            out = encoder.compress(data)
+            if out:
+                return out
+
+    def close(self) -> None:
+        """Close the file."""
+        self.source.close()
+
+
 def _read_all(source: _FileRange | _Multipart) -> bytes:
     parts: list[bytes] = []
     while True:
@@ -464,12 +504,18 @@ class StaticFiles:
         max_age: if set, every 200/206/304 response carries ``Cache-Control: max-age=N``.
     """
 
-    __slots__ = ("root", "index", "max_age", "_real_root", "_cache_control")
+    __slots__ = ("root", "index", "max_age", "_real_root", "_cache_control", "compression")
 
     def __init__(
-        self, root: str, index: Sequence[str] = ("index.html",), max_age: int | None = None
+        self,
+        root: str,
+        index: Sequence[str] = ("index.html",),
+        max_age: int | None = None,
+        compression: CompressionConfig | None = None,
     ) -> None:
         self.root = root
+        #: how files are compressed for clients that accept it, or None
+        self.compression = compression
         self.index = tuple(index)
         self.max_age = max_age
         self._real_root = os.path.realpath(root)
@@ -577,12 +623,13 @@ class StaticFiles:
             _send_empty(session, 416, [(b"Content-Range", b"bytes */%d" % size)], edit)
             return
 
-        source: _FileRange | _Multipart
+        source: _FileRange | _Multipart | _Encoded
+        encoder: Encoder | None = None
         if ranges is None:
             status = 200
             length = size
             out = [(b"Content-Type", ctype), (b"Content-Length", b"%d" % size)]
-            source = _FileRange(file, 0, size)
+            source = whole = _FileRange(file, 0, size)
         elif len(ranges) == 1:
             status = 206
             start, stop = ranges[0]
@@ -613,12 +660,17 @@ class StaticFiles:
             source = _Multipart(file, pieces)
         out.append((b"Accept-Ranges", b"bytes"))
         out += validators
+        compression = self.compression
+        if compression is not None and ranges is None:
+            encoder = _encoder_for(req, out, compression)
+            if encoder is not None:
+                source = _Encoded(whole, encoder)
         resp = ResponseHeader(status, _with_date(out))
 
         if req.raw_method == b"HEAD":
             file.close()
             _finish_head(session, resp, edit)
-        elif length <= SMALL_BODY:
+        elif length <= SMALL_BODY and not isinstance(source, _Encoded):
             try:
                 body = _read_all(source)
             except OSError:
@@ -630,11 +682,44 @@ class StaticFiles:
             if edit is not None:
                 edit(resp)
             session.send_response(resp.status, body, resp.headers)  # head and body: one write
+        elif length <= SMALL_BODY and encoder is not None:
+            # a small file compressed whole: sent with its Content-Length, in one write
+            try:
+                plain = _read_all(_FileRange(file, 0, size))
+            except OSError:
+                plain = None
+            file.close()
+            if plain is None or len(plain) != size:
+                _send_empty(session, 500, [], edit)
+                return
+            body = encoder.compress(plain) + encoder.finish()
+            if edit is not None:
+                edit(resp)
+            session.send_response(resp.status, body, resp.headers)
         else:
             if edit is not None:
                 edit(resp)
             session.send_response_header(resp)
             session.send_body_from(source)  # streams, then closes the file whatever happens
+
+
+def _encoder_for(
+    req: RequestHeader, out: list[tuple[bytes, bytes]], compression: CompressionConfig
+) -> Encoder | None:
+    """For a whole-file 200 whose head fields are ``out``: the encoder to send it with
+    (``out`` then says so: Content-Encoding, no Content-Length or Accept-Ranges, a weak
+    ETag, Vary), or None (``out`` gets ``Vary: Accept-Encoding`` if the type is one that
+    is compressed)."""
+    head = Headers(out)
+    if not should_compress(200, req.method, head, compression):
+        if req.method == "HEAD" and should_compress(200, "GET", head, compression):
+            head.add(b"Vary", b"Accept-Encoding")  # (as the GET would say)
+            out[:] = head.items()
+        return None
+    encoding = negotiate(req.headers.get_all(b"accept-encoding"), compression.algorithms)
+    apply_response_headers(head, encoding)
+    out[:] = head.items()
+    return new_encoder(encoding, compression) if encoding is not None else None
 
 
 #: Characters kept as they are when a normalised path is re-encoded for a Location.

@@ -128,7 +128,7 @@ Every key, with its default (all optional unless marked *required*)::
               purge: [127.0.0.1, 10.0.0.0/8]  # who may send PURGE; default: PURGE is
                                  # not handled (it goes upstream as any method)
               status_header: true  # add Cache-Status (RFC 9211); default true
-            compress:            # upstream only: compress responses (or `compress: true`)
+            compress:            # upstream and static: compress responses (or `compress: true`)
               algorithms: [br, zstd, gzip]  # offered, preferred first among those a
                                  # client accepts equally (Accept-Encoding q-values)
               min_size: 1KiB     # smaller bodies (by Content-Length) go as they are

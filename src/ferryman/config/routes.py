@@ -240,16 +240,21 @@ def _route(
         reader.problem(node, path, f"expected {ACTION_EXPECTED}, got {got}", ACTION_EXPECTED)
     elif actions[0] != "upstream":
         for key in UPSTREAM_ONLY:
+            if key == "compress" and actions[0] == "static":
+                continue  # (files are compressed too)
             if key in sec:
                 why = {
                     "cache": "it stores upstream responses",
-                    "compress": "it compresses upstream responses",
+                    "compress": "it compresses proxied responses and static files",
                 }.get(key, "it changes the request sent upstream")
                 reader.problem(
                     sec.key_node(key),
                     sec.path_of(key),
-                    f"{key} is only used with upstream ({why}; this route uses {actions[0]})",
-                    f"a route with upstream, or no {key}",
+                    f"{key} is only used with "
+                    f"{'upstream or static' if key == 'compress' else 'upstream'} "
+                    f"({why}; this route uses {actions[0]})",
+                    f"a route with {'upstream or static' if key == 'compress' else 'upstream'}"
+                    f", or no {key}",
                 )
 
     upstream = None
