@@ -25,7 +25,7 @@ async def _one(
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(host, port, local_addr=(source, 0)), 5
         )
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         out.append(Outcome(at, 0))
         return
     try:
@@ -33,7 +33,7 @@ async def _one(
             f"GET {path} HTTP/1.1\r\nHost: test\r\n{extra}Connection: close\r\n\r\n".encode()
         )
         data = await asyncio.wait_for(reader.read(), 10)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         out.append(Outcome(at, 0))
         return
     finally:

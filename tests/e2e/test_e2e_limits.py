@@ -209,7 +209,9 @@ def test_concurrency_is_counted_across_workers(tmp_path: Path, origin: SlowOrigi
             results = [f.result() for f in futures]
         assert sorted(s for s, _, _ in results) == [200, 200, 429, 429, 429, 429]
         refused = next(r for r in results if r[0] == 429)
-        assert refused[2] == b"429 Too Many Requests: too many requests in progress for this route\n"
+        assert refused[2] == (
+            b"429 Too Many Requests: too many requests in progress for this route\n"
+        )
         assert refused[1]["retry-after"] == "1"
         assert other[0] == 200
         assert origin.most <= 3  # (2 of 127.0.0.1, perhaps the one of 127.0.0.2)

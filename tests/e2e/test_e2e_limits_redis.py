@@ -88,7 +88,9 @@ def test_two_servers_share_100_per_second_and_fail_open(
     one = _server(tmp_path, "one", redis_server)
     two = _server(tmp_path, "two", redis_server)
     try:
-        streams = [Stream("one", one.port, "127.0.0.1", 150), Stream("two", two.port, "127.0.0.1", 150)]
+        streams = [
+            Stream("one", one.port, "127.0.0.1", 150), Stream("two", two.port, "127.0.0.1", 150)
+        ]
         shared = asyncio.run(paced_streams(streams, 6))
         total = [
             a + b
