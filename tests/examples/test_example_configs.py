@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import brotli
 import pytest
 import yaml
 
@@ -307,3 +308,21 @@ def test_cache_example(procs: Procs) -> None:
     assert (status, headers["content-type"]) == (200, "application/json")
     after = statuses(40)
     assert len([s for s in after if "fwd=uri-miss" in s]) == len(misses), (before, after)
+
+
+def test_limits_example(procs: Procs) -> None:
+    ex = Example(procs, "limits.yaml")
+    # 10 at once per client address, then 429 (one more may pass if the burst
+    # straddles the 10 s window's edge: the sliding window's known slack)
+    got = [ex.get("/api/", {"Connection": "close"}) for _ in range(12)]
+    statuses = [s for s, _, _ in got]
+    assert statuses[:10] == [200] * 10 and statuses[11] == 429, statuses
+    assert got[0][2] == b'{"items": ["a", "b", "c"], "note": "from the origin on port 9001"}'
+    assert got[0][1]["ratelimit-limit"] == "10"
+    refused = got[11][1]
+    assert refused["ratelimit-remaining"] == "0" and int(refused["retry-after"]) >= 1
+    # the site: compressed for clients that accept it, no RateLimit fields
+    status, headers, body = ex.get("/", {"Accept-Encoding": "br"})
+    assert (status, headers["content-encoding"]) == (200, "br")
+    assert brotli.decompress(body) == (EXAMPLES / "site" / "index.html").read_bytes()
+    assert not any(k.startswith("ratelimit") for k in headers)

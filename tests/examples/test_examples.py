@@ -5,6 +5,9 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
+import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -133,3 +136,58 @@ def test_health_checked_lb_skips_a_dead_server(
         assert all(backend.inflight == 0 for backend in proxy.lb.backends)
     finally:
         harness.stop()
+
+
+def test_rate_limiter_in_process() -> None:
+    """The hook-based limiter: 3 per window per appid, 429 with Retry-After and
+    RateLimit-* beyond, another appid unaffected, no appid: 400; admitted responses carry
+    the fields too."""
+    origin = OriginServer().start()
+    rl = load_example("rate_limiter")
+    harness = ProxyHarness(rl.RateLimitedProxy(origin.address, "3/m")).start()
+    try:
+        got = [get(harness.port, "/", {"appid": "inproc-a"}) for _ in range(4)]
+        assert [s for s, _, _ in got] == [200, 200, 200, 429]
+        assert [h["ratelimit-remaining"] for _, h, _ in got] == ["2", "1", "0", "0"]
+        assert got[0][2] == b"hello world\n" and got[3][2] == b"slow down\n"
+        assert 1 <= int(got[3][1]["retry-after"]) <= 60
+        assert got[3][1]["ratelimit-policy"] == "3;w=60"
+        assert get(harness.port, "/", {"appid": "inproc-b"})[0] == 200
+        status, _, body = get(harness.port, "/")
+        assert (status, body) == (400, b"an appid header is required\n")
+        assert len(origin.requests) == 4
+    finally:
+        harness.stop()
+        origin.stop()
+
+
+def test_rate_limiter_shared_by_two_workers() -> None:
+    """Run as the docstring says, with two workers: the limiter made in __init__ (before
+    the fork) counts for the server as a whole — 3 of 12 requests on new connections
+    pass, not 3 per worker."""
+    origin = OriginServer().start()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(EXAMPLES / "rate_limiter.py"), "--listen", f"127.0.0.1:{port}",
+         "--upstream", origin.address, "--rate", "3/m", "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the example did not start"
+                time.sleep(0.05)
+        statuses = [
+            get(port, "/", {"appid": "forked", "Connection": "close"})[0] for _ in range(12)
+        ]
+        assert statuses == [200] * 3 + [429] * 9
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+        origin.stop()
+    assert proc.returncode == 0 and b"Traceback" not in err, err
