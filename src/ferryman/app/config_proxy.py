@@ -730,7 +730,7 @@ class ConfigProxy(ProxyHttp):
             return True
         ctx.route = route
         action: RouteAction = route.action
-        if action.limits and self._refused(session, ctx, action.limits):
+        if action.limits and self._refused(session, ctx, action):
             return True
         p = action.proxy
         if p is not None:
@@ -777,12 +777,13 @@ class ConfigProxy(ProxyHttp):
         return proxy.group
 
     @staticmethod
-    def _refused(session: Session, ctx: RequestState, limits: tuple[RouteLimit, ...]) -> bool:
-        """Check the route's limits; answer and return True when one refuses. The
-        concurrency units taken go to ``ctx.guards``, the fields to show to
-        ``ctx.limit_headers`` (those of the limit with the fewest requests left)."""
+    def _refused(session: Session, ctx: RequestState, action: RouteAction) -> bool:
+        """Check the route's limits; answer and return True when one refuses (the
+        route's response header edits apply to the refusal too). The concurrency units
+        taken go to ``ctx.guards``, the fields to show to ``ctx.limit_headers`` (those of
+        the limit with the fewest requests left)."""
         shown: Verdict | None = None
-        for limit in limits:
+        for limit in action.limits:
             verdict = limit.check(session)
             if verdict is None:
                 continue
@@ -796,10 +797,11 @@ class ConfigProxy(ProxyHttp):
                 if limit.retry_after:
                     headers.append((b"Retry-After", verdict.retry_after_value()))
                 status = limit.status
-                session.send_response(
-                    status, refusal_body(status, verdict.reason), headers,
-                    content_type="text/plain; charset=utf-8",
-                )
+                head = Headers(headers)
+                head.set(b"Content-Type", b"text/plain; charset=utf-8")
+                if action.edits_response:
+                    action.response_edits.apply(head)
+                session.send_response(status, refusal_body(status, verdict.reason), head)
                 return True
             guard = verdict.guard
             if guard is not None:

@@ -184,8 +184,9 @@ class Limiter:
         burst: requests admitted at once (see the module docstring); None: the rate's
             count.
         concurrency: requests in progress at once per key; None: no such limit.
-        name: the zone's name in the arena: limiters of the same name and sizes share
-            counts (so a reloaded config keeps them); default a name of the limits.
+        name: the zone's name in the arena: limiters of the same name, window and sizes
+            share counts (so a reloaded config keeps them, also when only the quota
+            changed); default a name of the limits.
         arena: the shared memory; default :func:`~ferryman.limits.arena.default_arena`.
             Built in a process other than the one that made the arena, or when the arena
             is full, the counts are this process's own (logged).
@@ -238,8 +239,10 @@ class Limiter:
         self.arena = arena
         self._zone: Zone | None = None
         try:
+            # (the window is in the zone's name: counts of another window length mean
+            # nothing to this one, but a new quota over the same window keeps them)
             self._zone = arena.zone(
-                f"{name}:{hashes}x{slots}:{inflight_slots}:{seed.hex()}",
+                f"{name}:{self.window!r}:{hashes}x{slots}:{inflight_slots}:{seed.hex()}",
                 region_size, volatile_from,
             )
         except ArenaFull as exc:
