@@ -251,8 +251,9 @@ class SharedArena:
 
     def sweep(self, now: float | None = None) -> int:
         """Free the slots of dead processes, zeroing their regions' volatile parts (their
-        concurrency units); at most once per ``SWEEP_INTERVAL`` unless ``now`` is None.
-        Returns how many slots were freed."""
+        concurrency units); at most once per ``SWEEP_INTERVAL`` of ``now`` (``time.
+        monotonic()``), or at once when ``now`` is None. Returns how many slots were
+        freed."""
         if now is not None:
             if now < self._next_sweep:
                 return 0
@@ -364,7 +365,3 @@ def default_arena() -> SharedArena:
             _default = SharedArena()
         return _default
 
-
-def sweep_due(arena: SharedArena) -> None:
-    """Sweep ``arena`` if a sweep is due (see :meth:`SharedArena.sweep`)."""
-    arena.sweep(time.monotonic())

@@ -318,7 +318,7 @@ class Limiter:
         regions = self._all()
         if now is None:
             now = self.clock()
-        self.arena.sweep(now)
+        self.arena.sweep(time.monotonic())  # (its own clock: ``now`` may be anyone's)
         guard: Guard | None = None
         if self.concurrency:
             inflight = 0
