@@ -43,7 +43,6 @@ import multiprocessing
 import os
 import struct
 import threading
-import time
 from typing import Final
 
 __all__ = [
