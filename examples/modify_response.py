@@ -5,8 +5,10 @@
 For ``application/json`` responses the body is collected in ``response_body_filter``
 (per-request state lives in ``ctx``), converted at end of stream and sent as YAML.
 ``response_filter`` fixes the head: the length changes, so Content-Length goes and the
-body is sent chunked; Content-Type becomes ``application/yaml``. Other responses pass
-through untouched.
+body is sent chunked; Content-Type becomes ``application/yaml``. A JSON body the origin
+compressed (gzip, deflate, br, zstd) is decoded first
+(``ferryman.modules.compression.decode_response``, bounded against decompression bombs).
+Other responses pass through untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import yaml
 
 import ferryman
+from ferryman.modules.compression import DecodeError, decode_response
 
 
 class JsonToYaml(ferryman.ProxyHttp):
@@ -27,7 +30,7 @@ class JsonToYaml(ferryman.ProxyHttp):
         self.peer = ferryman.HttpPeer(upstream)
 
     def new_ctx(self) -> dict[str, Any]:
-        return {"json": False, "buf": []}
+        return {"json": False, "buf": [], "decoder": None}
 
     def upstream_peer(self, session: ferryman.Session, ctx: Any) -> ferryman.HttpPeer:
         return self.peer
@@ -38,6 +41,7 @@ class JsonToYaml(ferryman.ProxyHttp):
         ctype = response.headers.get("content-type") or b""
         if ctype.split(b";")[0].strip().lower() == b"application/json":
             ctx["json"] = True
+            ctx["decoder"] = decode_response(response)  # (None: not encoded)
             response.headers.remove("Content-Length")
             response.headers.set("Content-Type", "application/yaml")
 
@@ -46,9 +50,18 @@ class JsonToYaml(ferryman.ProxyHttp):
     ) -> bytes | None:
         if not ctx["json"]:
             return body
-        ctx["buf"].append(body)
-        if not end_of_stream:
-            return None  # hold everything until the whole document is here
+        decoder = ctx["decoder"]
+        try:
+            ctx["buf"].append(decoder.decompress(body) if decoder is not None else body)
+            if not end_of_stream:
+                return None  # hold everything until the whole document is here
+            if decoder is not None:
+                ctx["buf"].append(decoder.finish())
+        except DecodeError as exc:  # corrupt, truncated, or a bomb
+            raise ferryman.ProxyError(
+                ferryman.ErrorKind.INVALID_RESPONSE, ferryman.ErrorSource.UPSTREAM,
+                f"cannot decode the JSON body: {exc}",
+            ) from exc
         try:
             data = json.loads(b"".join(ctx["buf"]))
         except ValueError:

@@ -191,3 +191,47 @@ def test_rate_limiter_shared_by_two_workers() -> None:
         _, err = proc.communicate(timeout=20)
         origin.stop()
     assert proc.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_modify_response_decodes_a_compressed_json_body() -> None:
+    """The origin sends gzip-encoded JSON: the example decodes it (decode_response) and
+    answers plain YAML; a corrupt gzip body breaks the response off (its head was sent
+    already), never passes as a complete one."""
+    import gzip
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    document = {"name": "ferryman", "items": list(range(50))}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = gzip.compress(json.dumps(document).encode())
+            if self.path == "/corrupt":
+                body = body[:10] + b"garbage" + body[17:]
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    mr = load_example("modify_response")
+    harness = ProxyHarness(mr.JsonToYaml(f"127.0.0.1:{server.server_port}")).start()
+    try:
+        status, headers, body = get(harness.port, "/doc")
+        assert status == 200 and headers["content-type"] == "application/yaml"
+        assert "content-encoding" not in headers
+        assert yaml.safe_load(body) == document
+        with pytest.raises(http.client.IncompleteRead):
+            get(harness.port, "/corrupt")
+    finally:
+        harness.stop()
+        server.shutdown()
+        server.server_close()

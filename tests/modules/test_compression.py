@@ -21,6 +21,7 @@ from ferryman.modules.compression import (
     GzipEncoder,
     ZstdEncoder,
     apply_response_headers,
+    decode_response,
     media_type_matches,
     negotiate,
     new_encoder,
@@ -448,3 +449,57 @@ def test_decoder_exact_limit(encoding: str) -> None:
     with pytest.raises(DecompressionLimitError):
         decoder.decompress(data)
         decoder.finish()
+
+
+# -- decode_response (plain bodies for hooks) ----------------------------------------------
+
+DECODE_RESPONSE_CASES = [
+    ("gzip", gzip.compress),
+    ("x-gzip", gzip.compress),
+    ("deflate", zlib.compress),
+    ("br", brotli.compress),
+    ("zstd", zstandard.ZstdCompressor().compress),
+]
+
+
+@pytest.mark.parametrize(("coding", "encode"), DECODE_RESPONSE_CASES)
+def test_decode_response_fixes_the_head_and_decodes(coding: str, encode: object) -> None:
+    """An encoded response: Content-Encoding, Content-Length and Accept-Ranges go, the
+    ETag turns weak, Vary stays; the decoder gives the plain body back chunk by chunk."""
+    assert callable(encode)
+    body = encode(TEXT)
+    resp = ResponseHeader(200, [
+        (b"Content-Type", b"text/html"), (b"Content-Encoding", coding.upper().encode()),
+        (b"Content-Length", b"%d" % len(body)), (b"Accept-Ranges", b"bytes"),
+        (b"ETag", b'"abc"'), (b"Vary", b"Accept-Encoding"),
+    ])  # fmt: skip
+    decoder = decode_response(resp)
+    assert decoder is not None
+    assert resp.headers.items() == [
+        (b"Content-Type", b"text/html"), (b"ETag", b'W/"abc"'), (b"Vary", b"Accept-Encoding"),
+    ]  # fmt: skip
+    plain = b"".join(decoder.decompress(body[i : i + 1000]) for i in range(0, len(body), 1000))
+    assert plain + decoder.finish() == TEXT
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [None, b"identity", b"gzip, br", b"compress", b"gzip, gzip"],
+)
+def test_decode_response_leaves_other_heads_alone(encoding: bytes | None) -> None:
+    """Not encoded, identity, stacked codings or an unknown one: None, head untouched."""
+    fields = [(b"Content-Length", b"10"), (b"ETag", b'"x"')]
+    if encoding is not None:
+        fields.append((b"Content-Encoding", encoding))
+    resp = ResponseHeader(200, list(fields))
+    assert decode_response(resp) is None
+    assert resp.headers.items() == fields
+
+
+def test_decode_response_is_bounded() -> None:
+    """A decompression bomb stops at max_size with DecompressionLimitError."""
+    resp = ResponseHeader(200, [(b"Content-Encoding", b"gzip")])
+    decoder = decode_response(resp, max_size=1000)
+    assert decoder is not None
+    with pytest.raises(DecompressionLimitError):
+        decoder.decompress(gzip.compress(b"\0" * 10_000_000))
