@@ -12,9 +12,9 @@ Neither ever holds a whole body: their state is the codec's window and a bounded
 Defaults (:class:`CompressionConfig`) are chosen for a proxy, where the CPU spent per
 response matters more than the last percent of ratio: gzip level 5 (a step under zlib's
 default 6: nearly its ratio for less CPU), brotli quality 4 with a 256 KiB window, zstd
-level 3 (zstd's default). Bodies under 1 KiB are sent as they are: with its head such a response fits in
-one TCP segment (MSS ~1460) whether compressed or not, so compressing it saves no round
-trip and costs a codec set-up (zlib alone allocates ~256 KiB of state).
+level 3 (zstd's default). Bodies under 1 KiB are sent as they are: with its head such a
+response fits in one TCP segment (MSS ~1460) whether compressed or not, so compressing it
+saves no round trip and costs a codec set-up (zlib alone allocates ~256 KiB of state).
 """
 
 from __future__ import annotations
