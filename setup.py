@@ -44,6 +44,8 @@ COMPILED = [
     "src/ferryman/lb/balancer.py",
     "src/ferryman/app/routes.py",
     "src/ferryman/app/config_proxy.py",
+    "src/ferryman/limits/arena.py",
+    "src/ferryman/limits/limiter.py",
 ]
 
 

@@ -54,8 +54,7 @@ from ferryman.lb import (
     TcpHealthCheck,
     apply_snapshot,
 )
-from ferryman.limits.inflight import Guard
-from ferryman.limits.limiter import Verdict
+from ferryman.limits.limiter import LimitGuard, Verdict
 from ferryman.modules.compression import (
     DEFAULT_CONTENT_TYPES,
     CompressionConfig,
@@ -466,7 +465,7 @@ class RequestState:
         self.fail_open = False
         self.encoder: Encoder | None = None
         #: concurrency units held by the request (released by the logging hook)
-        self.guards: list[Guard] | None = None
+        self.guards: list[LimitGuard] | None = None
         #: RateLimit-* fields for the response, or None
         self.limit_headers: list[tuple[bytes, bytes]] | None = None
 
@@ -911,8 +910,10 @@ class ConfigProxy(ProxyHttp):
         extra = ctx.limit_headers
         if extra:
             headers = response.headers
-            for name, value in extra:
-                headers.set(name, value)
+            if b"ratelimit-limit" in headers:  # (the origin's own: ours replace them)
+                for name, _ in extra:
+                    headers.remove(name)
+            headers.items().extend(extra)
         compression = action.compression
         if compression is None:
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ferryman.limits.arena import SharedArena, default_arena
 from ferryman.limits.estimator import Estimator, Key
 from ferryman.limits.inflight import Guard, Inflight
-from ferryman.limits.limiter import Limiter, Verdict, parse_rate
+from ferryman.limits.limiter import Limiter, LimitGuard, Verdict, parse_rate
 from ferryman.limits.rate import Rate, TokenBucket
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "Guard",
     "Inflight",
     "Key",
+    "LimitGuard",
     "Limiter",
     "Rate",
     "SharedArena",

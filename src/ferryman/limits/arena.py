@@ -78,6 +78,18 @@ _U64: Final = struct.Struct("=Q")
 _I64: Final = struct.Struct("=q")
 
 
+#: Forks this process has been through (bumped in a child after ``os.fork``): what tells
+#: a process its slot and regions are not its parent's, without a getpid() per request.
+fork_generation = [0]
+
+
+def _forked() -> None:
+    fork_generation[0] += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
 class ArenaFull(Exception):
     """The arena has no room for another zone or region."""
 
@@ -127,6 +139,12 @@ class Zone:
     def own(self) -> memoryview:
         """This process's region (allocated, zeroed, on first use; raises
         :class:`ArenaFull` when there is no room)."""
+        offset = self.own_offset()
+        return self.arena._view[offset : offset + self.region_size]
+
+    def own_offset(self) -> int:
+        """Where this process's region starts in the arena (bytes; allocated, zeroed, on
+        first use; raises :class:`ArenaFull` when there is no room)."""
         arena = self.arena
         slot = arena.slot()
         at = self._at + _WORD + slot * _WORD
@@ -140,7 +158,23 @@ class Zone:
                     _U64.pack_into(mm, at, offset)
                     count = _U64.unpack_from(mm, self._at)[0]
                     _U64.pack_into(mm, self._at, count + 1)
-        return arena._view[offset : offset + self.region_size]
+        return int(offset)
+
+    @property
+    def version_word(self) -> int:
+        """The index in ``arena.words`` of the zone's region count (it changes when a
+        region is added)."""
+        return self._at // _WORD
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """``(slot, byte offset)`` of every process's region."""
+        mm = self.arena._mm
+        out = []
+        for slot in range(MAX_PROCESSES):
+            offset = _U64.unpack_from(mm, self._at + _WORD + slot * _WORD)[0]
+            if offset:
+                out.append((slot, int(offset)))
+        return out
 
     def regions(self) -> list[tuple[int, memoryview]]:
         """Every process's region with its slot (this one's included once it has one). The
@@ -167,6 +201,25 @@ class Zone:
         return self.arena._view[offset : offset + self.region_size]
 
 
+class _Held:
+    """The arena's lock held (a thread lock, then the processes' one, with a timeout)."""
+
+    __slots__ = ("arena", "locked")
+
+    def __init__(self, arena: SharedArena) -> None:
+        self.arena = arena
+        self.locked = False
+
+    def __enter__(self) -> None:
+        self.arena._thread_lock.acquire()
+        self.locked = self.arena._lock.acquire(timeout=_LOCK_WAIT)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.locked:
+            self.arena._lock.release()
+        self.arena._thread_lock.release()
+
+
 class SharedArena:
     """Shared memory for limit counters (see the module docstring).
 
@@ -183,34 +236,21 @@ class SharedArena:
         self.size = size
         self._mm = mmap.mmap(-1, size)
         self._view = memoryview(self._mm)
+        #: the whole arena as native 64-bit integers (regions are 8-byte aligned)
+        self.words = self._view.cast("q")
         self._lock = multiprocessing.get_context("fork").Lock()
         self._thread_lock = threading.Lock()
         _HEADER.pack_into(self._mm, 0, _round_up(_DATA_AT, _ALIGN), 0)
-        self._pid = 0  # the process that holds _slot
+        self._generation = -1  # the fork generation that holds _slot
         self._slot = -1
+        #: monotonic time of the next sweep (see :meth:`sweep`)
+        self.next_sweep = 0.0
         self._zones: dict[str, Zone] = {}
-        self._next_sweep = 0.0
 
     # -- locking --------------------------------------------------------------------------
 
-    class _Held:
-        __slots__ = ("arena", "locked")
-
-        def __init__(self, arena: SharedArena) -> None:
-            self.arena = arena
-            self.locked = False
-
-        def __enter__(self) -> None:
-            self.arena._thread_lock.acquire()
-            self.locked = self.arena._lock.acquire(timeout=_LOCK_WAIT)
-
-        def __exit__(self, *exc: object) -> None:
-            if self.locked:
-                self.arena._lock.release()
-            self.arena._thread_lock.release()
-
-    def _locked(self) -> SharedArena._Held:
-        return SharedArena._Held(self)
+    def _locked(self) -> _Held:
+        return _Held(self)
 
     # -- slots ----------------------------------------------------------------------------
 
@@ -218,9 +258,9 @@ class SharedArena:
         """This process's slot (taken on first use: a free one, or that of a dead
         process, whose volatile counts are zeroed first). Raises :class:`ArenaFull` when
         ``MAX_PROCESSES`` live processes hold slots."""
-        pid = os.getpid()
-        if self._pid == pid:
+        if self._generation == fork_generation[0] and self._slot >= 0:
             return self._slot
+        pid = os.getpid()
         mm = self._mm
         with self._locked():
             chosen = -1
@@ -238,7 +278,7 @@ class SharedArena:
                 if holder != 0:
                     self._clear_volatile(chosen)
                 _I64.pack_into(mm, _PIDS_AT + chosen * _WORD, pid)
-        self._pid = pid
+        self._generation = fork_generation[0]
         self._slot = chosen
         return chosen
 
@@ -254,9 +294,9 @@ class SharedArena:
         monotonic()``), or at once when ``now`` is None. Returns how many slots were
         freed."""
         if now is not None:
-            if now < self._next_sweep:
+            if now < self.next_sweep:
                 return 0
-            self._next_sweep = now + SWEEP_INTERVAL
+            self.next_sweep = now + SWEEP_INTERVAL
         mm = self._mm
         dead = [
             s for s, pid in enumerate(self.holders()) if pid != 0 and not _alive(pid)

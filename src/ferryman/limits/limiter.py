@@ -22,7 +22,7 @@ early, by about ``N / slots`` requests where N is the total a process admitted i
 window (16384 slots per row by default).
 
 Concurrency: requests in progress per key; :meth:`Limiter.check` returns a
-:class:`~ferryman.limits.inflight.Guard` to release when the request ends (the proxy does
+:class:`LimitGuard` to release when the request ends (the proxy does
 it in its ``logging`` hook, which runs on every exit path). A process that dies with
 units held gives them back within a second (:meth:`~ferryman.limits.arena.SharedArena.
 sweep`).
@@ -31,17 +31,22 @@ sweep`).
 from __future__ import annotations
 
 import math
-import os
 import re
 import time
 from collections.abc import Callable
 from typing import Final
 
-from ferryman.limits.arena import ArenaFull, SharedArena, Zone, default_arena, log
+from ferryman.limits.arena import (
+    ArenaFull,
+    SharedArena,
+    Zone,
+    default_arena,
+    fork_generation,
+    log,
+)
 from ferryman.limits.estimator import Estimator, Key
-from ferryman.limits.inflight import Guard
 
-__all__ = ["Limiter", "Verdict", "parse_rate", "RATE_UNITS"]
+__all__ = ["LimitGuard", "Limiter", "Verdict", "parse_rate", "RATE_UNITS"]
 
 #: Seconds per unit of a rate (``100/s``, ``6000/m``, ``1000/h``, ``10000/d``).
 RATE_UNITS: Final = {
@@ -54,6 +59,8 @@ _RATE_RE: Final = re.compile(r"^\s*(\d+)\s*(?:r|req|requests?)?\s*/\s*(\d*\.?\d*
 
 _WORD: Final = 8
 _IDS: Final = 2 * _WORD  # the window index each of the two estimators holds
+_MASK32: Final = 0xFFFFFFFF
+_MASK64: Final = 0xFFFFFFFFFFFFFFFF
 
 
 def parse_rate(text: str) -> tuple[int, float]:
@@ -99,7 +106,7 @@ class Verdict:
         reset: float = 0.0,
         retry_after: float = 0.0,
         window: float = 0.0,
-        guard: Guard | None = None,
+        guard: LimitGuard | None = None,
     ) -> None:
         self.admitted = admitted
         self.reason = reason
@@ -130,50 +137,41 @@ class Verdict:
         return b"%d" % max(1, math.ceil(self.retry_after))
 
 
-class _SharedGuard(Guard):
-    """A concurrency unit counted in this process's region of a zone."""
+class LimitGuard:
+    """One concurrency unit of a :class:`Limiter`, held until :meth:`release`: the
+    counters of this process's region it added one to. Released exactly once, whichever
+    way the request ends: :meth:`release` (idempotent), a ``with`` block, or, as a last
+    resort, garbage collection."""
 
-    __slots__ = ("_est", "_hash")
+    __slots__ = ("key", "_words", "_cells")
 
-    def __init__(self, est: Estimator, h: int, key: bytes | str) -> None:
-        self._owner = None  # (the base class's owner is unused)
+    def __init__(self, words: memoryview, cells: list[int], key: bytes | str) -> None:
+        #: The key the unit was taken for.
         self.key = key
-        self._est: Estimator | None = est
-        self._hash = h
+        self._words: memoryview | None = words
+        self._cells = cells
 
     @property
     def released(self) -> bool:
-        return self._est is None
+        """Whether the unit was given back."""
+        return self._words is None
 
     def release(self) -> None:
-        est, self._est = self._est, None
-        if est is not None:
-            est.incr_hash(self._hash, -1)
+        """Give the unit back (idempotent)."""
+        words = self._words
+        if words is not None:
+            self._words = None
+            for cell in self._cells:
+                words[cell] -= 1
 
+    def __enter__(self) -> LimitGuard:
+        return self
 
-class _Region:
-    """Views over one process's region: the window ids, the two window sketches and the
-    in-progress sketch."""
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
-    __slots__ = ("ids", "windows", "inflight")
-
-    def __init__(self, view: memoryview, hashes: int, slots: int, inflight_slots: int,
-                 windowed: bool) -> None:
-        at = 0
-        self.ids = view[0:_IDS].cast("q")
-        at = _IDS
-        size = Estimator.buffer_size(hashes, slots) if windowed else 0
-        if windowed:
-            self.windows: tuple[Estimator, ...] = (
-                Estimator(hashes, slots, buffer=view[at : at + size]),
-                Estimator(hashes, slots, buffer=view[at + size : at + 2 * size]),
-            )
-        else:
-            self.windows = ()
-        at += 2 * size
-        self.inflight = (
-            Estimator(hashes, inflight_slots, buffer=view[at:]) if inflight_slots else None
-        )
+    def __del__(self) -> None:
+        self.release()
 
 
 class Limiter:
@@ -206,7 +204,6 @@ class Limiter:
         hashes: int = 4,
         slots: int = 16384,
         inflight_slots: int = 4096,
-        seed: bytes = b"",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate is None and concurrency is None:
@@ -224,7 +221,6 @@ class Limiter:
         self.concurrency = concurrency or 0
         self.hashes = hashes
         self.clock = clock
-        self._seed = seed
         self._slots = slots if self.quota else 0
         self._inflight_slots = inflight_slots if self.concurrency else 0
         windows = 2 * Estimator.buffer_size(hashes, self._slots) if self.quota else 0
@@ -233,7 +229,6 @@ class Limiter:
         if name is None:
             name = f"limit:{self.quota}/{self.window}:{self.concurrency}"
         self.name = name
-        self._hasher = Estimator(1, 1, seed=seed)  # (hashing only)
         if arena is None:
             arena = default_arena()
         self.arena = arena
@@ -242,127 +237,166 @@ class Limiter:
             # (the window is in the zone's name: counts of another window length mean
             # nothing to this one, but a new quota over the same window keeps them)
             self._zone = arena.zone(
-                f"{name}:{self.window!r}:{hashes}x{slots}:{inflight_slots}:{seed.hex()}",
+                f"{name}:{self.window!r}:{hashes}x{slots}:{inflight_slots}",
                 region_size, volatile_from,
             )
         except ArenaFull as exc:
             log.error("limit %s: counted per process, not shared (%s)", name, exc)
         self._region_size = region_size
-        self._volatile_from = volatile_from
-        self._private: memoryview | None = None
-        self._own: _Region | None = None
-        self._own_pid = 0
-        self._regions: list[_Region] = []
-        self._seen: list[tuple[int, memoryview]] | None = None
+        # region layout, in 64-bit words: the two windows' ids, the two windows' sketches
+        # (hashes rows of slots), the in-progress sketch (hashes rows of inflight_slots)
+        self._wsize = hashes * self._slots
+        self._inflight_at = 2 + 2 * self._wsize
+        self._words: memoryview = memoryview(bytearray(8)).cast("q")
+        self._own = -1  # word offset of this process's region
+        self._offsets: list[int] = []  # word offsets of every process's region
+        self._version = -1  # the zone's region count when _offsets was read
+        self._version_word = self._zone.version_word if self._zone is not None else -1
+        self._generation = -1  # fork generation _own belongs to
 
     # -- regions --------------------------------------------------------------------------
 
-    def _mine(self) -> _Region:
-        pid = os.getpid()
-        own = self._own
-        if own is not None and self._own_pid == pid:
-            return own
-        view: memoryview | None = None
-        if self._zone is not None:
+    def _bind(self) -> None:
+        """Find this process's region (after a fork, a new one) and everybody's."""
+        zone = self._zone
+        own = -1
+        if zone is not None:
             try:
-                view = self._zone.own()
+                own = zone.own_offset() // 8
             except ArenaFull as exc:
                 log.error("limit %s: counted per process, not shared (%s)", self.name, exc)
-                self._zone = None
-        if view is None:
-            view = self._private = memoryview(bytearray(self._region_size))
-        own = _Region(view, self.hashes, self._slots, self._inflight_slots, bool(self.quota))
-        ids = own.ids
-        if ids[0] == 0 and ids[1] == 0:
-            ids[0] = ids[1] = -1  # (zeroed memory: window 0 is a real window)
+                self._zone = zone = None
+        if zone is None:
+            self._words = memoryview(bytearray(self._region_size)).cast("q")
+            own = 0
+            self._offsets = [0]
+        else:
+            self._words = self.arena.words
+        words = self._words
+        if words[own] == 0 and words[own + 1] == 0:
+            words[own] = words[own + 1] = -1  # (zeroed memory: window 0 is a real window)
         self._own = own
-        self._own_pid = pid
-        self._seen = None
-        return own
+        self._generation = fork_generation[0]
+        self._version = -1
+        self._refresh()
 
-    def _all(self) -> list[_Region]:
+    def _refresh(self) -> None:
         zone = self._zone
         if zone is None:
-            own = self._own
-            return [own] if own is not None else []
-        views = zone.regions()
-        if views is not self._seen:
-            mine = self._own
-            slot = self.arena.slot()
-            regions = []
-            for s, v in views:
-                if s == slot and mine is not None:
-                    regions.append(mine)
-                else:
-                    regions.append(
-                        _Region(v, self.hashes, self._slots, self._inflight_slots,
-                                bool(self.quota))
-                    )
-            self._regions = regions
-            self._seen = views
-        return self._regions
+            return
+        version = self._words[self._version_word]
+        if version != self._version:
+            self._offsets = [offset // 8 for _slot, offset in zone.offsets()]
+            self._version = version
 
     # -- deciding -------------------------------------------------------------------------
 
     def key_hash(self, key: Key) -> int:
-        """The hash :meth:`check_hash` takes (the same in every process)."""
-        return self._hasher.key_hash(key)
+        """The hash :meth:`check_hash` takes (the same in every process of a fork tree,
+        all an arena can be shared by: Python's ``hash``, keyed per interpreter)."""
+        if isinstance(key, str):
+            key = key.encode()
+        return hash(key) & _MASK64
 
     def check(self, key: Key, now: float | None = None) -> Verdict:
         """Admit or refuse a request of ``key`` at ``now``, counting it when admitted."""
-        return self.check_hash(self._hasher.key_hash(key), key, now)
+        if isinstance(key, str):
+            key = key.encode()
+        return self.check_hash(hash(key) & _MASK64, key, now)
 
     def check_hash(self, h: int, key: Key = b"", now: float | None = None) -> Verdict:
         """``check`` by the key's :meth:`key_hash` (``key`` is only recorded on the guard)."""
-        own = self._mine()
-        regions = self._all()
+        if self._generation != fork_generation[0]:
+            self._bind()
+        elif self._version_word >= 0 and self._words[self._version_word] != self._version:
+            self._refresh()
+        arena = self.arena
+        mono = time.monotonic()
+        if mono >= arena.next_sweep:
+            arena.sweep(mono)
         if now is None:
             now = self.clock()
-        self.arena.sweep(time.monotonic())  # (its own clock: ``now`` may be anyone's)
-        guard: Guard | None = None
+        words = self._words
+        offsets = self._offsets
+        own = self._own
+        hashes = self.hashes
+        h1 = h & _MASK32
+        h2 = (h >> 32) | 1
+        guard: LimitGuard | None = None
         if self.concurrency:
+            islots = self._inflight_slots
+            cells = []
+            at = self._inflight_at
+            x = h1
+            for _ in range(hashes):
+                cells.append(at + x % islots)
+                at += islots
+                x += h2
             inflight = 0
-            for r in regions:
-                est = r.inflight
-                if est is not None:
-                    inflight += est.get_hash(h)
+            for o in offsets:
+                least = words[o + cells[0]]
+                for c in cells:
+                    v = words[o + c]
+                    if v < least:
+                        least = v
+                inflight += least
             if inflight >= self.concurrency:
                 return Verdict(False, "concurrency", retry_after=1.0)
-            est = own.inflight
-            assert est is not None
-            est.incr_hash(h, 1)
-            guard = _SharedGuard(est, h, key)
-        if not self.quota:
+            mine = [own + c for c in cells]
+            for c in mine:
+                words[c] += 1
+            guard = LimitGuard(words, mine, key)
+        quota = self.quota
+        if not quota:
             return Verdict(True, guard=guard)
         window = self.window
         index = math.floor(now / window)
         fraction = now / window - index
         if fraction < 0.0:
             fraction = 0.0
-        prev_index = index - 1
-        ids = own.ids
-        if ids[index & 1] != index:
-            self._rotate(own, index)
+        cur_id = index & 1
+        prev_id = cur_id ^ 1
+        wsize = self._wsize
+        cur_at = 2 + cur_id * wsize
+        prev_at = 2 + prev_id * wsize
+        slots = self._slots
+        cells = []
+        at = 0
+        x = h1
+        for _ in range(hashes):
+            cells.append(at + x % slots)
+            at += slots
+            x += h2
+        if words[own + cur_id] != index:
+            self._rotate(own, cur_id, index)
         previous = 0
         current = 0
-        for r in regions:
-            rids = r.ids
-            if rids[index & 1] == index:
-                current += r.windows[index & 1].get_hash(h)
-            if rids[prev_index & 1] == prev_index:
-                previous += r.windows[prev_index & 1].get_hash(h)
+        for o in offsets:
+            if words[o + cur_id] == index:
+                b = o + cur_at
+                least = words[b + cells[0]]
+                for c in cells:
+                    v = words[b + c]
+                    if v < least:
+                        least = v
+                current += least
+            if words[o + prev_id] == index - 1:
+                b = o + prev_at
+                least = words[b + cells[0]]
+                for c in cells:
+                    v = words[b + c]
+                    if v < least:
+                        least = v
+                previous += least
         estimate = previous * (1.0 - fraction) + current
-        quota = self.quota
         if estimate >= quota:
             if guard is not None:
                 guard.release()
-            return Verdict(
-                False, "rate", quota, 0,
-                reset=self._wait(previous, current, fraction),
-                retry_after=self._wait(previous, current, fraction),
-                window=window,
-            )
-        own.windows[index & 1].incr_hash(h, 1)
+            wait = self._wait(previous, current, fraction)
+            return Verdict(False, "rate", quota, 0, wait, wait, window)
+        b = own + cur_at
+        for c in cells:
+            words[b + c] += 1
         estimate += 1
         remaining = max(0, math.floor(quota - estimate))
         reset = (1.0 - fraction) * window if remaining else self._wait(
@@ -383,37 +417,71 @@ class Limiter:
         # the next window: current * (1 - f'') < quota
         return (1.0 - fraction + max(0.0, 1.0 - quota / current)) * window
 
-    @staticmethod
-    def _rotate(own: _Region, index: int) -> None:
+    def _rotate(self, own: int, slot: int, index: int) -> None:
         """Start window ``index`` in this process's region (readers see it empty until
         its id is written, after the zeroing)."""
-        slot = index & 1
-        own.ids[slot] = -1
-        own.windows[slot].reset()
-        own.ids[slot] = index
+        words = self._words
+        words[own + slot] = -1
+        start = own + 2 + slot * self._wsize
+        words[start : start + self._wsize] = _zeros(self._wsize)
+        words[own + slot] = index
 
     # -- reading --------------------------------------------------------------------------
 
+    def _sum(self, at: int, rows: int, h: int) -> int:
+        """Every process's count-min estimate in the sketch at word ``at`` of a region."""
+        if self._generation != fork_generation[0]:
+            self._bind()
+        self._refresh()
+        words = self._words
+        h1 = h & _MASK32
+        h2 = (h >> 32) | 1
+        cells = [r * rows + (h1 + r * h2) % rows for r in range(self.hashes)]
+        return sum(min(words[o + at + c] for c in cells) for o in self._offsets)
+
     def inflight(self, key: Key) -> int:
         """Requests of ``key`` in progress, all processes together."""
-        self._mine()
-        h = self._hasher.key_hash(key)
-        return sum(r.inflight.get_hash(h) for r in self._all() if r.inflight is not None)
+        if not self.concurrency:
+            return 0
+        return self._sum(self._inflight_at, self._inflight_slots, self.key_hash(key))
 
     def rate(self, key: Key, now: float | None = None) -> float:
         """The window's estimate for ``key`` at ``now``, all processes together."""
         if not self.quota:
             return 0.0
-        self._mine()
         if now is None:
             now = self.clock()
-        h = self._hasher.key_hash(key)
+        h = self.key_hash(key)
         index = math.floor(now / self.window)
         fraction = max(0.0, now / self.window - index)
-        previous = current = 0
-        for r in self._all():
-            if r.ids[index & 1] == index:
-                current += r.windows[index & 1].get_hash(h)
-            if r.ids[(index - 1) & 1] == index - 1:
-                previous += r.windows[(index - 1) & 1].get_hash(h)
+        current = self._sum_window(index, h)
+        previous = self._sum_window(index - 1, h)
         return previous * (1.0 - fraction) + current
+
+    def _sum_window(self, index: int, h: int) -> int:
+        if self._generation != fork_generation[0]:
+            self._bind()
+        self._refresh()
+        words = self._words
+        slot = index & 1
+        at = 2 + slot * self._wsize
+        slots = self._slots
+        h1 = h & _MASK32
+        h2 = (h >> 32) | 1
+        cells = [r * slots + (h1 + r * h2) % slots for r in range(self.hashes)]
+        return sum(
+            min(words[o + at + c] for c in cells)
+            for o in self._offsets
+            if words[o + slot] == index
+        )
+
+
+_ZEROS: dict[int, memoryview] = {}
+
+
+def _zeros(n: int) -> memoryview:
+    """``n`` zero 64-bit words (kept: windows are cleared once per window length)."""
+    z = _ZEROS.get(n)
+    if z is None:
+        z = _ZEROS[n] = memoryview(bytes(8 * n)).cast("q")
+    return z
