@@ -116,7 +116,8 @@ def test_100_per_second_on_one_address_over_two_workers(tmp_path: Path) -> None:
     second and the rest get 429 with Retry-After and RateLimit-* fields; 20 r/s from
     127.0.0.2 at the same time all get 200."""
     proxy = _start(
-        tmp_path, '      - respond: {status: 200, body: "ok"}\n        limit: {rate: 100/s}\n'
+        tmp_path,
+        '      - respond: {status: 200, body: "ok"}\n        limit: {rate: 100/s, headers: true}\n',
     )
     try:
         workers = proxy.worker_pids()
@@ -157,8 +158,9 @@ def test_100_per_second_on_one_address_over_two_workers(tmp_path: Path) -> None:
 
 
 def test_refusal_body_status_and_options(tmp_path: Path) -> None:
-    """`status`, `retry_after: false` and `headers: false` change the refusal: 503 without
-    Retry-After or RateLimit-* fields, with a body saying why."""
+    """`status` and `retry_after: false` change the refusal: 503 without Retry-After,
+    with a body saying why and the RateLimit-* fields (refusals always carry them;
+    admitted responses only with `headers: true`, not here)."""
     proxy = _start(
         tmp_path,
         '      - respond: {status: 200, body: "ok"}\n'
@@ -170,7 +172,8 @@ def test_refusal_body_status_and_options(tmp_path: Path) -> None:
         status, headers, body = first[2]
         assert body == b"503 Service Unavailable: too many requests for this route; slow down\n"
         assert "retry-after" not in headers
-        assert not any(k.startswith("ratelimit") for k in headers)
+        assert headers["ratelimit-limit"] == "2" and headers["ratelimit-remaining"] == "0"
+        assert headers["ratelimit-policy"] == "2;w=60"
         assert not any(k.startswith("ratelimit") for k in first[0][1])
     finally:
         _stop(proxy)
@@ -180,7 +183,8 @@ def test_retry_after_counts_the_seconds_until_a_request_fits(tmp_path: Path) -> 
     """With `rate: 3/m` the refusal says to come back in about a minute (the window's
     start plus the time the previous window takes to slide out), never below 1."""
     proxy = _start(
-        tmp_path, '      - respond: {status: 200, body: "ok"}\n        limit: {rate: 3/m}\n'
+        tmp_path,
+        '      - respond: {status: 200, body: "ok"}\n        limit: {rate: 3/m, headers: true}\n',
     )
     try:
         statuses = [_get(proxy.port) for _ in range(4)]
@@ -296,7 +300,8 @@ def test_several_limits_and_proxied_responses_carry_the_tightest(
     proxy = _start(
         tmp_path,
         "      - upstream: app\n        limit:\n"
-        "          - {rate: 100/m}\n          - {key: route, rate: 3/m}\n",
+        "          - {rate: 100/m, headers: true}\n"
+        "          - {key: route, rate: 3/m, headers: true}\n",
         origin,
     )
     try:

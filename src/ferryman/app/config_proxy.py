@@ -383,7 +383,7 @@ class RouteAction:
 
     __slots__ = (
         "proxy", "redirect", "fixed", "static", "response_edits", "edits_response",
-        "compression", "limits",
+        "compression", "limits", "edit_response",
     )
 
     proxy: ProxyAction | None
@@ -417,6 +417,11 @@ class RouteAction:
         )
         self.response_edits = Edits(route.response_headers)
         self.edits_response = self.response_edits.any
+        #: applies the response edits to a local response's head, or None
+        self.edit_response: Callable[[ResponseHeader], None] | None = None
+        if self.edits_response:
+            edits = self.response_edits
+            self.edit_response = lambda resp: edits.apply(resp.headers)
         #: how the route's proxied responses are compressed, or None
         self.compression: CompressionConfig | None = compression if route.upstream else None
         #: the route's limits, checked in order before its action
@@ -424,6 +429,14 @@ class RouteAction:
             RouteLimit(lc, f"{scope}/limit[{i}]", f"{route.name}/limit[{i}]")
             for i, lc in enumerate(route.limit)
         )
+
+
+def _add_fields(headers: Headers, fields: list[tuple[bytes, bytes]]) -> None:
+    """Add ``fields`` (RateLimit-*), replacing the origin's own of those names."""
+    if b"ratelimit-limit" in headers or b"ratelimit-remaining" in headers:
+        for name, _ in fields:
+            headers.remove(name)
+    headers.items().extend(fields)
 
 
 # --------------------------------------------------------------------------------------
@@ -792,7 +805,7 @@ class ConfigProxy(ProxyHttp):
                     for held in guards:
                         held.release()
                     ctx.guards = None
-                headers = verdict.headers() if limit.headers else []
+                headers = verdict.headers()
                 if limit.retry_after:
                     headers.append((b"Retry-After", verdict.retry_after_value()))
                 status = limit.status
@@ -820,16 +833,14 @@ class ConfigProxy(ProxyHttp):
     def _response_editor(
         action: RouteAction, extra: list[tuple[bytes, bytes]] | None = None
     ) -> Callable[[ResponseHeader], None] | None:
-        if not action.edits_response and not extra:
-            return None
+        if not extra:
+            return action.edit_response  # (made once per route)
         edits = action.response_edits if action.edits_response else None
 
         def edit(resp: ResponseHeader) -> None:
             if edits is not None:
                 edits.apply(resp.headers)
-            if extra:
-                for name, value in extra:
-                    resp.headers.set(name, value)
+            _add_fields(resp.headers, extra)
 
         return edit
 
@@ -909,11 +920,7 @@ class ConfigProxy(ProxyHttp):
             action.response_edits.apply(response.headers)
         extra = ctx.limit_headers
         if extra:
-            headers = response.headers
-            if b"ratelimit-limit" in headers:  # (the origin's own: ours replace them)
-                for name, _ in extra:
-                    headers.remove(name)
-            headers.items().extend(extra)
+            _add_fields(response.headers, extra)
         compression = action.compression
         if compression is None:
             return

@@ -121,20 +121,43 @@ class Verdict:
         """``RateLimit-Limit``, ``-Remaining``, ``-Reset`` and ``-Policy`` (draft-ietf-
         httpapi-ratelimit-headers-06; the policy's ``w`` is whole seconds, so it is left
         out for a window that is not), empty without a rate."""
-        if not self.quota:
+        quota = self.quota
+        if not quota:
             return []
+        fixed = _FIXED_FIELDS.get((quota, self.window))
+        if fixed is None:
+            fixed = _fixed_fields(quota, self.window)
         out = [
-            (b"RateLimit-Limit", b"%d" % self.quota),
+            fixed[0],
             (b"RateLimit-Remaining", b"%d" % self.remaining),
             (b"RateLimit-Reset", b"%d" % math.ceil(self.reset)),
         ]
-        if self.window == int(self.window):
-            out.append((b"RateLimit-Policy", b"%d;w=%d" % (self.quota, self.window)))
+        if fixed[1] is not None:
+            out.append(fixed[1])
         return out
 
     def retry_after_value(self) -> bytes:
         """``Retry-After`` in whole seconds, at least 1 (RFC 9110 §10.2.3)."""
         return b"%d" % max(1, math.ceil(self.retry_after))
+
+
+#: The fields that depend only on the limit, per (quota, window): RateLimit-Limit and
+#: RateLimit-Policy (None for a window of a fraction of a second).
+_FIXED_FIELDS: dict[
+    tuple[int, float], tuple[tuple[bytes, bytes], tuple[bytes, bytes] | None]
+] = {}
+
+
+def _fixed_fields(
+    quota: int, window: float
+) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes] | None]:
+    policy = None
+    if window == int(window):
+        policy = (b"RateLimit-Policy", b"%d;w=%d" % (quota, window))
+    fixed = ((b"RateLimit-Limit", b"%d" % quota), policy)
+    if len(_FIXED_FIELDS) < 1024:
+        _FIXED_FIELDS[(quota, window)] = fixed
+    return fixed
 
 
 class LimitGuard:
