@@ -21,8 +21,8 @@ concurrency limit that every request passes:
   must be less 65536"; either never binds at 50 connections);
 * ``ferryman-proxy``: a route ``{upstream: origin}``;
 * ``ferryman-limit``: the same route with
-  ``limit: {rate: 100000000/s, concurrency: 100000}`` (key ``client_ip``; its default
-  ``RateLimit-*`` response headers stay on).
+  ``limit: {rate: 100000000/s, concurrency: 100000}`` (key ``client_ip``; ``RateLimit-*``
+  fields on admitted responses are off by default, as nginx sends none).
 
 Ratios are to ``nginx-proxy``; the table is followed by each limit's added cost (limit
 minus proxy, µs/req; per-round differences in brackets).
