@@ -21,6 +21,13 @@ never exceeded by counting error; keys colliding in the sketch may be limited sl
 early, by about ``N / slots`` requests where N is the total a process admitted in a
 window (16384 slots per row by default).
 
+Between processes a decision and its count are two steps, not one atomic one: two
+processes deciding at the same instant can both take a key's last unit (one request
+over, at most one per process at a time). No lock is taken per request.
+
+Keys are hashed with Python's ``hash`` (keyed per interpreter, and the same in every
+process forked from it: all that shares an arena).
+
 Concurrency: requests in progress per key; :meth:`Limiter.check` returns a
 :class:`LimitGuard` to release when the request ends (the proxy does
 it in its ``logging`` hook, which runs on every exit path). A process that dies with
