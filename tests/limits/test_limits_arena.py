@@ -85,11 +85,6 @@ def test_a_fresh_arena_has_only_its_header_allocated(arena: SharedArena) -> None
     assert arena.holders() == [0] * MAX_PROCESSES
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SharedArena accepts size >= _DATA_AT + _ALIGN, but allocation starts at "
-    "round_up(_DATA_AT, _ALIGN), so the smallest accepted arena cannot hold one zone",
-)
 def test_the_smallest_accepted_arena_holds_a_zone() -> None:
     """An arena of the size the constructor calls the minimum can hold a zone (else the
     minimum is an arena that can do nothing but raise ArenaFull)."""

@@ -561,13 +561,6 @@ def test_fail_closed_refuses_while_redis_is_down(
     _run(test)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: fleet.py FleetLimiter.check returns 'unavailable' (fail-closed) before "
-    "_state() records the key, so during an outage longer than two windows + sync every "
-    "key is pruned; sync_now() then has an empty batch and returns True without asking "
-    "Redis or calling _up(): healthy stays False and every request is refused forever",
-)
 def test_fail_closed_recovers_after_an_outage_longer_than_two_windows(
     own_server: RedisServer, name: str
 ) -> None:

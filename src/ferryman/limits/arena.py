@@ -231,8 +231,9 @@ class SharedArena:
     """
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
-        if size < _DATA_AT + _ALIGN:
-            raise ValueError(f"an arena needs at least {_DATA_AT + _ALIGN} bytes")
+        least = _round_up(_DATA_AT, _ALIGN) + _ALIGN  # (the header, then one zone's)
+        if size < least:
+            raise ValueError(f"an arena needs at least {least} bytes")
         self.size = size
         self._mm = mmap.mmap(-1, size)
         self._view = memoryview(self._mm)

@@ -160,6 +160,7 @@ class FleetLimiter:
         self._prefix = f"{prefix}{name}:{self.quota}:{self.window}:".encode()
         self._keys: dict[bytes, _KeyState] = {}
         self._task: asyncio.Task[None] | None = None
+        self._sync_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         #: whether Redis answered the last sync (or none failed yet)
         self.healthy = True
@@ -194,8 +195,6 @@ class FleetLimiter:
         if now is None:
             now = self.clock()
         self._ensure_task()
-        if not self.healthy and not self.fail_open:
-            return Verdict(False, "unavailable", self.quota, 0, 1.0, 1.0, self.window)
         window = self.window
         index = math.floor(now / window)
         fraction = now / window - index
@@ -204,6 +203,8 @@ class FleetLimiter:
         if seen is None:
             seen = state.unsent[index] = [0, 0]
         seen[1] += 1
+        if not self.healthy and not self.fail_open:
+            return Verdict(False, "unavailable", self.quota, 0, 1.0, 1.0, self.window)
         fleet: float = -1.0
         if self.healthy:
             fleet = self._estimate(state, index, fraction)
@@ -315,7 +316,15 @@ class FleetLimiter:
 
     async def sync_now(self) -> bool:
         """Send what this process counted and fetch the fleet's counts (what the
-        background task does every ``sync`` seconds). Returns whether Redis answered."""
+        background task does every ``sync`` seconds). Returns whether Redis answered.
+        Calls are serialised (a sync waits for the one in progress)."""
+        lock = self._sync_lock
+        if lock is None:
+            lock = self._sync_lock = asyncio.Lock()
+        async with lock:
+            return await self._sync()
+
+    async def _sync(self) -> bool:
         now = self.clock()
         index = math.floor(now / self.window)
         self._prune(now)
@@ -330,6 +339,15 @@ class FleetLimiter:
             state.unsent = {}
             batch.append(state)
         if not batch:
+            if self.healthy:
+                return True
+            try:  # (nothing to send, but whether Redis is back must be found out)
+                await asyncio.wait_for(self._redis().ping(), self.timeout * 2)
+            except Exception as exc:  # noqa: BLE001 - any failure: still down
+                self.failures += 1
+                self._down(exc)
+                return False
+            self._up()
             return True
         try:
             self._redis()

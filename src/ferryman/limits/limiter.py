@@ -216,8 +216,9 @@ class Limiter:
             share counts (so a reloaded config keeps them, also when only the quota
             changed); default a name of the limits.
         arena: the shared memory; default :func:`~ferryman.limits.arena.default_arena`.
-            Built in a process other than the one that made the arena, or when the arena
-            is full, the counts are this process's own (logged).
+            Its counts are shared by the processes forked after the arena was made (the
+            limiter itself may be built before or after the fork). When the arena is
+            full, they are this process's own (logged).
         hashes, slots: the rate sketches' rows and counters per row.
         inflight_slots: counters per row of the concurrency sketch.
         clock: seconds, monotonic; the same clock in every process.
@@ -245,6 +246,8 @@ class Limiter:
         if burst is not None and rate is None:
             raise ValueError("burst needs a rate")
         self.count, self.period = parse_rate(rate) if isinstance(rate, str) else (rate or (0, 0.0))
+        if rate is not None and not (self.count >= 1 and self.period > 0):
+            raise ValueError(f"a rate needs at least 1 event per a positive period: {rate!r}")
         #: requests the window admits, and the window's length (seconds)
         self.quota = burst if burst is not None else self.count
         self.window = self.quota * self.period / self.count if self.count else 0.0
@@ -296,6 +299,7 @@ class Limiter:
             except ArenaFull as exc:
                 log.error("limit %s: counted per process, not shared (%s)", self.name, exc)
                 self._zone = zone = None
+                self._version_word = -1
         if zone is None:
             self._words = memoryview(bytearray(self._region_size)).cast("q")
             own = 0
@@ -422,7 +426,8 @@ class Limiter:
         if estimate >= quota:
             if guard is not None:
                 guard.release()
-            wait = self._wait(previous, current, fraction)
+            # (at least a moment: at exactly the quota the estimate must still fall)
+            wait = max(self._wait(previous, current, fraction), window * 1e-3)
             return Verdict(False, "rate", quota, 0, wait, wait, window)
         b = own + cur_at
         for c in cells:
