@@ -41,7 +41,8 @@ class JsonToYaml(ferryman.ProxyHttp):
         ctype = response.headers.get("content-type") or b""
         if ctype.split(b";")[0].strip().lower() == b"application/json":
             ctx["json"] = True
-            ctx["decoder"] = decode_response(response)  # (None: not encoded)
+            # (None: not encoded)
+            ctx["decoder"] = decode_response(response, request_method=session.req_header.method)
             response.headers.remove("Content-Length")
             response.headers.set("Content-Type", "application/yaml")
 

@@ -348,3 +348,65 @@ def test_reload_keeps_unchanged_limits_and_shares_new_ones(tmp_path: Path) -> No
         assert [_get(port)[0] for _ in range(4)] == [200, 200, 429, 429]
     finally:
         _stop(proxy)
+
+
+def test_refusals_are_counted_in_metrics_and_the_access_log(tmp_path: Path) -> None:
+    """Refused requests show in `ferryman_limited_requests_total{route,reason}` (summed
+    over the workers) and as `limited=rate` in the access log; admitted ones in neither."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = free_port()
+    metrics_port = free_port()
+    log_path = tmp_path / "access.log"
+    text = (
+        f'server: {{workers: 2, metrics: "127.0.0.1:{metrics_port}"}}\n'
+        f'listeners:\n  - bind: "127.0.0.1:{port}"\n'
+        f"    access_log: {{path: {log_path}}}\n    routes:\n"
+        '      - name: api\n        respond: {status: 200, body: "ok"}\n'
+        "        limit: {rate: 2/m}\n"
+    )
+    proxy = start_ferryman(tmp_path / "ferryman", text, port)
+    try:
+        assert [_get(port)[0] for _ in range(5)] == [200, 200, 429, 429, 429]
+        deadline = time.monotonic() + 5
+        while True:  # (the workers publish their counts a few times a second)
+            conn = http.client.HTTPConnection("127.0.0.1", metrics_port, timeout=10)
+            conn.request("GET", "/metrics")
+            body = conn.getresponse().read().decode()
+            conn.close()
+            found = {
+                (s.labels["route"], s.labels["reason"]): s.value
+                for family in text_string_to_metric_families(body)
+                if family.name == "ferryman_limited_requests"
+                for s in family.samples
+                if s.name == "ferryman_limited_requests_total"
+            }
+            if found == {("api", "rate"): 3.0} or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert found == {("api", "rate"): 3.0}
+    finally:
+        _stop(proxy)
+    lines = log_path.read_text().splitlines()
+    assert len(lines) == 5
+    # (the two workers' buffers reach the file in any order)
+    assert sorted(" limited=rate" in line for line in lines) == [False, False, True, True, True]
+    assert all('" 429 ' in line for line in lines if " limited=rate" in line)
+
+
+def test_a_request_refused_by_one_limit_counts_in_none(tmp_path: Path) -> None:
+    """A route limit shared by all clients, then a per-client one: a client over its
+    own limit is refused without using up the route's quota, which other clients keep."""
+    proxy = _start(
+        tmp_path,
+        '      - respond: {status: 200, body: "ok"}\n        limit:\n'
+        "          - {key: route, rate: 3/m}\n          - {rate: 1/m}\n",
+    )
+    try:
+        port = proxy.port
+        assert [_get(port)[0] for _ in range(6)] == [200] + [429] * 5
+        assert [_get(port, source="127.0.0.2")[0] for _ in range(2)] == [200, 429]
+        assert _get(port, source="127.0.0.3")[0] == 200  # (the route's 3rd)
+        assert _get(port, source="127.0.0.4")[0] == 429  # (the route's quota is used up)
+    finally:
+        _stop(proxy)

@@ -17,11 +17,15 @@ from typing import Any
 import pytest
 
 from ferryman.limits.arena import (
+    _PIDS_AT,
+    _SLOT,
     MAX_PROCESSES,
     MAX_ZONES,
     SWEEP_INTERVAL,
     ArenaFull,
     SharedArena,
+    _start_time,
+    fork_generation,
 )
 
 SIZE = 64 << 20
@@ -481,3 +485,40 @@ def test_a_live_process_slot_is_never_taken_over(arena: SharedArena) -> None:
         assert slot != mine
     assert arena.sweep() == 1  # (the children share one slot, taken over each time)
     assert bytes(zone.own()) == b"\x07" * 8
+
+
+def test_a_slot_whose_process_started_at_another_time_is_taken_over(
+    arena: SharedArena,
+) -> None:
+    """A slot records its process's pid and start time: a slot holding this pid with
+    another start time was a dead process's whose pid came back; taking it over zeroes
+    its volatile part."""
+    zone = arena.zone("z", 8192, volatile_from=4096)
+    view = zone.own()
+    view[4096] = 7  # (this process's unit, for now)
+    slot = arena.slot()
+    pid, start = _SLOT.unpack_from(arena._mm, _PIDS_AT + slot * _SLOT.size)
+    assert (pid, start) == (os.getpid(), _start_time(os.getpid()))
+    _SLOT.pack_into(arena._mm, _PIDS_AT + slot * _SLOT.size, pid, start - 1)
+    fork_generation[0] += 1  # (as if this were a new process with the same pid)
+    try:
+        assert arena.slot() == slot
+        assert zone.own()[4096] == 0
+        assert _SLOT.unpack_from(arena._mm, _PIDS_AT + slot * _SLOT.size) == (pid, start)
+    finally:
+        fork_generation[0] -= 1
+
+
+def test_the_lock_of_a_process_that_died_holding_it_is_free() -> None:
+    """A child takes the arena's lock and dies without releasing it: the kernel frees
+    it, and the parent's next structural change goes through at once."""
+    arena = SharedArena(SIZE)
+    pid = os.fork()
+    if pid == 0:
+        held = arena._locked()
+        held.__enter__()
+        os._exit(0)  # (never released)
+    os.waitpid(pid, 0)
+    started = time.monotonic()
+    arena.zone("after", 4096)
+    assert time.monotonic() - started < 0.1

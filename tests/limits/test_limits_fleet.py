@@ -1,5 +1,5 @@
 """FleetLimiter against a real redis-server: one limiter's quota and its counters in
-Redis, servers (separate arenas) sharing one limit, participants and demand shares,
+Redis, servers (separate arenas) sharing one limit, demand shares,
 pruning of idle keys, and an outage: logged once per server, fail-open (held per server
 by the local limit) or fail-closed (refused, "unavailable"), and the recovery.
 
@@ -233,11 +233,8 @@ def test_one_limiter_admits_the_quota_and_counts_it_in_redis(
             try:
                 [key] = client.keys(f"ferryman:limit:{name}:*:a:{INDEX}")
                 assert 7_200_000 < client.pttl(key) <= 7_201_000
-                [participants] = client.keys(f"ferryman:limit:{name}:*participants")
-                assert client.zcard(participants) == 1
             finally:
                 client.close()
-            assert limiter.participants == 1
             assert limiter.check(b"client", now=T).reason == "rate"
             assert await limiter.sync_now() is True  # (nothing admitted: read only)
             assert _counter(server.url, name, "a", INDEX) == 20
@@ -290,7 +287,7 @@ def test_one_limiter_admits_the_quota_every_second(server: RedisServer, name: st
 def test_two_servers_share_the_limit(server: RedisServer, name: str) -> None:
     """Two servers (an arena each) asked 300 times a second each for one key of a
     100/s limit of the same name: together about 100 a second (within 10%) once the
-    start is over, each taking part; both count two participants."""
+    start is over, each taking part."""
     one = FleetLimiter("100/s", redis=server.url, name=name, arena=SharedArena(SIZE))
     two = FleetLimiter("100/s", redis=server.url, name=name, arena=SharedArena(SIZE))
 
@@ -304,17 +301,17 @@ def test_two_servers_share_the_limit(server: RedisServer, name: str) -> None:
             per_server = counts[first + s]
             assert 90 <= sum(per_server) <= 110, dict(counts)
             assert min(per_server) >= 20, dict(counts)
-        assert one.participants == 2 and two.participants == 2
 
     _run(test)
 
 
-def test_servers_syncing_between_decisions_admit_the_quota_exactly(
+def test_servers_taking_turns_admit_the_quota_within_one(
     server: RedisServer, name: str
 ) -> None:
-    """Two servers taking turns, each syncing before and after each decision: every
-    decision sees the fleet's exact count, so 20 of 40 are admitted, 10 each, and
-    Redis holds 20 admitted and 40 seen."""
+    """Two servers taking turns, each syncing after each decision: a server reads the
+    key's fleet count at its first sync after using it, so each decision knows all but
+    the other server's latest admission. Of 40 requests, 20 or 21 pass (quota 20),
+    about 10 each, and Redis holds what they admitted and all 40 seen."""
     one = _fleet(server.url, name, SharedArena(SIZE))
     two = _fleet(server.url, name, SharedArena(SIZE))
 
@@ -324,11 +321,10 @@ def test_servers_syncing_between_decisions_admit_the_quota_exactly(
             admitted = [0, 0]
             for _ in range(20):
                 for i, limiter in enumerate((one, two)):
-                    assert await limiter.sync_now()
                     admitted[i] += limiter.check(b"k", now=T).admitted
                     assert await limiter.sync_now()
-            assert admitted == [10, 10]
-            assert _counter(server.url, name, "a", INDEX) == 20
+            assert 20 <= sum(admitted) <= 21 and min(admitted) >= 9, admitted
+            assert _counter(server.url, name, "a", INDEX) == sum(admitted)
             assert _counter(server.url, name, "s", INDEX) == 40
         finally:
             await _close(one, two)
@@ -336,63 +332,38 @@ def test_servers_syncing_between_decisions_admit_the_quota_exactly(
     _run(test)
 
 
-def test_a_new_key_counts_for_a_share_of_the_participants(
+def test_a_key_new_to_a_server_is_judged_on_its_own_counts_until_it_syncs(
     server: RedisServer, name: str
 ) -> None:
-    """With two participants, a key this server has not synced yet is taken as half of
-    the fleet's traffic: each admission counts twice, so 10 of a quota of 20 before a
-    sync; the sync shows this server saw all of the key's requests, after which each
-    counts once (10 more). A third server makes three participants."""
+    """Server one admits 10 of a quota of 20 and syncs. Server two has never seen the
+    key: until its first sync it knows nothing of the fleet's count (a share of 1), so
+    only its own per-server limit holds it, at 20. A key idle at a server since its
+    last sync is read again at the first sync after it is used: one more admission on
+    what it knew, then the fleet's count holds."""
     one = _fleet(server.url, name, SharedArena(SIZE))
     two = _fleet(server.url, name, SharedArena(SIZE))
-    three = _fleet(server.url, name, SharedArena(SIZE))
-
-    async def test() -> None:
-        await _manual(one, two, three)
-        try:
-            for limiter in (one, two):
-                assert limiter.check(b"seed", now=T).admitted
-            for limiter in (one, two, one):
-                assert await limiter.sync_now()
-            assert (one.participants, two.participants) == (2, 2)
-            fresh = [one.check(b"fresh", now=T).admitted for _ in range(30)]
-            assert sum(fresh) == 10
-            assert await one.sync_now()
-            assert sum(one.check(b"fresh", now=T).admitted for _ in range(30)) == 10
-            assert three.check(b"seed", now=T).admitted
-            assert await three.sync_now()
-            assert three.participants == 3
-            assert await one.sync_now()
-            assert one.participants == 3
-        finally:
-            await _close(one, two, three)
-
-    _run(test)
-
-
-def test_participants_that_stopped_syncing_drop_out(server: RedisServer, name: str) -> None:
-    """A participant is one that synced within the horizon (ten syncs, at least 2 s):
-    once the other server has not synced for longer, this one counts itself alone."""
-    clock_one, clock_two = Clock(), Clock()
-    one = _fleet(server.url, name, SharedArena(SIZE), clock_one)
-    two = _fleet(server.url, name, SharedArena(SIZE), clock_two)
 
     async def test() -> None:
         await _manual(one, two)
         try:
-            for limiter in (one, two):
-                limiter.check(b"k", now=T)
-                assert await limiter.sync_now()
+            assert sum(one.check(b"k", now=T).admitted for _ in range(10)) == 10
             assert await one.sync_now()
-            assert one.participants == 2
-            clock_one.now = T + 10 * 60.0 + 1.0  # (the horizon of sync=60 s)
-            one.check(b"k", now=clock_one.now)
+            assert sum(two.check(b"k", now=T).admitted for _ in range(30)) == 20
+            assert await two.sync_now()
+            # one has not used the key since its sync: a sync has nothing of it to send
+            # or read, and its next decision is on what it knew (10 admitted)
             assert await one.sync_now()
-            assert one.participants == 1
+            assert one.check(b"k", now=T).admitted
+            assert await one.sync_now()  # (sent, and the fleet's 31 read)
+            assert [one.check(b"k", now=T).admitted for _ in range(3)] == [False] * 3
+            assert [two.check(b"k", now=T).admitted for _ in range(3)] == [False] * 3
+            assert _counter(server.url, name, "a", INDEX) == 31
         finally:
             await _close(one, two)
 
     _run(test)
+
+
 
 
 # -- the key table --------------------------------------------------------------------------
@@ -421,22 +392,22 @@ def test_keys_idle_for_two_windows_are_pruned(server: RedisServer, name: str) ->
             clock.now = T + horizon + 1.0
             assert await limiter.sync_now()
             assert set(limiter._keys) == {b"new"}
-            assert limiter.syncs == 4
+            assert limiter.syncs == 2  # (a sync sends only the keys used since the last)
             clock.now = T + 3600.0 + horizon + 1.0
             assert await limiter.sync_now()
             assert set(limiter._keys) == set()
-            assert limiter.syncs == 4  # (nothing to sync)
+            assert limiter.syncs == 2  # (nothing to sync)
         finally:
             await _close(limiter)
 
     _run(test)
 
 
-def test_a_full_key_table_forgets_the_least_recently_used_tenth(
+def test_a_full_key_table_forgets_the_least_recently_used_key(
     server: RedisServer, name: str
 ) -> None:
     """``max_keys`` keys in use (none idle): a new one makes room by forgetting the
-    least recently used tenth."""
+    least recently used one."""
     limiter = _fleet(server.url, name, SharedArena(SIZE), max_keys=10)
 
     async def test() -> None:
@@ -482,6 +453,9 @@ def test_fail_open_holds_the_limit_per_server_and_recovers(
             assert _records(caplog, "") == []
             own_server.stop()
             for limiter in every:
+                # (a sync contacts Redis when there is something to send: a request
+                # admitted before the outage is noticed)
+                assert limiter.check(b"k", now=T).admitted
                 assert await limiter.sync_now() is False
                 assert limiter.healthy is False
                 assert limiter.failures == 1
@@ -491,14 +465,14 @@ def test_fail_open_holds_the_limit_per_server_and_recovers(
             assert all(r.levelno == logging.WARNING for r in warnings)
             assert all(name in r.getMessage() and "fail-open" in r.getMessage()
                        for r in warnings)
-            # fail-open: each server admits up to its quota (20 a window; one each
-            # was admitted before)
+            # fail-open: each server admits up to its quota (20 a window; two each
+            # were admitted before)
             on_a: list[Verdict] = []
             for _ in range(20):
                 on_a += [worker_1.check(b"k", now=T), worker_2.check(b"k", now=T)]
             on_b = [server_b.check(b"k", now=T) for _ in range(40)]
-            assert sum(v.admitted for v in on_a) == 18
-            assert sum(v.admitted for v in on_b) == 19
+            assert sum(v.admitted for v in on_a) == 16
+            assert sum(v.admitted for v in on_b) == 18
             assert {v.reason for v in on_a + on_b if not v.admitted} == {"rate"}
             for limiter in every:  # (what a failed sync was sending is kept)
                 assert await limiter.sync_now() is False
@@ -508,8 +482,9 @@ def test_fail_open_holds_the_limit_per_server_and_recovers(
                 assert limiter.healthy is True
             assert len(_records(caplog, "answers again")) == 2  # (one per server)
             assert len(_records(caplog, "Redis is unreachable")) == 2
-            assert _counter(url, name, "a", INDEX) == 18 + 19
-            assert _counter(url, name, "s", INDEX) == 40 + 40
+            assert _counter(url, name, "a", INDEX) == 3 + 16 + 18
+            assert _counter(url, name, "s", INDEX) == 3 + 40 + 40
+            worker_1.check(b"k", now=T)  # (used again: its next sync reads the key)
             assert await worker_1.sync_now()
             refused = worker_1.check(b"k", now=T)  # (by the fleet's count: 37 of 20)
             assert (refused.admitted, refused.reason) == (False, "rate")
@@ -535,6 +510,7 @@ def test_fail_closed_refuses_while_redis_is_down(
             assert limiter.check(b"k", now=T).admitted
             assert await limiter.sync_now()
             own_server.stop()
+            assert limiter.check(b"k", now=T).admitted  # (not noticed yet)
             assert await limiter.sync_now() is False
             assert limiter.healthy is False
             [warning] = _records(caplog, "Redis is unreachable")
@@ -575,6 +551,7 @@ def test_fail_closed_recovers_after_an_outage_longer_than_two_windows(
             assert limiter.check(b"k", now=T).admitted
             assert await limiter.sync_now()
             own_server.stop()
+            assert limiter.check(b"k", now=T).admitted  # (not noticed yet)
             assert await limiter.sync_now() is False
             for minutes in range(0, 3 * 60 + 1, 10):  # three hours of refusals
                 clock.now = T + 60.0 * minutes

@@ -385,8 +385,8 @@ def test_retry_after_is_when_a_request_is_admitted_again(
     just after it."""
     for now, count in admitted_before:
         for _ in range(count):
-            assert Limiter("10/s", arena=arena).check(b"k", now=now).admitted
-    limiter = Limiter("10/s", arena=arena)
+            assert Limiter("10/s", arena=arena, name="shared").check(b"k", now=now).admitted
+    limiter = Limiter("10/s", arena=arena, name="shared")
     refused = limiter.check(b"k", now=refused_at)
     assert not refused.admitted
     r = refused.retry_after
@@ -733,3 +733,44 @@ def test_rate_and_inflight_read_every_process(arena: SharedArena) -> None:
     assert limiter.rate(b"k", now=801.5) == 2.0
     assert limiter.inflight(b"k") == 3
     assert math.isclose(limiter.rate(b"k", now=802.0), 0.0)
+
+
+# -- peeking, names, periods -----------------------------------------------------------------
+
+
+def test_peek_says_what_check_would_without_counting(arena: SharedArena) -> None:
+    """peek answers as check would, counting nothing and taking no unit."""
+    limiter = Limiter("3/s", concurrency=1, arena=arena)
+    for _ in range(5):
+        verdict = limiter.peek(b"k", now=10.0)
+        assert verdict.admitted and verdict.guard is None and verdict.remaining == 2
+    assert limiter.rate(b"k", now=10.0) == 0 and limiter.inflight(b"k") == 0
+    held = limiter.check(b"k", now=10.0)
+    assert held.admitted and held.guard is not None
+    assert limiter.peek(b"k", now=10.0).reason == "concurrency"
+    held.guard.release()
+    for _ in range(2):
+        limiter.check(b"k", now=10.0).guard.release()  # type: ignore[union-attr]
+    assert limiter.peek(b"k", now=10.0).reason == "rate"
+
+
+def test_limiters_without_a_name_never_share_counts(arena: SharedArena) -> None:
+    """Two limiters with the same rate but no name count apart; with one name, together."""
+    a, b = Limiter("2/s", arena=arena), Limiter("2/s", arena=arena)
+    assert [a.check(b"k", now=5.0).admitted for _ in range(3)] == [True, True, False]
+    assert b.check(b"k", now=5.0).admitted
+    c, d = Limiter("2/s", arena=arena, name="n"), Limiter("2/s", arena=arena, name="n")
+    assert c.check(b"k", now=5.0).admitted and d.check(b"k", now=5.0).admitted
+    assert not c.check(b"k", now=5.0).admitted
+
+
+@pytest.mark.parametrize("text", ["1/400d", "1/" + "9" * 400 + "s"])
+def test_a_period_longer_than_a_year_is_refused(text: str) -> None:
+    """A window must stay finite and at most a year (a longer one would overflow)."""
+    with pytest.raises(ValueError, match="longer than a year"):
+        parse_rate(text)
+
+
+def test_a_burst_making_a_window_longer_than_a_year_is_refused(arena: SharedArena) -> None:
+    with pytest.raises(ValueError, match="longer than a year"):
+        Limiter("1/d", burst=400, arena=arena)

@@ -496,6 +496,18 @@ def test_decode_response_leaves_other_heads_alone(encoding: bytes | None) -> Non
     assert resp.headers.items() == fields
 
 
+@pytest.mark.parametrize(("status", "method"), [(206, "GET"), (304, "GET"), (204, "GET"),
+                                                 (200, "HEAD")])  # fmt: skip
+def test_decode_response_leaves_bodiless_and_partial_answers_alone(
+    status: int, method: str
+) -> None:
+    """A 206 (its range is of the encoded bytes), a 304, a 204 or a HEAD answer: None."""
+    fields = [(b"Content-Encoding", b"gzip"), (b"Content-Length", b"10")]
+    resp = ResponseHeader(status, list(fields))
+    assert decode_response(resp, request_method=method) is None
+    assert resp.headers.items() == fields
+
+
 def test_decode_response_is_bounded() -> None:
     """A decompression bomb stops at max_size with DecompressionLimitError."""
     resp = ResponseHeader(200, [(b"Content-Encoding", b"gzip")])

@@ -431,12 +431,34 @@ class RouteAction:
         )
 
 
+_RATELIMIT_FIELDS: Final = (
+    b"ratelimit-limit", b"ratelimit-remaining", b"ratelimit-reset", b"ratelimit-policy",
+)
+
+
 def _add_fields(headers: Headers, fields: list[tuple[bytes, bytes]]) -> None:
-    """Add ``fields`` (RateLimit-*), replacing the origin's own of those names."""
-    if b"ratelimit-limit" in headers or b"ratelimit-remaining" in headers:
-        for name, _ in fields:
-            headers.remove(name)
+    """Add ``fields`` (RateLimit-*), replacing the origin's own RateLimit-* fields."""
+    for name in _RATELIMIT_FIELDS:
+        if name in headers:
+            for other in _RATELIMIT_FIELDS:
+                headers.remove(other)
+            break
     headers.items().extend(fields)
+
+
+def _refuse(session: Session, action: RouteAction, limit: RouteLimit, verdict: Verdict) -> None:
+    """Answer a request ``limit`` refused: its status, a plain body saying why,
+    Retry-After, the RateLimit-* fields of a rate, the route's response header edits."""
+    headers = verdict.headers()
+    if limit.retry_after:
+        headers.append((b"Retry-After", verdict.retry_after_value()))
+    status = limit.status
+    session.limit_status = verdict.reason or "limit"
+    head = Headers(headers)
+    head.set(b"Content-Type", b"text/plain; charset=utf-8")
+    if action.edits_response:
+        action.response_edits.apply(head)
+    session.send_response(status, refusal_body(status, verdict.reason), head)
 
 
 # --------------------------------------------------------------------------------------
@@ -793,27 +815,30 @@ class ConfigProxy(ProxyHttp):
         """Check the route's limits; answer and return True when one refuses (the
         route's response header edits apply to the refusal too). The concurrency units
         taken go to ``ctx.guards``, the fields to show to ``ctx.limit_headers`` (those of
-        the limit with the fewest requests left)."""
+        the limit with the fewest requests left).
+
+        With several limits, all are asked first without counting: a request one of
+        them refuses is counted by none (an abusive client does not use up a shared
+        limit checked before its own)."""
+        limits = action.limits
+        if len(limits) > 1:
+            for limit in limits:
+                verdict = limit.peek(session)
+                if verdict is not None and not verdict.admitted:
+                    _refuse(session, action, limit, verdict)
+                    return True
         shown: Verdict | None = None
-        for limit in action.limits:
+        for limit in limits:
             verdict = limit.check(session)
             if verdict is None:
                 continue
-            if not verdict.admitted:
+            if not verdict.admitted:  # (another worker took the last unit meanwhile)
                 guards = ctx.guards
                 if guards is not None:
                     for held in guards:
                         held.release()
                     ctx.guards = None
-                headers = verdict.headers()
-                if limit.retry_after:
-                    headers.append((b"Retry-After", verdict.retry_after_value()))
-                status = limit.status
-                head = Headers(headers)
-                head.set(b"Content-Type", b"text/plain; charset=utf-8")
-                if action.edits_response:
-                    action.response_edits.apply(head)
-                session.send_response(status, refusal_body(status, verdict.reason), head)
+                _refuse(session, action, limit, verdict)
                 return True
             guard = verdict.guard
             if guard is not None:

@@ -94,11 +94,19 @@ class RouteLimit:
             )
 
     def check(self, session: Session) -> Verdict | None:
-        """The verdict on the session's request, None when it has no key."""
+        """The verdict on the session's request (counted when admitted), None when it
+        has no key."""
         key = self.key(session)
         if key is None:
             return None
         return self.limiter.check(key)
+
+    def peek(self, session: Session) -> Verdict | None:
+        """What :meth:`check` would answer, counting nothing."""
+        key = self.key(session)
+        if key is None:
+            return None
+        return self.limiter.peek(key)
 
     async def close(self) -> None:
         """Stop a fleet limiter's syncing."""

@@ -67,7 +67,6 @@ from ferryman.modules.compression import (
 from ferryman.protocols.headers import Headers, ResponseHeader
 
 if TYPE_CHECKING:
-    from ferryman.protocols.headers import RequestHeader
     from ferryman.proxy.session import Session
 
 __all__ = [
@@ -601,17 +600,31 @@ class StaticFiles:
         validators = [(b"Last-Modified", http_date(mtime)), (b"ETag", etag)]
         if self._cache_control is not None:
             validators.append((b"Cache-Control", self._cache_control))
+        ctype = content_type_for(name)
+        # compression: whether this file is one that is compressed (then every answer
+        # about it says Vary: Accept-Encoding), and the coding this client gets for it
+        compression = self.compression
+        encoding: str | None = None
+        if compression is not None and should_compress(
+            200, "GET", Headers([(b"Content-Type", ctype), (b"Content-Length", b"%d" % size)]),
+            compression,
+        ):
+            validators.append((b"Vary", b"Accept-Encoding"))
+            encoding = negotiate(headers.get_all(b"accept-encoding"), compression.algorithms)
 
         status = precondition_status(headers, etag, mtime)
         if status != 200:
             file.close()
             if status == 304:  # no Content-Type / Content-Length, as nginx
-                _finish_head(session, ResponseHeader(304, _with_date(validators)), edit)
+                head = Headers(validators)
+                if encoding is not None:
+                    apply_response_headers(head, encoding)  # (the 200's ETag: weak)
+                    head.remove(b"content-encoding")
+                _finish_head(session, ResponseHeader(304, _with_date(head.items())), edit)
             else:
                 _send_empty(session, status, [], edit)
             return
 
-        ctype = content_type_for(name)
         ranges: list[tuple[int, int]] | None = None
         range_values = headers.get_all(b"range")
         if len(range_values) == 1:
@@ -660,15 +673,18 @@ class StaticFiles:
             source = _Multipart(file, pieces)
         out.append((b"Accept-Ranges", b"bytes"))
         out += validators
-        compression = self.compression
-        if compression is not None and ranges is None:
-            encoder = _encoder_for(req, out, compression)
-            if encoder is not None:
-                source = _Encoded(whole, encoder)
+        if encoding is not None and ranges is None:
+            # (HEAD says what GET would: Content-Encoding, no Content-Length)
+            assert compression is not None
+            head = Headers(out)
+            apply_response_headers(head, encoding)
+            out = head.items()
+            encoder = new_encoder(encoding, compression)
+            source = _Encoded(whole, encoder)
         resp = ResponseHeader(status, _with_date(out))
 
         if req.raw_method == b"HEAD":
-            file.close()
+            source.close()  # (the file, and an encoder never used)
             _finish_head(session, resp, edit)
         elif length <= SMALL_BODY and not isinstance(source, _Encoded):
             try:
@@ -701,25 +717,6 @@ class StaticFiles:
                 edit(resp)
             session.send_response_header(resp)
             session.send_body_from(source)  # streams, then closes the file whatever happens
-
-
-def _encoder_for(
-    req: RequestHeader, out: list[tuple[bytes, bytes]], compression: CompressionConfig
-) -> Encoder | None:
-    """For a whole-file 200 whose head fields are ``out``: the encoder to send it with
-    (``out`` then says so: Content-Encoding, no Content-Length or Accept-Ranges, a weak
-    ETag, Vary), or None (``out`` gets ``Vary: Accept-Encoding`` if the type is one that
-    is compressed)."""
-    head = Headers(out)
-    if not should_compress(200, req.method, head, compression):
-        if req.method == "HEAD" and should_compress(200, "GET", head, compression):
-            head.add(b"Vary", b"Accept-Encoding")  # (as the GET would say)
-            out[:] = head.items()
-        return None
-    encoding = negotiate(req.headers.get_all(b"accept-encoding"), compression.algorithms)
-    apply_response_headers(head, encoding)
-    out[:] = head.items()
-    return new_encoder(encoding, compression) if encoding is not None else None
 
 
 #: Characters kept as they are when a normalised path is re-encoded for a Location.

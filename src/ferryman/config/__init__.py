@@ -147,7 +147,7 @@ Every key, with its default (all optional unless marked *required*)::
               status: 429        # of refusals, 400..599; default 429
               retry_after: true  # refusals carry Retry-After (seconds); default true
               headers: true      # RateLimit-Limit/-Remaining/-Reset/-Policy on admitted
-                                 # responses too (refusals always have them); default false
+                                 # responses too (rate refusals always have them); default false
               backend: local     # local: shared by this server's workers (default);
                                  # redis: shared by every server using the same Redis
               # redis: redis://127.0.0.1:6379/0  # redis only, required

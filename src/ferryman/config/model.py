@@ -424,7 +424,7 @@ class LimitConfig:
         status: the status of refused requests. Default 429.
         retry_after: whether refusals carry ``Retry-After``. Default true.
         headers: whether admitted responses carry ``RateLimit-Limit``/``-Remaining``/
-            ``-Reset``/``-Policy`` too (refusals always do). Default false (as Envoy's:
+            ``-Reset``/``-Policy`` too (refusals by the rate always do). Default false (as Envoy's:
             four more fields cost about 2 µs a response).
         backend: ``local`` (shared by the workers of this server) or ``redis`` (shared by
             every server using the same Redis). Default ``local``.

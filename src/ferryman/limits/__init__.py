@@ -1,9 +1,17 @@
-"""Rate and concurrency limits, sans-IO: count-min ``Estimator``, sliding-window ``Rate``,
-``TokenBucket``, and ``Inflight`` (per-key concurrency with guards released on every exit
-path).
+"""Rate and concurrency limits.
 
-Everything here is a pure function of the ``now`` passed in (no sleeping, no event loop),
-so it can be tested without clocks and used from sync hooks.
+* Building blocks, sans-IO (pure functions of the ``now`` passed in: no sleeping, no event
+  loop, testable without clocks): the count-min ``Estimator``, the sliding-window
+  ``Rate``, ``TokenBucket``, and ``Inflight`` (per-key concurrency with guards released on
+  every exit path), all counting within one process.
+* ``Limiter``: a rate and/or concurrency limit whose counts live in a ``SharedArena``
+  (shared memory made before the workers are forked), so the workers of a server share
+  it; decisions take ``now`` too, but the limiter also looks at the monotonic clock once
+  a second to give back the units of processes that died.
+* ``ferryman.limits.fleet.FleetLimiter``: the same limit shared by many servers through
+  Redis (a background task on the event loop syncs the counts; decisions never wait).
+
+All of them decide with a plain function call, usable from sync hooks.
 """
 
 from __future__ import annotations

@@ -31,15 +31,17 @@ reclaimed: when it runs out, :meth:`SharedArena.zone` raises :class:`ArenaFull` 
 caller falls back to counting in its own process (logged).
 
 Structural changes (taking a slot, adding a zone or a region) take a lock shared by the
-processes; one that cannot get it within half a second (its holder died) goes ahead.
+processes: a POSIX record lock on a memfd, which the kernel releases when its holder
+dies. A slot records its process's pid and start time, so a new process that got a dead
+one's pid is not taken for it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import mmap
-import multiprocessing
 import os
 import struct
 import threading
@@ -67,14 +69,14 @@ SWEEP_INTERVAL: Final = 1.0
 
 _WORD: Final = 8
 _HEADER: Final = struct.Struct("=QQ")  # bump offset, zone count
-_PIDS_AT: Final = _HEADER.size
-_DIR_AT: Final = _PIDS_AT + MAX_PROCESSES * _WORD
+_PIDS_AT: Final = _HEADER.size  # per slot: pid, start time (clock ticks after boot)
+_DIR_AT: Final = _PIDS_AT + MAX_PROCESSES * 2 * _WORD
 _ENTRY: Final = struct.Struct("=16sQQQ")  # digest, zone offset, region size, volatile offset
 _DATA_AT: Final = _DIR_AT + MAX_ZONES * _ENTRY.size
 _ZONE_HEADER_SIZE: Final = _WORD + MAX_PROCESSES * _WORD
 _ALIGN: Final = 4096
-_LOCK_WAIT: Final = 0.5
 _U64: Final = struct.Struct("=Q")
+_SLOT: Final = struct.Struct("=qq")  # pid, start time
 _I64: Final = struct.Struct("=q")
 
 
@@ -98,21 +100,23 @@ def _round_up(n: int, to: int) -> int:
     return (n + to - 1) // to * to
 
 
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, as another user
+def _start_time(pid: int) -> int:
+    """When process ``pid`` started (clock ticks after boot, /proc/PID/stat field 22), -1
+    if it does not exist or is a zombie (dead, its parent has not reaped it yet)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in (b"Z", b"X")  # a zombie: dead, its parent has not reaped it yet
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return -1
+    if len(fields) < 20 or fields[0] in (b"Z", b"X"):
+        return -1
+    return int(fields[19])
+
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process that took a slot as ``(pid, start)`` still runs (a new process
+    that got the same pid is another process)."""
+    return pid > 0 and _start_time(pid) == start
 
 
 class Zone:
@@ -202,7 +206,7 @@ class Zone:
 
 
 class _Held:
-    """The arena's lock held (a thread lock, then the processes' one, with a timeout)."""
+    """The arena's lock held: this process's threads' lock, then the processes' one."""
 
     __slots__ = ("arena", "locked")
 
@@ -212,11 +216,17 @@ class _Held:
 
     def __enter__(self) -> None:
         self.arena._thread_lock.acquire()
-        self.locked = self.arena._lock.acquire(timeout=_LOCK_WAIT)
+        try:
+            fcntl.lockf(self.arena._lock_fd, fcntl.LOCK_EX)
+        except BaseException:
+            self.arena._thread_lock.release()
+            raise
+        self.locked = True
 
     def __exit__(self, *exc: object) -> None:
         if self.locked:
-            self.arena._lock.release()
+            self.locked = False
+            fcntl.lockf(self.arena._lock_fd, fcntl.LOCK_UN)
         self.arena._thread_lock.release()
 
 
@@ -239,7 +249,9 @@ class SharedArena:
         self._view = memoryview(self._mm)
         #: the whole arena as native 64-bit integers (regions are 8-byte aligned)
         self.words = self._view.cast("q")
-        self._lock = multiprocessing.get_context("fork").Lock()
+        # a POSIX record lock: owned per process, and released by the kernel when its
+        # holder dies, so a worker killed mid-change never wedges the others
+        self._lock_fd = os.memfd_create("ferryman-limits-lock", os.MFD_CLOEXEC)
         self._thread_lock = threading.Lock()
         _HEADER.pack_into(self._mm, 0, _round_up(_DATA_AT, _ALIGN), 0)
         self._generation = -1  # the fork generation that holds _slot
@@ -262,31 +274,36 @@ class SharedArena:
         if self._generation == fork_generation[0] and self._slot >= 0:
             return self._slot
         pid = os.getpid()
+        start = _start_time(pid)
         mm = self._mm
         with self._locked():
             chosen = -1
             for slot in range(MAX_PROCESSES):
-                holder = _I64.unpack_from(mm, _PIDS_AT + slot * _WORD)[0]
-                if holder == pid:
+                holder, since = _SLOT.unpack_from(mm, _PIDS_AT + slot * _SLOT.size)
+                if holder == pid and since == start:
                     chosen = slot
                     break
-                if chosen < 0 and (holder == 0 or not _alive(holder)):
+                if chosen < 0 and (holder == 0 or not _alive(holder, since)):
                     chosen = slot
             if chosen < 0:
                 raise ArenaFull(f"{MAX_PROCESSES} processes hold arena slots")
-            holder = _I64.unpack_from(mm, _PIDS_AT + chosen * _WORD)[0]
-            if holder != pid:
+            holder, since = _SLOT.unpack_from(mm, _PIDS_AT + chosen * _SLOT.size)
+            if (holder, since) != (pid, start):
                 if holder != 0:
-                    self._clear_volatile(chosen)
-                _I64.pack_into(mm, _PIDS_AT + chosen * _WORD, pid)
+                    self._clear_volatile(chosen)  # (a dead process's units)
+                _SLOT.pack_into(mm, _PIDS_AT + chosen * _SLOT.size, pid, start)
         self._generation = fork_generation[0]
         self._slot = chosen
         return chosen
 
     def holders(self) -> list[int]:
         """The pid holding each slot (0: free)."""
+        return [pid for pid, _ in self._holders()]
+
+    def _holders(self) -> list[tuple[int, int]]:
+        mm = self._mm
         return [
-            _I64.unpack_from(self._mm, _PIDS_AT + s * _WORD)[0] for s in range(MAX_PROCESSES)
+            _SLOT.unpack_from(mm, _PIDS_AT + s * _SLOT.size) for s in range(MAX_PROCESSES)
         ]
 
     def sweep(self, now: float | None = None) -> int:
@@ -300,18 +317,19 @@ class SharedArena:
             self.next_sweep = now + SWEEP_INTERVAL
         mm = self._mm
         dead = [
-            s for s, pid in enumerate(self.holders()) if pid != 0 and not _alive(pid)
+            s for s, (pid, start) in enumerate(self._holders())
+            if pid != 0 and not _alive(pid, start)
         ]
         if not dead:
             return 0
         freed = 0
         with self._locked():
             for slot in dead:
-                pid = _I64.unpack_from(mm, _PIDS_AT + slot * _WORD)[0]
-                if pid == 0 or _alive(pid):
+                pid, start = _SLOT.unpack_from(mm, _PIDS_AT + slot * _SLOT.size)
+                if pid == 0 or _alive(pid, start):
                     continue  # (taken over meanwhile)
                 self._clear_volatile(slot)
-                _I64.pack_into(mm, _PIDS_AT + slot * _WORD, 0)
+                _SLOT.pack_into(mm, _PIDS_AT + slot * _SLOT.size, 0, 0)
                 freed += 1
         return freed
 
@@ -402,6 +420,13 @@ def default_arena() -> SharedArena:
     global _default
     with _default_lock:
         if _default is None:
-            _default = SharedArena()
+            for size in (DEFAULT_SIZE, DEFAULT_SIZE // 4, DEFAULT_SIZE // 16):
+                try:
+                    _default = SharedArena(size)
+                    break
+                except OSError as exc:  # (address space refused: strict overcommit)
+                    log.warning("limits: cannot map %d bytes (%s); trying less", size, exc)
+            if _default is None:
+                _default = SharedArena(DEFAULT_SIZE // 64)
         return _default
 

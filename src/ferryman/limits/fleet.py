@@ -13,10 +13,15 @@ own unsynced admissions divided by its own share of the fleet's requests for the
 admissions twice. So the fleet tracks the limit closely however traffic is spread, and
 the error is bounded by how much shares change within one sync interval.
 
-Bounded staleness: a decision misses at most the last ``sync`` seconds of the other
-processes' traffic (default 50 ms, 5% of a 1 s window); the window's counts in Redis are
-exact (INCRBY in a script, no lost update). Windows are aligned on wall-clock time
-(``time.time``), which the servers' clocks must agree on to well within a window.
+Bounded staleness: a sync sends and reads the keys used since the previous one, so for a
+key in use a decision misses at most the last ``sync`` seconds of the other processes'
+traffic (default 50 ms, 5% of a 1 s window). A key new to a process, or idle there since
+its last sync, is judged on what the process knew (nothing, for a new key: a share of 1)
+until the next sync, at most ``sync`` seconds later; the per-server limit bounds what a
+server admits meanwhile. The window's counts in Redis are exact (INCRBY in a script, no
+lost update). Windows are aligned on wall-clock time (``time.time``), which the servers'
+clocks must agree on to well within a window. A sync costs one script call per 500 keys
+used since the last one.
 
 Redis down: the failure is logged once per server (the first worker to see it) and again
 when Redis is back. Fail-open (the default): the :class:`~ferryman.limits.Limiter` that
@@ -34,10 +39,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import secrets
-import socket
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from hashlib import blake2b
 from typing import Any, Final
@@ -50,21 +53,15 @@ __all__ = ["FleetLimiter", "SYNC_SCRIPT"]
 
 log = logging.getLogger("ferryman.limits")
 
-#: Records this process as a participant (a sorted set of the processes that synced
-#: within the horizon) and adds each delta to its counter (INCRBY, with a TTL) or reads
-#: the counter. Returns the number of participants, then the counters' values. KEYS: the
-#: participants' set, then per limited key: admitted in the current and the previous
-#: window, requests seen in both. ARGV: the counters' TTL (ms), this process's id, now
-#: (ms), the participants' horizon (ms), then one delta per counter.
+#: Adds each delta to its counter (INCRBY, with a TTL) or reads the counter; returns the
+#: counters' values. KEYS: per limited key, admitted in the current and the previous
+#: window, then requests seen in both; ARGV[1] the counters' TTL (ms), then one delta per
+#: counter.
 SYNC_SCRIPT: Final = """
 local ttl = tonumber(ARGV[1])
-local now = tonumber(ARGV[3])
-redis.call('ZADD', KEYS[1], now, ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[4]))
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-local out = {redis.call('ZCARD', KEYS[1])}
-for i = 2, #KEYS do
-  local delta = tonumber(ARGV[i + 3])
+local out = {}
+for i = 1, #KEYS do
+  local delta = tonumber(ARGV[i + 1])
   local value
   if delta > 0 then
     value = redis.call('INCRBY', KEYS[i], delta)
@@ -158,7 +155,8 @@ class FleetLimiter:
         self._client: Any = None
         self._script: Any = None
         self._prefix = f"{prefix}{name}:{self.quota}:{self.window}:".encode()
-        self._keys: dict[bytes, _KeyState] = {}
+        # least recently used first
+        self._keys: OrderedDict[bytes, _KeyState] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._sync_lock: asyncio.Lock | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,12 +164,6 @@ class FleetLimiter:
         self.healthy = True
         self._cell = f"fleet-down:{name}:{redis if isinstance(redis, str) else id(redis)}"
         self._ttl_ms = int(2 * self.window * 1000) + 1000
-        self._participants_key = self._prefix + b"participants"
-        self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._id_pid = os.getpid()
-        #: processes that synced this limit lately, fleet-wide (a new key's share is
-        #: taken as one of them until its own counts are known)
-        self.participants = 1
         #: syncs that succeeded / failed (for tests and metrics)
         self.syncs = 0
         self.failures = 0
@@ -180,18 +172,25 @@ class FleetLimiter:
 
     def _state(self, key: Key, now: float) -> _KeyState:
         k = key.encode() if isinstance(key, str) else bytes(key)
-        state = self._keys.get(k)
+        keys = self._keys
+        state = keys.get(k)
         if state is None:
-            if len(self._keys) >= self.max_keys:
-                self._prune(now, force=True)
+            if len(keys) >= self.max_keys:
+                self._evict()
             name = blake2b(k, digest_size=10).hexdigest().encode()
-            state = self._keys[k] = _KeyState(name)
-            state.share = 1.0 / self.participants
+            state = keys[k] = _KeyState(name)
+        else:
+            keys.move_to_end(k)
         state.last = now
         return state
 
-    def check(self, key: Key, now: float | None = None) -> Verdict:
-        """Admit or refuse a request of ``key`` (never waits for Redis)."""
+    def peek(self, key: Key, now: float | None = None) -> Verdict:
+        """What :meth:`check` would answer, counting nothing."""
+        return self.check(key, now, commit=False)
+
+    def check(self, key: Key, now: float | None = None, commit: bool = True) -> Verdict:
+        """Admit or refuse a request of ``key`` (never waits for Redis); with ``commit``
+        false, only say what the answer would be."""
         if now is None:
             now = self.clock()
         self._ensure_task()
@@ -202,17 +201,19 @@ class FleetLimiter:
         seen = state.unsent.get(index)
         if seen is None:
             seen = state.unsent[index] = [0, 0]
-        seen[1] += 1
+        if commit:
+            seen[1] += 1
         if not self.healthy and not self.fail_open:
             return Verdict(False, "unavailable", self.quota, 0, 1.0, 1.0, self.window)
         fleet: float = -1.0
         if self.healthy:
             fleet = self._estimate(state, index, fraction)
             if fleet >= self.quota:
-                wait = self._wait(state, index, fraction)
+                wait = max(self._wait(state, index, fraction), window * 1e-3)
                 return Verdict(False, "rate", self.quota, 0, wait, wait, window)
-        verdict = self.local.check(key, time.monotonic())
-        if not verdict.admitted:
+        local = self.local
+        verdict = (local.check if commit else local.peek)(key, time.monotonic())
+        if not verdict.admitted or not commit:
             return verdict
         seen[0] += 1
         if fleet >= 0.0:
@@ -330,9 +331,11 @@ class FleetLimiter:
         self._prune(now)
         batch: list[_KeyState] = []
         for state in self._keys.values():
-            # every key used lately: those without news are read, so that their
-            # counts are current when they are used again
+            # the keys used since the last sync (a key idle here is read again at the
+            # first sync after it is used again)
             unsent = state.unsent
+            if not unsent:
+                continue
             for i in [i for i in unsent if i < index - 1]:
                 del unsent[i]  # (too old to matter to any window still counted)
             state.sending = unsent
@@ -368,12 +371,8 @@ class FleetLimiter:
         return True
 
     async def _sync_batch(self, batch: list[_KeyState], index: int) -> None:
-        if self._id_pid != os.getpid():  # (a forked child is another participant)
-            self._id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-            self._id_pid = os.getpid()
-        horizon_ms = int(max(10 * self.sync, 2.0) * 1000)
-        keys: list[bytes] = [self._participants_key]
-        args: list[int | str] = [self._ttl_ms, self._id, int(self.clock() * 1000), horizon_ms]
+        keys: list[bytes] = []
+        args: list[int] = [self._ttl_ms]
         prefix = self._prefix
         now_s = b"%d" % index
         prev_s = b"%d" % (index - 1)
@@ -387,9 +386,8 @@ class FleetLimiter:
         values = await asyncio.wait_for(
             self._script(keys=keys, args=args), self.timeout * 2
         )
-        self.participants = max(1, int(values[0]))
         for n, state in enumerate(batch):
-            a_now, a_prev, s_now, s_prev = (int(v) for v in values[1 + 4 * n : 5 + 4 * n])
+            a_now, a_prev, s_now, s_prev = (int(v) for v in values[4 * n : 4 * n + 4])
             state.snap_index = index
             state.snap_a = a_now
             state.snap_a_prev = a_prev
@@ -405,7 +403,7 @@ class FleetLimiter:
             if fleet_seen and mine:
                 state.share = min(1.0, max(MIN_SHARE, mine / fleet_seen))
             else:
-                state.share = 1.0 / self.participants
+                state.share = 1.0
             state.sending = {}
 
     def _down(self, exc: Exception) -> None:
@@ -425,15 +423,22 @@ class FleetLimiter:
             if self.arena.swap(self._cell, 0) == 1:
                 log.warning("limit %s: Redis answers again; the limit is fleet-wide", self.name)
 
-    def _prune(self, now: float, force: bool = False) -> None:
-        """Forget keys unused for two windows (all of them counted nothing since), or,
-        when ``force`` (the table is full), the least recently used tenth."""
+    def _prune(self, now: float) -> None:
+        """Forget keys unused for two windows (all of them counted nothing since): the
+        least recently used, from the front, until one was used later."""
         horizon = now - 2 * self.window - self.sync
         keys = self._keys
-        stale = [k for k, s in keys.items() if s.last < horizon and not s.sending]
-        for k in stale:
+        while keys:
+            k, state = next(iter(keys.items()))
+            if state.last >= horizon or state.sending:
+                break
             del keys[k]
-        if force and len(keys) >= self.max_keys:
-            oldest = sorted(keys.items(), key=lambda kv: kv[1].last)[: max(1, len(keys) // 10)]
-            for k, _ in oldest:
+
+    def _evict(self) -> None:
+        """Make room for a key: forget the least recently used (its unsynced counts are
+        lost: size ``max_keys`` above the keys active within a window)."""
+        keys = self._keys
+        for k, state in keys.items():
+            if not state.sending:
                 del keys[k]
+                return

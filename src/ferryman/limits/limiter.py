@@ -18,8 +18,12 @@ requests are counted, so a client that keeps sending too fast still gets the rat
 A request is admitted while the window's estimate, ``previous * (1 - elapsed) +
 current``, is below the quota. Estimates never read low (count-min), so the limit is
 never exceeded by counting error; keys colliding in the sketch may be limited slightly
-early, by about ``N / slots`` requests where N is the total a process admitted in a
-window (16384 slots per row by default).
+early. Each process's sketch over-counts a key by at most ``e * N / slots`` with
+probability ``1 - exp(-hashes)`` (N: what that process admitted in the window, all keys
+together), so the sum over P processes by at most ``e * N_total / slots``, N_total the
+server's total (4 rows of 4096 slots by default: at 10,000 requests a window, about 7;
+raise ``slots`` for busier servers). A region costs ``16 * hashes * slots`` bytes per
+process for the rate and ``8 * hashes * inflight_slots`` for the concurrency.
 
 Between processes a decision and its count are two steps, not one atomic one: two
 processes deciding at the same instant can both take a key's last unit (one request
@@ -37,7 +41,9 @@ sweep`).
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 import re
 import time
 from collections.abc import Callable
@@ -62,6 +68,8 @@ RATE_UNITS: Final = {
     "h": 3600.0, "hour": 3600.0,
     "d": 86400.0, "day": 86400.0,
 }
+#: The longest period (and window) a limit may have: a year.
+MAX_PERIOD: Final = 366 * 86400.0
 _RATE_RE: Final = re.compile(r"^\s*(\d+)\s*(?:r|req|requests?)?\s*/\s*(\d*\.?\d*)\s*([a-z]+)\s*$")
 
 _WORD: Final = 8
@@ -84,6 +92,8 @@ def parse_rate(text: str) -> tuple[int, float]:
     scale = float(m.group(2)) if m.group(2) not in ("", ".") else 1.0
     if count < 1 or not scale > 0:
         raise ValueError(f"{text!r}: a rate needs at least 1 event per a positive period")
+    if not unit * scale <= MAX_PERIOD:
+        raise ValueError(f"{text!r}: the period is longer than a year")
     return count, unit * scale
 
 
@@ -214,7 +224,7 @@ class Limiter:
         concurrency: requests in progress at once per key; None: no such limit.
         name: the zone's name in the arena: limiters of the same name, window and sizes
             share counts (so a reloaded config keeps them, also when only the quota
-            changed); default a name of the limits.
+            changed); default a name of this limiter alone.
         arena: the shared memory; default :func:`~ferryman.limits.arena.default_arena`.
             Its counts are shared by the processes forked after the arena was made (the
             limiter itself may be built before or after the fork). When the arena is
@@ -233,8 +243,8 @@ class Limiter:
         name: str | None = None,
         arena: SharedArena | None = None,
         hashes: int = 4,
-        slots: int = 16384,
-        inflight_slots: int = 4096,
+        slots: int = 4096,
+        inflight_slots: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate is None and concurrency is None:
@@ -246,8 +256,13 @@ class Limiter:
         if burst is not None and rate is None:
             raise ValueError("burst needs a rate")
         self.count, self.period = parse_rate(rate) if isinstance(rate, str) else (rate or (0, 0.0))
-        if rate is not None and not (self.count >= 1 and self.period > 0):
-            raise ValueError(f"a rate needs at least 1 event per a positive period: {rate!r}")
+        if rate is not None and not (self.count >= 1 and 0 < self.period <= MAX_PERIOD):
+            raise ValueError(
+                f"a rate needs at least 1 event per a positive period of at most a year: "
+                f"{rate!r}"
+            )
+        if burst is not None and not burst * self.period / self.count <= MAX_PERIOD:
+            raise ValueError(f"burst {burst} makes a window longer than a year")
         #: requests the window admits, and the window's length (seconds)
         self.quota = burst if burst is not None else self.count
         self.window = self.quota * self.period / self.count if self.count else 0.0
@@ -260,7 +275,9 @@ class Limiter:
         volatile_from = _IDS + windows
         region_size = volatile_from + Estimator.buffer_size(hashes, self._inflight_slots)
         if name is None:
-            name = f"limit:{self.quota}/{self.window}:{self.concurrency}"
+            # (unique to this limiter, and the same in the processes forked after it
+            # was made, which share it: two limiters never share counts by accident)
+            name = f"limit#{os.getpid()}.{next(_LIMITER_IDS)}"
         self.name = name
         if arena is None:
             arena = default_arena()
@@ -338,8 +355,18 @@ class Limiter:
             key = key.encode()
         return self.check_hash(hash(key) & _MASK64, key, now)
 
-    def check_hash(self, h: int, key: Key = b"", now: float | None = None) -> Verdict:
-        """``check`` by the key's :meth:`key_hash` (``key`` is only recorded on the guard)."""
+    def peek(self, key: Key, now: float | None = None) -> Verdict:
+        """What :meth:`check` would answer, counting nothing and taking no unit (to
+        check several limits before counting the request in any of them)."""
+        if isinstance(key, str):
+            key = key.encode()
+        return self.check_hash(hash(key) & _MASK64, key, now, commit=False)
+
+    def check_hash(
+        self, h: int, key: Key = b"", now: float | None = None, commit: bool = True
+    ) -> Verdict:
+        """``check`` by the key's :meth:`key_hash` (``key`` is only recorded on the
+        guard); with ``commit`` false, ``peek``."""
         if self._generation != fork_generation[0]:
             self._bind()
         elif self._version_word >= 0 and self._words[self._version_word] != self._version:
@@ -376,10 +403,11 @@ class Limiter:
                 inflight += least
             if inflight >= self.concurrency:
                 return Verdict(False, "concurrency", retry_after=1.0)
-            mine = [own + c for c in cells]
-            for c in mine:
-                words[c] += 1
-            guard = LimitGuard(words, mine, key)
+            if commit:
+                mine = [own + c for c in cells]
+                for c in mine:
+                    words[c] += 1
+                guard = LimitGuard(words, mine, key)
         quota = self.quota
         if not quota:
             return Verdict(True, guard=guard)
@@ -429,9 +457,10 @@ class Limiter:
             # (at least a moment: at exactly the quota the estimate must still fall)
             wait = max(self._wait(previous, current, fraction), window * 1e-3)
             return Verdict(False, "rate", quota, 0, wait, wait, window)
-        b = own + cur_at
-        for c in cells:
-            words[b + c] += 1
+        if commit:
+            b = own + cur_at
+            for c in cells:
+                words[b + c] += 1
         estimate += 1
         remaining = max(0, math.floor(quota - estimate))
         reset = (1.0 - fraction) * window if remaining else self._wait(
@@ -512,6 +541,7 @@ class Limiter:
 
 
 _ZEROS: dict[int, memoryview] = {}
+_LIMITER_IDS = itertools.count(1)
 
 
 def _zeros(n: int) -> memoryview:

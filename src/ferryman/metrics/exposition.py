@@ -22,6 +22,8 @@ Metrics (all with HELP text; label values as the workers recorded them):
 * ``ferryman_cache_requests_total{route,result}``: requests of routes with a cache by
   outcome (``hit``, ``miss``, ``expired``, ``stale``, ``updating``, ``revalidated``,
   ``bypass``, ``purge``)
+* ``ferryman_limited_requests_total{route,reason}``: requests refused by a route's limit
+  (``rate``, ``concurrency``, ``unavailable``: a fail-closed Redis limit without Redis)
 * ``ferryman_config_reloads_total{result="success"|"failure"}``,
   ``ferryman_config_last_reload_success_timestamp_seconds``
 
@@ -98,6 +100,8 @@ class Totals:
     """``time.time()`` of the last successful config load"""
     cache: dict[tuple[str, str], int] = field(default_factory=dict)
     """(route, result) → requests the cache answered so"""
+    limited: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(route, reason) → requests a limit refused"""
 
 
 def aggregate(
@@ -144,6 +148,9 @@ def _add_worker(totals: Totals, snap: dict[str, Any], live: bool) -> None:
     for route, result, value in snap.get("cache", []):
         ckey = (route, result)
         totals.cache[ckey] = totals.cache.get(ckey, 0) + value
+    for route, reason, value in snap.get("limited", []):
+        lkey = (route, reason)
+        totals.limited[lkey] = totals.limited.get(lkey, 0) + value
     if live:
         totals.workers += 1
         totals.active_connections += int(snap["active_connections"])
@@ -283,9 +290,16 @@ def families(totals: Totals) -> list[Metric]:
     )
     for (route, result), value in sorted(totals.cache.items()):
         cache.add_metric([route, result.lower()], value)
+    limited = CounterMetricFamily(
+        "ferryman_limited_requests_total",
+        "Requests refused by a limit, by route and reason (rate, concurrency, unavailable).",
+        labels=["route", "reason"],
+    )
+    for (route, reason), value in sorted(totals.limited.items()):
+        limited.add_metric([route, reason], value)
     return [
         requests, duration, response, received, sent, active, workers,
-        connects, reuses, ratio, retries, healthy, reloads, last, cache,
+        connects, reuses, ratio, retries, healthy, reloads, last, cache, limited,
     ]  # fmt: skip
 
 

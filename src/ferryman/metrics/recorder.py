@@ -177,6 +177,7 @@ class WorkerMetrics:
         self._health: dict[tuple[str, str], bool] = {}
         self._health_source: Callable[[], Iterable[tuple[str, str, bool]]] | None = None
         self._cache: dict[tuple[str, str], _Count] = {}
+        self._limited: dict[tuple[str, str], _Count] = {}
 
     # the hot path -----------------------------------------------------------------------
 
@@ -245,6 +246,16 @@ class WorkerMetrics:
         count = self._cache.get(key)
         if count is None:
             count = self._cache[key] = _Count()
+        count.value += 1
+        self.version += 1
+
+    def record_limited(self, route: str, reason: str) -> None:
+        """Count a request of ``route`` refused by a limit (``reason``: rate,
+        concurrency or unavailable, as ``Session.limit_status`` says)."""
+        key = (route, reason)
+        count = self._limited.get(key)
+        if count is None:
+            count = self._limited[key] = _Count()
         count.value += 1
         self.version += 1
 
@@ -345,7 +356,7 @@ class WorkerMetrics:
         answered at least once), ``traffic`` [(listener, received, sent)],
         ``upstreams`` [(upstream, connects, reuses, retries)],
         ``active_connections`` (int), ``health`` [(upstream, server, 1 or 0)],
-        ``cache`` [(route, result, count)].
+        ``cache`` [(route, result, count)], ``limited`` [(route, reason, count)].
         Per-bucket counts are not cumulative; the last one is ``+Inf``'s.
         """
         requests = [(k[0], k[1], k[2], k[3], c.value) for k, c in self._requests.items()]
@@ -370,6 +381,7 @@ class WorkerMetrics:
             "active_connections": self.active_connections() if gauges else 0,
             "health": self.health() if gauges else [],
             "cache": [(k[0], k[1], c.value) for k, c in self._cache.items()],
+            "limited": [(k[0], k[1], c.value) for k, c in self._limited.items()],
         }
 
     def load_base(self, snapshot: dict[str, Any]) -> None:
@@ -404,6 +416,12 @@ class WorkerMetrics:
             if cached is None:
                 cached = self._cache[ckey] = _Count()
             cached.value += int(value)
+        for route, reason, value in snapshot.get("limited", []):
+            lkey = (str(route), str(reason))
+            limited = self._limited.get(lkey)
+            if limited is None:
+                limited = self._limited[lkey] = _Count()
+            limited.value += int(value)
         self.version += 1
 
 

@@ -653,19 +653,28 @@ DECODABLE: Final[tuple[str, ...]] = ("gzip", "x-gzip", "deflate", "br", "zstd")
 
 
 def decode_response(
-    headers: Headers | ResponseHeader, max_size: int = 64 * 1024 * 1024
+    headers: Headers | ResponseHeader,
+    max_size: int = 64 * 1024 * 1024,
+    request_method: str = "GET",
 ) -> Decoder | None:
     """For a hook that needs a response's body as plain bytes (in
     ``response_body_filter``): when the response is encoded with one coding
     :class:`Decoder` reads, fix its head for the decoded body and return the decoder to
     feed the body through; otherwise (not encoded, ``identity``, several codings, or one
-    this module does not know) None, with the head untouched.
+    this module does not know; a 1xx, 204, 206 or 304 response, or the answer to a HEAD
+    request ``request_method``) None, with the head untouched.
 
     The head loses ``Content-Encoding``, ``Content-Length`` (the body goes chunked) and
     ``Accept-Ranges``; a strong ``ETag`` becomes weak (the bytes differ); ``Vary`` keeps
     ``Accept-Encoding``, as the response still depended on it. Decoding stops with
     :class:`DecompressionLimitError` past ``max_size`` bytes (a decompression bomb).
     """
+    if request_method == "HEAD":
+        return None  # (no body)
+    if isinstance(headers, ResponseHeader) and (
+        headers.status < 200 or headers.status in (204, 206, 304)
+    ):
+        return None  # (no body, or a range of the encoded bytes: nothing to decode whole)
     h = _headers_of(headers)
     codings = [c for c in _tokens(h.get_all(b"content-encoding")) if c != "identity"]
     if len(codings) != 1 or codings[0] not in DECODABLE:

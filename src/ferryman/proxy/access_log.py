@@ -19,7 +19,8 @@ Fields (the JSON keys; the text format is the "combined" format followed by the 
 * ``upstream_addr``, ``upstream_status``, ``retries``, ``reused`` (the upstream
   connection carried requests before), ``request_id``, ``cache`` (what a route's cache
   did: HIT, MISS, EXPIRED, STALE, UPDATING, REVALIDATED, BYPASS, PURGE; absent without a
-  cache), and ``error`` (the error kind when the request failed).
+  cache), ``limited`` (why a route's limit refused the request: rate, concurrency,
+  unavailable; absent otherwise), and ``error`` (the error kind when the request failed).
 """
 
 from __future__ import annotations
@@ -242,6 +243,8 @@ class AccessLog:
         parts.append(_json_str(session.request_id_bytes()))
         if session.cache_status:
             parts.append(b',"cache":"%s"' % session.cache_status.encode())
+        if session.limit_status:
+            parts.append(b',"limited":"%s"' % session.limit_status.encode())
         if error is not None:
             parts.append(b',"error":"%s"' % error.kind.value.encode())
         parts.append(b"}\n")
@@ -279,6 +282,8 @@ class AccessLog:
         parts.append(_text_escaped(session.request_id_bytes()))
         if session.cache_status:
             parts.append(b" cache=" + session.cache_status.encode())
+        if session.limit_status:
+            parts.append(b" limited=" + session.limit_status.encode())
         if error is not None:
             parts.append(b" error=" + error.kind.value.encode())
         parts.append(b"\n")

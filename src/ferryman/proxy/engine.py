@@ -587,6 +587,8 @@ def _count(session: Session) -> None:
     )
     if session.cache_status:
         metrics.record_cache(route, session.cache_status)
+    if session.limit_status:
+        metrics.record_limited(route, session.limit_status)
 
 
 def _hook_error(exc: Exception) -> ProxyError:

@@ -185,6 +185,7 @@ class Session(UpstreamSink):
         "cache",
         "cache_judgement",
         "cache_status",
+        "limit_status",
         "_cache_fill",
         "_fill_only",
         "_up_method",
@@ -264,6 +265,9 @@ class Session(UpstreamSink):
         self.cache: HttpCache | None = None
         self.cache_judgement: Judgement | None = None
         self.cache_status = ""
+        #: why a limit refused the request (``rate``, ``concurrency``, ``unavailable``),
+        #: "" when none did (for metrics and the access log)
+        self.limit_status = ""
         self._cache_fill: CacheWriter | None = None
         self._fill_only = False
         self._up_method: bytes | None = None
