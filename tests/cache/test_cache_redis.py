@@ -8,14 +8,14 @@ import gc
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+
+from redis_server import RedisServer
 
 if shutil.which("redis-server") is None:
     pytest.skip("redis-server is not on PATH (apt install redis-server)", allow_module_level=True)
@@ -26,51 +26,6 @@ from ferryman.cache.storage import CacheMeta, CacheWriteAborted  # noqa: E402
 
 KiB = 1024
 MiB = 1024 * KiB
-
-
-class RedisServer:
-    """A throwaway redis-server on 127.0.0.1 (no persistence)."""
-
-    def __init__(self, port: int | None = None) -> None:
-        if port is None:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", 0))
-                port = sock.getsockname()[1]
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisServer:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError("redis-server did not answer PING")
-
-    def stop(self) -> None:
-        proc = self.proc
-        self.proc = None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

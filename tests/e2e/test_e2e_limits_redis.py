@@ -8,16 +8,16 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e_util import ProxyProcess, start_ferryman, wait_for_port
+from e2e_util import ProxyProcess, start_ferryman
 from load_util import Stream, paced_streams, per_second
 
 from origin import free_port
+from redis_server import RedisServer
 
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server not installed"
@@ -26,36 +26,9 @@ pytestmark = pytest.mark.skipif(
 UNREACHABLE = "Redis is unreachable"
 
 
-class RedisServer:
-    """A private redis-server on a free port (no persistence)."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port, 10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
     yield server
     server.stop()
 

@@ -8,11 +8,8 @@ Processes are real: children are forked with ``os.fork`` and leave with ``os._ex
 from __future__ import annotations
 
 import os
-import pickle
 import time
-import traceback
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
@@ -27,6 +24,7 @@ from ferryman.limits.arena import (
     _start_time,
     fork_generation,
 )
+from forked import in_child
 
 SIZE = 64 << 20
 
@@ -35,34 +33,6 @@ SIZE = 64 << 20
 def arena() -> SharedArena:
     """A fresh, small arena (address space only: untouched pages cost nothing)."""
     return SharedArena(SIZE)
-
-
-def _in_child(body: Callable[[], Any], *, reap: bool = True) -> tuple[int, Any]:
-    """Run ``body`` in a forked child and return ``(pid, what body returned)``. The child
-    leaves with ``os._exit`` (no cleanup, no finalizers: as a killed worker would), and is
-    reaped unless ``reap`` is False (it is then a zombie until the caller reaps it)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        try:
-            os.close(r)
-            try:
-                payload = pickle.dumps(("ok", body()))
-            except BaseException:  # noqa: BLE001 - reported to the parent
-                payload = pickle.dumps(("error", traceback.format_exc()))
-            with os.fdopen(w, "wb") as out:
-                out.write(payload)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as inp:
-        data = inp.read()  # (until the child exits)
-    if reap:
-        os.waitpid(pid, 0)
-    status, value = pickle.loads(data)
-    if status != "ok":
-        raise AssertionError(f"the child failed:\n{value}")
-    return pid, value
 
 
 def _page(arena: SharedArena) -> int:
@@ -122,7 +92,7 @@ def test_a_forked_child_takes_a_slot_of_its_own(arena: SharedArena) -> None:
         slot = arena.slot()
         return slot, arena.holders()[slot]
 
-    pid, (child_slot, holder) = _in_child(child)
+    pid, (child_slot, holder) = in_child(child)
     assert child_slot != parent_slot
     assert child_slot == 1  # (the first free one)
     assert holder == pid
@@ -178,7 +148,7 @@ def test_slots_run_out_with_max_processes_alive_and_are_reused_once_they_die(
     def child() -> int:
         return arena.slot()
 
-    _pid, slot = _in_child(child)
+    _pid, slot = in_child(child)
     assert slot == 1  # the first dead holder's slot
 
 
@@ -215,7 +185,7 @@ def test_the_region_list_is_rebuilt_only_when_a_region_is_added(arena: SharedAre
         zone.own()[:] = b"C" * 16
         return arena.slot()
 
-    _pid, child_slot = _in_child(child)
+    _pid, child_slot = in_child(child)
     after = zone.regions()
     assert after is not first
     assert {slot: bytes(view) for slot, view in after} == {
@@ -265,7 +235,7 @@ def test_a_zone_made_in_another_process_is_found_by_name(arena: SharedArena) -> 
         arena.zone("made-late", 24, 8).own()[:] = b"x" * 24
         return arena.slot()
 
-    _pid, child_slot = _in_child(child)
+    _pid, child_slot = in_child(child)
     zone = arena.zone("made-late", 24, 8)
     assert [(slot, bytes(view)) for slot, view in zone.regions()] == [(child_slot, b"x" * 24)]
     assert arena.zone("made-late", 24, 16).regions() == []  # (other sizes: another zone)
@@ -351,7 +321,7 @@ def test_swap_cells_are_shared_with_other_processes(arena: SharedArena) -> None:
     def child() -> tuple[int, int]:
         return arena.swap("outage", 1), arena.swap("other", 9)
 
-    _pid, (seen, other) = _in_child(child)
+    _pid, (seen, other) = in_child(child)
     assert (seen, other) == (1, 0)  # the child was not the first
     assert arena.swap("other", 0) == 9
     assert arena.swap("outage", 0) == 1
@@ -386,7 +356,7 @@ def test_sweep_frees_a_dead_process_slot_and_zeroes_only_the_volatile_part(
         all_volatile.own()[:] = b"\xab" * 8
         return arena.slot()
 
-    pid, slot = _in_child(child)
+    pid, slot = in_child(child)
     assert arena.holders()[slot] == pid
     dead = zone.region_of(slot)
     assert dead is not None and bytes(dead) == b"\xab" * 16  # (not swept yet)
@@ -410,7 +380,7 @@ def test_sweep_zeroes_the_volatile_part_of_every_zone(arena: SharedArena) -> Non
             zone.own()[:] = b"\x01" * 32
         return arena.slot()
 
-    _pid, slot = _in_child(child)
+    _pid, slot = in_child(child)
     assert arena.sweep() == 1
     for zone in zones:
         region = zone.region_of(slot)
@@ -419,7 +389,7 @@ def test_sweep_zeroes_the_volatile_part_of_every_zone(arena: SharedArena) -> Non
 
 def test_a_zombie_is_dead(arena: SharedArena) -> None:
     """A child that exited but was not reaped yet is swept too."""
-    pid, slot = _in_child(_fill_region("z", 8, 0, arena), reap=False)
+    pid, slot = in_child(_fill_region("z", 8, 0, arena), reap=False)
     try:
         deadline = time.monotonic() + 5
         freed = 0
@@ -438,12 +408,12 @@ def test_sweep_with_now_runs_at_most_once_per_interval(arena: SharedArena) -> No
     """``sweep(now)`` does nothing before ``SWEEP_INTERVAL`` has passed since the last
     one; ``sweep()`` (no ``now``) always runs."""
     assert arena.sweep(1000.0) == 0  # (due: nothing dead)
-    _pid, slot = _in_child(_fill_region("z", 8, 0, arena))
+    _pid, slot = in_child(_fill_region("z", 8, 0, arena))
     assert arena.sweep(1000.0 + SWEEP_INTERVAL / 2) == 0  # (not due)
     assert arena.holders()[slot] != 0
     assert arena.sweep(1000.0 + SWEEP_INTERVAL) == 1
     assert arena.holders()[slot] == 0
-    _pid, slot = _in_child(_fill_region("z", 8, 0, arena))
+    _pid, slot = in_child(_fill_region("z", 8, 0, arena))
     assert arena.sweep(1000.0 + SWEEP_INTERVAL) == 0  # (not due again yet)
     assert arena.sweep() == 1  # (forced)
 
@@ -462,13 +432,13 @@ def test_a_process_taking_over_a_dead_slot_finds_its_volatile_part_zeroed(
         whole.own()[:] = b"\xab" * 8
         return arena.slot()
 
-    dead_pid, dead_slot = _in_child(dies_with_counts)
+    dead_pid, dead_slot = in_child(dies_with_counts)
     assert arena.holders()[dead_slot] == dead_pid
 
     def takes_over() -> tuple[int, bytes, bytes]:
         return arena.slot(), bytes(half.own()), bytes(whole.own())
 
-    new_pid, (slot, half_bytes, whole_bytes) = _in_child(takes_over)
+    new_pid, (slot, half_bytes, whole_bytes) = in_child(takes_over)
     assert slot == dead_slot
     assert half_bytes == b"\xab" * 8 + bytes(8)
     assert whole_bytes == bytes(8)
@@ -481,7 +451,7 @@ def test_a_live_process_slot_is_never_taken_over(arena: SharedArena) -> None:
     zone.own()[:] = b"\x07" * 8
     mine = arena.slot()
     for _ in range(3):
-        _pid, slot = _in_child(lambda: arena.slot())
+        _pid, slot = in_child(lambda: arena.slot())
         assert slot != mine
     assert arena.sweep() == 1  # (the children share one slot, taken over each time)
     assert bytes(zone.own()) == b"\x07" * 8

@@ -10,7 +10,6 @@ import gc
 import logging
 import math
 import os
-import pickle
 import struct
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 
 from ferryman.limits import Limiter, LimitGuard, SharedArena, Verdict, parse_rate
 from ferryman.limits.arena import SWEEP_INTERVAL
+from forked import in_child
 
 SIZE = 64 << 20
 
@@ -33,33 +33,6 @@ def arena() -> SharedArena:
 
 
 # -- forked processes -----------------------------------------------------------------------
-
-
-def _in_child(body: Callable[[], Any]) -> tuple[int, Any]:
-    """Run ``body`` in a forked child, reaped here; returns ``(pid, what body returned)``.
-    The child leaves with ``os._exit``: no cleanup, no finalizers (guards it holds are
-    never released, as with a killed worker)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        try:
-            os.close(r)
-            try:
-                payload = pickle.dumps(("ok", body()))
-            except BaseException:  # noqa: BLE001 - reported to the parent
-                payload = pickle.dumps(("error", traceback.format_exc()))
-            with os.fdopen(w, "wb") as out:
-                out.write(payload)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as inp:
-        data = inp.read()
-    os.waitpid(pid, 0)
-    status, value = pickle.loads(data)
-    if status != "ok":
-        raise AssertionError(f"the child failed:\n{value}")
-    return pid, value
 
 
 _ANSWER = struct.Struct("=q")
@@ -596,9 +569,9 @@ def test_forked_processes_one_after_the_other_share_the_quota(arena: SharedArena
     def tries(now: float) -> Callable[[], int]:
         return lambda: sum(limiter.check(b"k", now=now).admitted for _ in range(30))
 
-    assert _in_child(tries(500.5))[1] == 20
-    assert _in_child(tries(500.5))[1] == 0
-    assert _in_child(tries(502.0))[1] == 20
+    assert in_child(tries(500.5))[1] == 20
+    assert in_child(tries(500.5))[1] == 0
+    assert in_child(tries(502.0))[1] == 20
 
 
 def test_forked_processes_at_once_hold_the_quota_and_lose_no_count(
@@ -636,7 +609,7 @@ def test_units_held_by_a_dead_process_are_given_back_by_sweep(arena: SharedArena
         kept.extend(limiter.check(b"k", now=700.5) for _ in range(2))
         return [v.admitted for v in kept]
 
-    _pid, admitted = _in_child(dies_holding)
+    _pid, admitted = in_child(dies_holding)
     assert admitted == [True, True]
     assert limiter.inflight(b"k") == 2
     mine = limiter.check(b"k", now=700.5)
@@ -664,7 +637,7 @@ def test_check_gives_a_dead_process_units_back_within_the_sweep_interval(
         kept.append(limiter.check(b"k"))
         return kept[0].admitted
 
-    assert _in_child(dies_holding)[1]
+    assert in_child(dies_holding)[1]
     died = time.monotonic()
     deadline = died + SWEEP_INTERVAL + 2.0
     while True:
@@ -728,7 +701,7 @@ def test_rate_and_inflight_read_every_process(arena: SharedArena) -> None:
         guard.release()
         return sum(v.admitted for v in kept)
 
-    assert _in_child(child)[1] == 4
+    assert in_child(child)[1] == 4
     assert limiter.rate(b"k", now=800.5) == 4.0
     assert limiter.rate(b"k", now=801.5) == 2.0
     assert limiter.inflight(b"k") == 3

@@ -395,12 +395,7 @@ class Limiter:
                 x += h2
             inflight = 0
             for o in offsets:
-                least = words[o + cells[0]]
-                for c in cells:
-                    v = words[o + c]
-                    if v < least:
-                        least = v
-                inflight += least
+                inflight += _least(words, o, cells)
             if inflight >= self.concurrency:
                 return Verdict(False, "concurrency", retry_after=1.0)
             if commit:
@@ -435,21 +430,9 @@ class Limiter:
         current = 0
         for o in offsets:
             if words[o + cur_id] == index:
-                b = o + cur_at
-                least = words[b + cells[0]]
-                for c in cells:
-                    v = words[b + c]
-                    if v < least:
-                        least = v
-                current += least
+                current += _least(words, o + cur_at, cells)
             if words[o + prev_id] == index - 1:
-                b = o + prev_at
-                least = words[b + cells[0]]
-                for c in cells:
-                    v = words[b + c]
-                    if v < least:
-                        least = v
-                previous += least
+                previous += _least(words, o + prev_at, cells)
         estimate = previous * (1.0 - fraction) + current
         if estimate >= quota:
             if guard is not None:
@@ -538,6 +521,16 @@ class Limiter:
             for o in self._offsets
             if words[o + slot] == index
         )
+
+
+def _least(words: memoryview, base: int, cells: list[int]) -> int:
+    """A count-min estimate: the least of the counters ``base + cell`` of a sketch."""
+    least: int = words[base + cells[0]]
+    for c in cells:
+        v: int = words[base + c]
+        if v < least:
+            least = v
+    return least
 
 
 _ZEROS: dict[int, memoryview] = {}
