@@ -1,15 +1,20 @@
-"""Shared machinery for the proxy benchmarks (``h1_proxy.py`` and ``suite.py``).
+"""Shared machinery for the proxy benchmarks (``h1_proxy.py``, ``suite.py``, ``cache.py``,
+``limits_compression.py`` and the others).
 
 Process management (own process group, logged, killed by group id), ``/proc`` readers (CPU
-ticks, RSS, the serving process under a master), loopback helpers (free ports, probes,
-config rendering), ``wrk`` output parsing and idle keep-alive client connections.
+ticks, RSS, the serving process under a master, a core's busy time), loopback helpers (free
+ports, probes, config rendering), ``wrk`` runs and output parsing, idle keep-alive client
+connections, and the frame of the one-origin, one-proxy-per-variant benchmarks (``cache.py``
+and ``limits_compression.py``: origin, proxies, CPU per request, report header, raw JSON).
 Nothing here installs anything or talks to anything but 127.0.0.1.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import http.client
+import json
 import os
 import re
 import resource
@@ -19,9 +24,10 @@ import socket
 import ssl
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -303,6 +309,27 @@ def tree_ticks(pid: int) -> int:
     return total
 
 
+def tree_split(pid: int) -> tuple[int, int]:
+    """(utime, stime) ticks of ``pid`` and all its live descendants."""
+    user = system = 0
+    for member in process_tree(pid):
+        fields = _read_stat(member)
+        if fields is not None:
+            user += int(fields[11])
+            system += int(fields[12])
+    return user, system
+
+
+def core_ticks(cpu: int) -> tuple[int, int]:
+    """(total, idle+iowait) jiffies of one core, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        parts = line.split()
+        if parts[0] == f"cpu{cpu}":
+            v = [int(x) for x in parts[1:9]]
+            return sum(v), v[3] + v[4]
+    raise BenchError(f"no cpu{cpu} in /proc/stat")
+
+
 # --------------------------------------------------------------------------------------------
 # Small utilities
 # --------------------------------------------------------------------------------------------
@@ -320,6 +347,13 @@ def free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def replace_once(text: str, old: str, new: str, what: str) -> str:
+    """Replace exactly one occurrence, or fail loudly (the reference config changed)."""
+    if text.count(old) != 1:
+        raise BenchError(f"{what}: expected exactly one {old!r} in the reference config")
+    return text.replace(old, new)
 
 
 def render_config(template: Path, dest: Path, proxy_port: int, origin_port: int) -> Path:
@@ -365,8 +399,35 @@ def probe(
         conn.close()
 
 
-def wait_ready(proc: Managed, port: int, timeout: float, tls: bool = False) -> None:
-    """Poll until ``proc`` answers on ``port`` correctly; raise BenchError otherwise."""
+def fetch(
+    port: int, path: str, headers: Mapping[str, str] | None = None, timeout: float = 5.0
+) -> tuple[int, dict[str, str], bytes]:
+    """GET ``path`` on 127.0.0.1:port with ``Host: bench`` and ``headers``.
+
+    (status, response headers with lower-case names, body); BenchError if the exchange fails.
+    """
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Host": "bench", **(headers or {})})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
+    except (OSError, http.client.HTTPException) as exc:
+        raise BenchError(f"GET {path} on port {port}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        conn.close()
+
+
+def wait_ready(
+    proc: Managed,
+    port: int,
+    timeout: float,
+    tls: bool = False,
+    path: str = "/",
+    expected: bytes | None = EXPECTED_BODY,
+) -> None:
+    """Poll until ``proc`` answers on ``port`` correctly (see ``probe`` for ``path`` and
+    ``expected``); raise BenchError otherwise."""
     deadline = time.monotonic() + timeout
     last = "no attempt"
     while time.monotonic() < deadline:
@@ -377,7 +438,7 @@ def wait_ready(proc: Managed, port: int, timeout: float, tls: bool = False) -> N
                 f"{proc.name} exited with code {proc.proc.returncode} before answering: "
                 f"{last}\noutput:\n{tail}"
             )
-        last = probe(port, tls=tls) or ""
+        last = probe(port, tls=tls, path=path, expected=expected) or ""
         if not last:
             return
         time.sleep(0.1)
@@ -412,6 +473,27 @@ def ferryman_command(
         shim += "sys.exit(main())"
         return [sys.executable, "-c", shim, *args], child_env
     raise BenchError("no 'ferryman' on PATH and src/ferryman has no __main__.py or cli.py")
+
+
+def ferryman_python(code: str) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` (30 s at most) in the environment ``ferryman_command`` gives ferryman,
+    so it imports the ferryman the proxies will run."""
+    _, env = ferryman_command(None, ["--version"])
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, env=env
+    )
+
+
+def ferryman_build() -> str:
+    """ferryman's version and whether its engine is pure Python or mypyc-compiled."""
+    code = (
+        "import ferryman, ferryman.proxy.engine as e; "
+        "print(ferryman.__version__, e.__file__.endswith('.py'))"
+    )
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired, ValueError):
+        version, pure = ferryman_python(code).stdout.split()
+        return f"ferryman {version}, " + ("pure Python" if pure == "True" else "mypyc-compiled")
+    return "ferryman (version unknown)"
 
 
 def taskset(cpu: int, argv: Sequence[str]) -> list[str]:
@@ -489,8 +571,16 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def run_wrk(cpu: int, port: int, connections: int, duration: int) -> tuple[WrkResult, str]:
-    """Run wrk pinned to ``cpu`` against 127.0.0.1:port; return parsed result and raw text."""
+def run_wrk(
+    cpu: int,
+    port: int,
+    connections: int,
+    duration: int,
+    path: str = "/",
+    headers: Sequence[str] = (),
+) -> tuple[WrkResult, str]:
+    """Run wrk pinned to ``cpu`` against 127.0.0.1:port ``path``, sending each of ``headers``
+    (``"Name: value"``) with ``-H``; return parsed result and raw text."""
     argv = taskset(
         cpu,
         [
@@ -499,7 +589,8 @@ def run_wrk(cpu: int, port: int, connections: int, duration: int) -> tuple[WrkRe
             f"-c{connections}",
             f"-d{duration}s",
             "--latency",
-            f"http://127.0.0.1:{port}/",
+            *(arg for header in headers for arg in ("-H", header)),
+            f"http://127.0.0.1:{port}{path}",
         ],
     )
     try:
@@ -511,6 +602,295 @@ def run_wrk(cpu: int, port: int, connections: int, duration: int) -> tuple[WrkRe
     if out.returncode != 0:
         raise BenchError(f"wrk failed (exit {out.returncode}): {out.stderr.strip() or out.stdout}")
     return parse_wrk(out.stdout), out.stdout
+
+
+def wrk_bytes_read(output: str) -> int:
+    """The bytes wrk read (``... requests in 5.00s, 12.34MB read``), 0 if not found."""
+    m = re.search(r"requests in [\d.]+\w+, ([\d.]+)([KMGT]?B) read", output)
+    scale = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
+    return int(float(m.group(1)) * scale[m.group(2)]) if m else 0
+
+
+@dataclass
+class CpuSample:
+    """A proxy's CPU over one measured wrk run: per request (its whole process tree's utime
+    and stime), and how busy its tree (CPU seconds per second) and the load core were."""
+
+    rps: float
+    cpu_us: float
+    user_us: float
+    sys_us: float
+    busy: float
+    load_busy: float
+
+    def summary(self) -> str:
+        """req/s, CPU µs per request (user, sys) and busy proxy/load, for a progress line."""
+        return (
+            f"{self.rps:9,.0f} req/s {self.cpu_us:6.2f} us CPU/req (user {self.user_us:.2f}, "
+            f"sys {self.sys_us:.2f}), busy {self.busy:.0%}/{self.load_busy:.0%}"
+        )
+
+
+def measure_tree_cpu(
+    pid: int, load_cpu: int, port: int, connections: int, duration: int,
+    path: str = "/", headers: Sequence[str] = (),
+) -> tuple[CpuSample, WrkResult, float]:
+    """``run_wrk`` on ``load_cpu`` while reading the CPU ticks of ``pid``'s process tree and
+    of the load core: (the CPU sample, wrk's result, wrk's bytes read per response)."""
+    u0, s0 = tree_split(pid)
+    c0 = core_ticks(load_cpu)
+    t0 = time.monotonic()
+    result, raw = run_wrk(load_cpu, port, connections, duration, path, headers)
+    wall = time.monotonic() - t0
+    u1, s1 = tree_split(pid)
+    c1 = core_ticks(load_cpu)
+    n = max(1, result.requests)
+    user = (u1 - u0) / CLK_TCK * 1e6 / n
+    system = (s1 - s0) / CLK_TCK * 1e6 / n
+    sample = CpuSample(
+        rps=result.rps,
+        cpu_us=user + system,
+        user_us=user,
+        sys_us=system,
+        busy=((u1 - u0) + (s1 - s0)) / CLK_TCK / wall,
+        load_busy=1 - (c1[1] - c0[1]) / max(1, c1[0] - c0[0]),
+    )
+    return sample, result, wrk_bytes_read(raw) / n
+
+
+# --------------------------------------------------------------------------------------------
+# One nginx origin and one proxy per variant (cache.py, limits_compression.py)
+# --------------------------------------------------------------------------------------------
+
+LOAD_TOOLS = ("nginx", "wrk", "taskset")
+#: (variant name, its dir, its port, the origin's port) -> (argv, environment or None)
+ProxyCommand = Callable[[str, Path, int, int], tuple[list[str], dict[str, str] | None]]
+
+
+def has_tool(tool: str) -> bool:
+    """True if ``tool`` is on PATH or in /usr/sbin."""
+    return bool(shutil.which(tool)) or Path(f"/usr/sbin/{tool}").exists()
+
+
+def sbin_tool(tool: str) -> str:
+    """``tool`` on PATH, else /usr/sbin/<tool> (where Debian puts nginx and haproxy)."""
+    return shutil.which(tool) or f"/usr/sbin/{tool}"
+
+
+def require_load_tools() -> None:
+    """BenchError naming the packages to install if nginx, wrk or taskset is missing."""
+    for tool in LOAD_TOOLS:
+        if not has_tool(tool):
+            raise BenchError(f"missing {tool}: apt-get install -y nginx wrk util-linux")
+
+
+def bench_main(
+    doc: str,
+    subsets: Mapping[str, Collection[str]],
+    keep_help: str,
+    run: Callable[[argparse.Namespace], int],
+) -> int:
+    """Parse the command line of the benchmark ``doc`` describes, then ``run(args)`` under
+    ``guarded_main``: its exit status.
+
+    Options: --seconds, --rounds, --connections; one ``--<name>`` per ``subsets`` entry (a
+    comma-separated subset of its choices, all by default; anything else is a usage error);
+    --ferryman-bin; --keep-tmp (``keep_help`` says what it keeps).
+    """
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--seconds", type=int, default=5, help="measured wrk run (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, rotated (default 3)")
+    p.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
+    for name, choices in subsets.items():
+        p.add_argument(
+            f"--{name}",
+            type=lambda s: s.split(","),
+            default=list(choices),
+            help="subset of " + ",".join(choices),
+        )
+    p.add_argument("--ferryman-bin", default=None)
+    p.add_argument("--keep-tmp", action="store_true", help=keep_help)
+    args = p.parse_args()
+    for name, choices in subsets.items():
+        unknown = set(getattr(args, name)) - set(choices)
+        if unknown:
+            p.error(f"unknown: {', '.join(sorted(unknown))}")
+    return guarded_main(lambda: run(args), "stopped the origin and every proxy")
+
+
+def log_estimate(what: str, cells: int, rounds: int, per: float) -> None:
+    """Log how long a run will take: ``what`` (its cells, in words), then ``cells`` cells of
+    ``per`` seconds each, ``rounds`` times."""
+    log(f"{what} x {rounds} rounds x ~{per:.1f} s: about {cells * rounds * per / 60:.1f} min")
+
+
+def make_workdir(prefix: str, subdir: str) -> tuple[Path, Path]:
+    """A new temp dir (enterable by nginx workers running as nobody) with ``files/<subdir>``
+    (readable by all) for the origin's files: (the dir, its ``files``)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    work.chmod(0o711)
+    files = work / "files"
+    (files / subdir).mkdir(parents=True)
+    files.chmod(0o755)
+    (files / subdir).chmod(0o755)
+    return work, files
+
+
+def nginx_argv(prefix: Path, conf: Path) -> list[str]:
+    """nginx in the foreground with prefix ``prefix`` and config ``conf``, logging to stderr."""
+    return [sbin_tool("nginx"), "-p", f"{prefix}/", "-c", str(conf), "-e", "stderr"]
+
+
+def nginx_proxy_config(
+    dest: Path, port: int, origin: int, http_lines: str = "", location_lines: str = ""
+) -> Path:
+    """The reference proxy (``configs/proxy-nginx.conf``) with ``http_lines`` after its
+    ``access_log off;`` and ``location_lines`` after its ``proxy_set_header Connection "";``
+    (each: lines with their indentation, joined by newlines; "" adds nothing)."""
+    render_config(CONFIG_DIR / "proxy-nginx.conf", dest, port, origin)
+    t = dest.read_text()
+    for anchor, lines in (
+        ("  access_log off;", http_lines),
+        ('proxy_set_header Connection "";', location_lines),
+    ):
+        if lines:
+            t = replace_once(t, anchor, f"{anchor}\n{lines}", "nginx")
+    dest.write_text(t)
+    return dest
+
+
+def ferryman_proxy(
+    ferryman_bin: str | None, d: Path, port: int, origin: int, route_extra: str
+) -> tuple[list[str], dict[str, str]]:
+    """Write ``d/ferryman.yaml`` (like the suite's: one worker, ``forwarded`` headers off; one
+    listener on ``port`` with the route ``{upstream: origin<route_extra>}`` to ``origin``):
+    the argv and environment of ``ferryman run`` with it."""
+    conf = d / "ferryman.yaml"
+    conf.write_text(
+        "server:\n"
+        "  workers: 1\n"
+        "  forwarded: {x_forwarded_for: false, x_forwarded_proto: false, "
+        "x_forwarded_host: false}\n"
+        "listeners:\n"
+        f'  - bind: "127.0.0.1:{port}"\n'
+        f"    routes: [{{upstream: origin{route_extra}}}]\n"
+        "upstreams:\n"
+        "  origin:\n"
+        f'    servers: ["127.0.0.1:{origin}"]\n'
+    )
+    return ferryman_command(ferryman_bin, ["run", "-c", str(conf)])
+
+
+def start_origin(work: Path, locations: str, cpu: int) -> tuple[Managed, int]:
+    """The reference origin (``configs/origin-nginx.conf``) with ``locations`` (nginx
+    ``location`` lines, each ending in a newline) before its ``location /``, on a free port,
+    pinned to ``cpu``: (the process, its port)."""
+    port = free_ports(1)[0]
+    conf = work / "origin.conf"
+    render_config(CONFIG_DIR / "origin-nginx.conf", conf, 0, port)
+    anchor = "    location / {"
+    conf.write_text(replace_once(conf.read_text(), anchor, locations + anchor, "origin"))
+    (work / "o").mkdir()
+    return Managed("origin", taskset(cpu, nginx_argv(work / "o", conf)), work), port
+
+
+@dataclass
+class Proxy:
+    """A started proxy: its name, process and port, and what its checks showed (by cell)."""
+
+    name: str
+    proc: Managed
+    port: int
+    evidence: dict[str, str] = field(default_factory=dict)
+
+
+def start_proxies(
+    work: Path, names: Sequence[str], cpu: int, origin_port: int, command: ProxyCommand
+) -> dict[str, Proxy]:
+    """Start one proxy per name, pinned to ``cpu``, each on a free port with its own dir
+    ``work/<name>``: ``command(name, dir, port, origin_port)`` writes its config there and
+    returns its argv and environment (None: this one's)."""
+    proxies: dict[str, Proxy] = {}
+    for name, port in zip(names, free_ports(len(names)), strict=True):
+        d = work / name
+        d.mkdir(mode=0o755)
+        argv, env = command(name, d, port, origin_port)
+        proxies[name] = Proxy(name, Managed(name, taskset(cpu, argv), work, env=env), port)
+    return proxies
+
+
+@contextlib.contextmanager
+def origin_and_proxies(
+    work: Path,
+    locations: str,
+    ready_path: str,
+    names: Sequence[str],
+    command: ProxyCommand,
+    cpus: tuple[int, int],
+    keep: bool,
+) -> Iterator[tuple[int, dict[str, Proxy]]]:
+    """The processes of a run, for a ``with`` block: the origin (``start_origin``: the
+    reference plus ``locations``) on the load core and the proxies (``start_proxies``) on the
+    proxy core, ``cpus`` = (proxy core, load core); this process moves to the load core.
+    Yields (the origin's port, the proxies) once the origin serves ``ready_path`` (10 s at
+    most); then stops them all and removes ``work`` unless ``keep`` (then says where it is).
+    """
+    proxy_cpu, load_cpu = cpus
+    origin, origin_port = start_origin(work, locations, load_cpu)
+    proxies: dict[str, Proxy] = {}
+    try:
+        os.sched_setaffinity(0, {load_cpu})
+        proxies = start_proxies(work, names, proxy_cpu, origin_port, command)
+        wait_ready(origin, origin_port, 10, path=ready_path, expected=None)
+        yield origin_port, proxies
+    finally:
+        for proxy in proxies.values():
+            proxy.proc.stop()
+        origin.stop()
+        if keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def print_header(
+    script: str,
+    versions: Sequence[str],
+    args: argparse.Namespace,
+    warmup: int,
+    cpus: tuple[int, int],
+    elapsed: float,
+) -> None:
+    """The lines above a results table: the command, the date and ``versions``, and how the
+    run went (wrk's options, ``warmup`` seconds, ``cpus`` = (proxy core, load core), rounds,
+    time taken)."""
+    command = " ".join([f"python benchmarks/{script}", *sys.argv[1:]])
+    print(f"Command: `{command}`  ")
+    print(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {'; '.join(versions)}  ")
+    print(
+        f"`wrk -t1 -c{args.connections} -d{args.seconds}s` keep-alive GETs after "
+        f"{warmup} s of warm-up; proxy on core {cpus[0]}, "
+        f"wrk and origin on core {cpus[1]}; "
+        f"{args.rounds} rounds, rotated (medians, CPU range in brackets); "
+        f"CPU = the proxy's whole process tree; took {elapsed:.0f} s"
+    )
+    print()
+
+
+def write_raw(
+    stem: str, results: Mapping[tuple[str, str], Sequence[object]], **extra: object
+) -> None:
+    """Write ``out/<stem>-<timestamp>.json`` and say where: ``argv``, ``results`` (cell
+    ``"a/b"`` -> each round's sample as a dict), then ``extra``."""
+    data = {
+        "argv": sys.argv,
+        "results": {f"{a}/{b}": [vars(x) for x in v] for (a, b), v in results.items()},
+        **extra,
+    }
+    OUT_DIR.mkdir(exist_ok=True)
+    out = OUT_DIR / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps(data, indent=1))
+    log(f"raw results: {out}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,20 +57,15 @@ Loopback only; every subprocess has a timeout.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
-import http.client
 import json
-import os
 import random
-import re
-import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import brotli
@@ -79,24 +74,27 @@ import zstandard
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchlib import (  # noqa: E402
-    CLK_TCK,
-    CONFIG_DIR,
-    OUT_DIR,
-    WRK_EXTRA_TIMEOUT,
     BenchError,
-    Managed,
-    WrkResult,
-    ferryman_command,
-    free_ports,
-    guarded_main,
+    CpuSample,
+    Proxy,
+    bench_main,
+    ferryman_build,
+    ferryman_proxy,
+    fetch,
     log,
-    parse_wrk,
-    render_config,
-    taskset,
+    log_estimate,
+    make_workdir,
+    measure_tree_cpu,
+    nginx_argv,
+    nginx_proxy_config,
+    origin_and_proxies,
+    print_header,
+    require_load_tools,
+    run_wrk,
     tool_version,
+    wait_ready,
+    write_raw,
 )
-
-from cache import core_ticks, ferryman_build, replace_once, tree_split  # noqa: E402
 
 PROXY_CPU, LOAD_CPU = 0, 1
 WARMUP_SECONDS = 1
@@ -216,67 +214,34 @@ def realistic_json(target: int, seed: int = 9) -> bytes:
         out = candidate
 
 
-def origin_config(dest: Path, port: int, files: Path) -> Path:
-    """The reference origin plus /d/ (files, with their media types; no compression)."""
-    render_config(CONFIG_DIR / "origin-nginx.conf", dest, 0, port)
-    extra = (
+def origin_locations(files: Path) -> str:
+    """What the origin adds to the reference: /d/ (files, with their media types; no
+    compression)."""
+    return (
         f"    location /d/ {{ root {files}; "
         "types { application/json json; application/octet-stream bin; } }\n"
-        "    location / {"
     )
-    dest.write_text(replace_once(dest.read_text(), "    location / {", extra, "origin"))
-    return dest
 
 
 def nginx_config(dest: Path, port: int, origin: int, variant: str) -> Path:
-    render_config(CONFIG_DIR / "proxy-nginx.conf", dest, port, origin)
-    t = dest.read_text()
-    if variant == "nginx-limit":
-        t = replace_once(
-            t,
-            "  access_log off;",
-            "  access_log off;\n"
+    """The reference proxy, plus the limits (``nginx-limit``) or gzip (``nginx-gzip``)."""
+    extras = {
+        "nginx-proxy": ("", ""),
+        "nginx-limit": (
             "  limit_req_zone $binary_remote_addr zone=r:10m rate=1000000r/s;\n"
             "  limit_conn_zone $binary_remote_addr zone=c:10m;",
-            "nginx",
-        )
-        t = replace_once(
-            t,
-            'proxy_set_header Connection "";',
-            'proxy_set_header Connection "";\n'
             "      limit_req zone=r burst=1000000 nodelay;\n"
             f"      limit_conn c {NGINX_CONN_LIMIT};",
-            "nginx",
-        )
-    elif variant == "nginx-gzip":
-        t = replace_once(
-            t,
-            "  access_log off;",
-            "  access_log off;\n"
+        ),
+        "nginx-gzip": (
             "  gzip on; gzip_comp_level 5; gzip_types application/json; "
             "gzip_min_length 1024; gzip_proxied any;",
-            "nginx",
-        )
-    elif variant != "nginx-proxy":
+            "",
+        ),
+    }
+    if variant not in extras:
         raise BenchError(f"no nginx config for {variant}")
-    dest.write_text(t)
-    return dest
-
-
-def ferryman_config(dest: Path, port: int, origin: int, extra: str) -> Path:
-    dest.write_text(
-        "server:\n"
-        "  workers: 1\n"
-        "  forwarded: {x_forwarded_for: false, x_forwarded_proto: false, "
-        "x_forwarded_host: false}\n"
-        "listeners:\n"
-        f'  - bind: "127.0.0.1:{port}"\n'
-        f"    routes: [{{upstream: origin{extra}}}]\n"
-        "upstreams:\n"
-        "  origin:\n"
-        f'    servers: ["127.0.0.1:{origin}"]\n'
-    )
-    return dest
+    return nginx_proxy_config(dest, port, origin, *extras[variant])
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,20 +249,9 @@ def ferryman_config(dest: Path, port: int, origin: int, extra: str) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def get(port: int, path: str, accept: str | None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    headers = {"Host": "bench"}
-    if accept is not None:
-        headers["Accept-Encoding"] = accept
-    try:
-        conn.request("GET", path, headers=headers)
-        resp = conn.getresponse()
-        body = resp.read()
-        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, body
-    except (OSError, http.client.HTTPException) as exc:
-        raise BenchError(f"GET {path} on port {port}: {type(exc).__name__}: {exc}") from exc
-    finally:
-        conn.close()
+def accept_encoding(accept: str | None) -> dict[str, str]:
+    """The request header that asks for ``accept`` (none for None)."""
+    return {} if accept is None else {"Accept-Encoding": accept}
 
 
 def decode(coding: str, data: bytes) -> bytes:
@@ -314,7 +268,7 @@ def decode(coding: str, data: bytes) -> bytes:
 def verify(name: str, port: int, sc: Scenario, body: bytes) -> tuple[int, str]:
     """One GET through ``name``: (the body's size on the wire, evidence for the report)."""
     accept, expected = sc.variants[name]
-    status, headers, got = get(port, sc.path, accept)
+    status, headers, got = fetch(port, sc.path, accept_encoding(accept))
     coding = headers.get("content-encoding")
     where = f"{name} {sc.path} (Accept-Encoding: {accept or '-'})"
     if status != 200:
@@ -335,38 +289,8 @@ def verify(name: str, port: int, sc: Scenario, body: bytes) -> tuple[int, str]:
     return len(got), evidence
 
 
-def run_wrk(
-    port: int, path: str, accept: str | None, connections: int, seconds: int
-) -> tuple[WrkResult, int]:
-    """wrk pinned to the load core: (parsed result, bytes read)."""
-    header = ["-H", f"Accept-Encoding: {accept}"] if accept else []
-    argv = taskset(
-        LOAD_CPU,
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", *header,
-         f"http://127.0.0.1:{port}{path}"],
-    )
-    try:
-        out = subprocess.run(
-            argv, capture_output=True, text=True, timeout=seconds + WRK_EXTRA_TIMEOUT
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise BenchError(f"wrk did not finish within {seconds + WRK_EXTRA_TIMEOUT:.0f}s") from exc
-    if out.returncode != 0:
-        raise BenchError(f"wrk failed (exit {out.returncode}): {out.stderr.strip() or out.stdout}")
-    m = re.search(r"requests in [\d.]+\w+, ([\d.]+)([KMGT]?B) read", out.stdout)
-    scale = {"B": 1, "KB": 1024, "MB": 1024**2, "GB": 1024**3, "TB": 1024**4}
-    read = int(float(m.group(1)) * scale[m.group(2)]) if m else 0
-    return parse_wrk(out.stdout), read
-
-
 @dataclass
-class Sample:
-    rps: float
-    cpu_us: float
-    user_us: float
-    sys_us: float
-    busy: float
-    load_busy: float
+class Sample(CpuSample):
     bytes_per_resp: float
     body_bytes: int
     p99_us: float
@@ -374,57 +298,19 @@ class Sample:
     socket_errors: int
 
 
-@dataclass
-class Proxy:
-    name: str
-    proc: Managed
-    port: int
-    evidence: dict[str, str] = field(default_factory=dict)
-
-
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
 
 
-def start_proxies(
-    args: argparse.Namespace, work: Path, origin_port: int, names: list[str]
-) -> dict[str, Proxy]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    ports = free_ports(len(names))
-    proxies: dict[str, Proxy] = {}
-    for name, port in zip(names, ports, strict=True):
-        d = work / name
-        d.mkdir(mode=0o755)
-        env = None
-        if name.startswith("nginx"):
-            conf = nginx_config(d / "nginx.conf", port, origin_port, name)
-            argv = [nginx, "-p", f"{d}/", "-c", str(conf), "-e", "stderr"]
-        else:
-            conf = ferryman_config(d / "ferryman.yaml", port, origin_port, FERRYMAN_ROUTES[name])
-            argv, env = ferryman_command(args.ferryman_bin, ["run", "-c", str(conf)])
-        proxies[name] = Proxy(name, Managed(name, taskset(PROXY_CPU, argv), work, env=env), port)
-    return proxies
-
-
-def wait_up(proxy: Proxy, path: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if not proxy.proc.alive():
-            raise BenchError(
-                f"{proxy.name} exited with code {proxy.proc.proc.returncode}:\n"
-                f"{proxy.proc.log_tail()}"
-            )
-        try:
-            status, _, _ = get(proxy.port, path, None)
-            if status == 200:
-                return
-            last = f"HTTP {status}"
-        except BenchError as exc:
-            last = str(exc)
-        time.sleep(0.1)
-    raise BenchError(f"{proxy.name} not answering ({last}):\n{proxy.proc.log_tail()}")
+def proxy_command(
+    args: argparse.Namespace, name: str, d: Path, port: int, origin_port: int
+) -> tuple[list[str], dict[str, str] | None]:
+    """Variant ``name`` (nginx or ferryman, with a limit, a compression or neither)
+    configured in ``d``: its argv and environment (None: ours)."""
+    if name.startswith("nginx"):
+        return nginx_argv(d, nginx_config(d / "nginx.conf", port, origin_port, name)), None
+    return ferryman_proxy(args.ferryman_bin, d, port, origin_port, FERRYMAN_ROUTES[name])
 
 
 def measure(
@@ -433,27 +319,16 @@ def measure(
     sc = SCENARIOS[scenario]
     accept = sc.variants[proxy.name][0]
     size, proxy.evidence[scenario] = verify(proxy.name, proxy.port, sc, body)
-    run_wrk(proxy.port, sc.path, accept, args.connections, WARMUP_SECONDS)
-    u0, s0 = tree_split(proxy.proc.pid)
-    c0 = core_ticks(LOAD_CPU)
-    t0 = time.monotonic()
-    result, read = run_wrk(proxy.port, sc.path, accept, args.connections, args.seconds)
-    wall = time.monotonic() - t0
-    u1, s1 = tree_split(proxy.proc.pid)
-    c1 = core_ticks(LOAD_CPU)
+    header = [f"Accept-Encoding: {accept}"] if accept else []
+    run_wrk(LOAD_CPU, proxy.port, args.connections, WARMUP_SECONDS, sc.path, header)
+    cpu, result, per_resp = measure_tree_cpu(
+        proxy.proc.pid, LOAD_CPU, proxy.port, args.connections, args.seconds, sc.path, header
+    )
     if not proxy.proc.alive():
         raise BenchError(f"{proxy.name} exited during the run:\n{proxy.proc.log_tail()}")
-    n = max(1, result.requests)
-    user = (u1 - u0) / CLK_TCK * 1e6 / n
-    system = (s1 - s0) / CLK_TCK * 1e6 / n
     return Sample(
-        rps=result.rps,
-        cpu_us=user + system,
-        user_us=user,
-        sys_us=system,
-        busy=((u1 - u0) + (s1 - s0)) / CLK_TCK / wall,
-        load_busy=1 - (c1[1] - c0[1]) / max(1, c1[0] - c0[0]),
-        bytes_per_resp=read / n,
+        **vars(cpu),
+        bytes_per_resp=per_resp,
         body_bytes=size,
         p99_us=result.p99_us,
         non_2xx=result.non_2xx_3xx,
@@ -462,24 +337,14 @@ def measure(
 
 
 def run(args: argparse.Namespace) -> int:
-    for tool in ("nginx", "wrk", "taskset"):
-        if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
-            raise BenchError(f"missing {tool}: apt-get install -y nginx wrk util-linux")
+    require_load_tools()
     scenarios = [s for s in SCENARIOS if s in args.scenarios]
     cells = [(s, v) for s in scenarios for v in SCENARIOS[s].variants]
     names = list(dict.fromkeys(v for _, v in cells))
     per = WARMUP_SECONDS + args.seconds + 0.5
-    log(
-        f"{len(names)} proxies, {len(cells)} cells x {args.rounds} rounds x ~{per:.1f} s: "
-        f"about {len(cells) * args.rounds * per / 60:.1f} min"
-    )
+    log_estimate(f"{len(names)} proxies, {len(cells)} cells", len(cells), args.rounds, per)
     started = time.monotonic()
-    work = Path(tempfile.mkdtemp(prefix="ferryman-limitbench-"))
-    work.chmod(0o711)
-    files = work / "files"
-    (files / "d").mkdir(parents=True)
-    files.chmod(0o755)
-    (files / "d").chmod(0o755)
+    work, files = make_workdir("ferryman-limitbench-", "d")
     bodies = {
         "limit": random.Random(1).randbytes(SMALL_SIZE),
         "gzip": realistic_json(JSON_TARGET),
@@ -489,31 +354,25 @@ def run(args: argparse.Namespace) -> int:
         f.write_bytes(data)
         f.chmod(0o644)
     json.loads(bodies["gzip"])  # it is JSON
-    origin_port = free_ports(1)[0]
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-    origin_config(work / "origin.conf", origin_port, files)
-    (work / "o").mkdir()
-    origin = Managed(
-        "origin",
-        taskset(LOAD_CPU, [nginx, "-p", f"{work / 'o'}/", "-c", str(work / "origin.conf"),
-                           "-e", "stderr"]),
-        work,
-    )
     results: dict[tuple[str, str], list[Sample]] = {}
     failed: dict[tuple[str, str], str] = {}
-    proxies: dict[str, Proxy] = {}
-    try:
-        os.sched_setaffinity(0, {LOAD_CPU})
-        proxies = start_proxies(args, work, origin_port, names)
-        wait_up(Proxy("origin", origin, origin_port), SMALL_PATH, 10)
-        status, headers, got = get(origin_port, JSON_PATH, "gzip")
+    with origin_and_proxies(
+        work,
+        origin_locations(files),
+        SMALL_PATH,
+        names,
+        functools.partial(proxy_command, args),
+        (PROXY_CPU, LOAD_CPU),
+        args.keep_tmp,
+    ) as (origin_port, proxies):
+        status, headers, got = fetch(origin_port, JSON_PATH, accept_encoding("gzip"))
         if status != 200 or got != bodies["gzip"] or "content-encoding" in headers:
             raise BenchError(f"origin {JSON_PATH}: HTTP {status}, {headers}")
         if headers.get("content-type") != "application/json":
             raise BenchError(f"origin {JSON_PATH}: Content-Type {headers.get('content-type')}")
         for name, proxy in proxies.items():
             try:
-                wait_up(proxy, SMALL_PATH, 30)
+                wait_ready(proxy.proc, proxy.port, 30, path=SMALL_PATH, expected=None)
             except BenchError as exc:
                 log(f"{name} did not start: {exc}")
                 for cell in cells:
@@ -534,21 +393,11 @@ def run(args: argparse.Namespace) -> int:
                 results.setdefault((scenario, name), []).append(s)
                 flag = " !!" if s.non_2xx or s.socket_errors else ""
                 log(
-                    f"round {rnd + 1} {scenario:5} {name:15}: {s.rps:9,.0f} req/s "
-                    f"{s.cpu_us:6.2f} us CPU/req (user {s.user_us:.2f}, sys "
-                    f"{s.sys_us:.2f}), busy {s.busy:.0%}/{s.load_busy:.0%}, body "
+                    f"round {rnd + 1} {scenario:5} {name:15}: {s.summary()}, body "
                     f"{s.body_bytes:,} B, {s.bytes_per_resp:,.0f} B/resp, non-2xx "
                     f"{s.non_2xx}, socket errors {s.socket_errors}{flag}"
                 )
         evidence = {name: dict(p.evidence) for name, p in proxies.items()}
-    finally:
-        for proxy in proxies.values():
-            proxy.proc.stop()
-        origin.stop()
-        if args.keep_tmp:
-            log(f"kept {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     elapsed = time.monotonic() - started
     sizes = {s: len(b) for s, b in bodies.items()}
     return report(args, cells, results, failed, evidence, sizes, elapsed)
@@ -567,20 +416,9 @@ def report(
         return statistics.median(getattr(s, attr) for s in results[cell])
 
     bad = len(failed)
-    command = " ".join(["python benchmarks/limits_compression.py", *sys.argv[1:]])
-    print(f"Command: `{command}`  ")
-    print(
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-        f"{tool_version(['nginx', '-v'])}; {ferryman_build()}  "
-    )
-    print(
-        f"`wrk -t1 -c{args.connections} -d{args.seconds}s` keep-alive GETs after "
-        f"{WARMUP_SECONDS} s of warm-up; proxy on core {PROXY_CPU}, "
-        f"wrk and origin on core {LOAD_CPU}; "
-        f"{args.rounds} rounds, rotated (medians, CPU range in brackets); "
-        f"CPU = the proxy's whole process tree; took {elapsed:.0f} s"
-    )
-    print()
+    versions = [tool_version(["nginx", "-v"]), ferryman_build()]
+    cpus = (PROXY_CPU, LOAD_CPU)
+    print_header("limits_compression.py", versions, args, WARMUP_SECONDS, cpus, elapsed)
     print(
         "| scenario | variant | Accept-Encoding → Content-Encoding | body B | req/s | "
         "CPU µs/req | user / sys µs | CPU vs base | req/s vs base | busy proxy / load | "
@@ -656,42 +494,13 @@ def report(
     )
     for cell, reason in failed.items():
         print(f"\n**{cell[0]} / {cell[1]} failed:** {reason}")
-    OUT_DIR.mkdir(exist_ok=True)
-    out = OUT_DIR / f"limits_compression-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "argv": sys.argv,
-                "results": {f"{s}/{n}": [vars(x) for x in v] for (s, n), v in results.items()},
-                "failed": {f"{s}/{n}": r for (s, n), r in failed.items()},
-                "evidence": evidence,
-                "sizes": sizes,
-            },
-            indent=1,
-        )
-    )
-    log(f"raw results: {out}")
+    failed_by_name = {f"{s}/{n}": r for (s, n), r in failed.items()}
+    write_raw("limits_compression", results, failed=failed_by_name, evidence=evidence, sizes=sizes)
     return 1 if bad else 0
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seconds", type=int, default=5, help="measured wrk run (default 5)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds, rotated (default 3)")
-    p.add_argument("--connections", type=int, default=50, help="wrk -c (default 50)")
-    p.add_argument(
-        "--scenarios",
-        type=lambda s: s.split(","),
-        default=list(SCENARIOS),
-        help="subset of " + ",".join(SCENARIOS),
-    )
-    p.add_argument("--ferryman-bin", default=None)
-    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs")
-    args = p.parse_args()
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown:
-        p.error(f"unknown: {', '.join(sorted(unknown))}")
-    return guarded_main(lambda: run(args), "stopped the origin and every proxy")
+    return bench_main(__doc__, {"scenarios": SCENARIOS}, "keep configs and logs", run)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from benchlib import (
     open_idle_connections,
     process_tree,
     render_config,
+    replace_once,
     rss_bytes,
     serving_pid,
     still_open,
@@ -508,13 +509,6 @@ def h2load_fixed_rate(
 # --------------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------------
-
-
-def replace_once(text: str, old: str, new: str, what: str) -> str:
-    """Replace exactly one occurrence, or fail loudly (the reference config changed)."""
-    if text.count(old) != 1:
-        raise BenchError(f"{what}: expected exactly one {old!r} in the reference config")
-    return text.replace(old, new)
 
 
 def origin_config(

@@ -21,6 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from e2e_util import ProxyProcess, start_ferryman
 from load_util import paced_load, per_second
+from reload_util import wait_workers
 
 from origin import free_port
 
@@ -120,8 +121,7 @@ def test_100_per_second_on_one_address_over_two_workers(tmp_path: Path) -> None:
         '      - respond: {status: 200, body: "ok"}\n        limit: {rate: 100/s, headers: true}\n',
     )
     try:
-        workers = proxy.worker_pids()
-        assert len(workers) == 2
+        workers = wait_workers(proxy, 2)  # (the port answers before the fork is done)
         before = [_cpu(pid) for pid in workers]
         results = asyncio.run(
             paced_load(

@@ -40,6 +40,7 @@ NAMES = {
     "ferryman_config_reloads_total": "counter",
     "ferryman_config_last_reload_success_timestamp_seconds": "gauge",
     "ferryman_cache_requests_total": "counter",
+    "ferryman_limited_requests_total": "counter",
 }
 
 
