@@ -563,3 +563,17 @@ def test_the_sync_task_notices_the_outage_and_the_recovery(
             await _close(limiter)
 
     _run(test)
+
+
+def test_a_closed_limiter_does_not_sync_again(server: RedisServer, name: str) -> None:
+    """After close (a replaced config's limiter), requests still being checked do not
+    start a new sync task."""
+    limiter = FleetLimiter("100/s", redis=server.url, name=name, arena=SharedArena(SIZE))
+
+    async def test() -> None:
+        assert limiter.check(b"k").admitted
+        await limiter.close()
+        assert limiter.check(b"k").admitted
+        assert limiter._task is None
+
+    _run(test)

@@ -159,6 +159,7 @@ class FleetLimiter:
         self._keys: OrderedDict[bytes, _KeyState] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._sync_lock: asyncio.Lock | None = None
+        self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
         #: whether Redis answered the last sync (or none failed yet)
         self.healthy = True
@@ -261,7 +262,7 @@ class FleetLimiter:
 
     def _ensure_task(self) -> None:
         task = self._task
-        if task is not None and not task.done():
+        if (task is not None and not task.done()) or self._closed:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -275,7 +276,10 @@ class FleetLimiter:
         self._ensure_task()
 
     async def close(self) -> None:
-        """Stop syncing and close the Redis connections this limiter made."""
+        """Stop syncing for good (requests still checked afterwards, e.g. those of a
+        replaced config finishing, are judged on what is known) and close the Redis
+        connections this limiter made."""
+        self._closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
