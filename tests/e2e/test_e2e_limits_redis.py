@@ -56,8 +56,8 @@ def test_two_servers_share_100_per_second_and_fail_open(
 ) -> None:
     """150 r/s from one address to each of two servers: together they let 100 ± 10
     through each second. Redis is then killed: both keep answering 200 every second,
-    each holding the limit by itself (at most 105 a second), and each logs the outage
-    once."""
+    each holding the limit by itself (at most 105 a second once the switch is over),
+    and each logs the outage once."""
     one = _server(tmp_path, "one", redis_server)
     two = _server(tmp_path, "two", redis_server)
     try:
@@ -80,13 +80,16 @@ def test_two_servers_share_100_per_second_and_fail_open(
 
         redis_server.stop()
         time.sleep(0.3)
-        alone = asyncio.run(paced_streams(streams, 4))
+        alone = asyncio.run(paced_streams(streams, 5))
         for label in ("one", "two"):
             outcomes = alone[label]
             assert {o.status for o in outcomes} <= {200, 429}, label
-            admitted = per_second(outcomes, 200, 0, 4)
+            admitted = per_second(outcomes, 200, 0, 5)
             assert all(n >= 50 for n in admitted), (label, admitted)  # traffic flows
-            assert all(n <= 105 for n in admitted[1:]), (label, admitted)  # held per server
+            # held per server once the switch is over (in the first seconds the server's
+            # window still holds its fleet-limited half: the sliding window lets up to
+            # half as much again through a second that straddles the change)
+            assert all(n <= 105 for n in admitted[2:]), (label, admitted)
     finally:
         logs = [_stop(one), _stop(two)]
     for log in logs:
