@@ -578,9 +578,10 @@ def test_forked_processes_at_once_hold_the_quota_and_lose_no_count(
     arena: SharedArena, workers: Callable[[Callable[[], int]], _Worker]
 ) -> None:
     """Two children checking as fast as they can, 200 tries each against 50/s: what
-    they admitted is exactly what the counts say (no lost update), and the quota, give
-    or take the one request a process may admit while another is admitting the last
-    (a check reads the sum, then adds to its own region: no lock)."""
+    they admitted is exactly what the counts say (no lost update), and never more than
+    the quota (a check adds to its own region, then reads the sum, and takes its count
+    back if over: no lock). Racing for the last unit, both may refuse it; later tries
+    take it, unless the race was over the very last tries."""
     limiter = Limiter("50/s", arena=arena)
 
     def burst() -> int:
@@ -591,7 +592,7 @@ def test_forked_processes_at_once_hold_the_quota_and_lose_no_count(
     b.start()
     total = a.answer() + b.answer()
     assert limiter.rate(b"k", now=600.5) == total
-    assert 50 <= total <= 51
+    assert 49 <= total <= 50
 
 
 def test_units_held_by_a_dead_process_are_given_back_by_sweep(arena: SharedArena) -> None:

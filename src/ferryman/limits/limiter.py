@@ -25,9 +25,10 @@ server's total (4 rows of 4096 slots by default: at 10,000 requests a window, ab
 raise ``slots`` for busier servers). A region costs ``16 * hashes * slots`` bytes per
 process for the rate and ``8 * hashes * inflight_slots`` for the concurrency.
 
-Between processes a decision and its count are two steps, not one atomic one: two
-processes deciding at the same instant can both take a key's last unit (one request
-over, at most one per process at a time). No lock is taken per request.
+Between processes no lock is taken per request: a decision counts the request first,
+then reads every process's count, and takes its count back if that was one too many. So
+the limit is never exceeded; two processes deciding at the same instant over a key's
+last unit may both refuse (one request under, rarely).
 
 Keys are hashed with Python's ``hash`` (keyed per interpreter, and the same in every
 process forked from it: all that shares an arena).
@@ -393,15 +394,22 @@ class Limiter:
                 cells.append(at + x % islots)
                 at += islots
                 x += h2
+            # (committing: take the unit first, then look, and give it back if that
+            # made too many — two processes racing then both refuse rather than both
+            # admit: the limit is never exceeded)
+            mine = [own + c for c in cells]
+            if commit:
+                for c in mine:
+                    words[c] += 1
             inflight = 0
             for o in offsets:
                 inflight += _least(words, o, cells)
-            if inflight >= self.concurrency:
+            if inflight > self.concurrency or (not commit and inflight >= self.concurrency):
+                if commit:
+                    for c in mine:
+                        words[c] -= 1
                 return Verdict(False, "concurrency", retry_after=1.0)
             if commit:
-                mine = [own + c for c in cells]
-                for c in mine:
-                    words[c] += 1
                 guard = LimitGuard(words, mine, key)
         quota = self.quota
         if not quota:
@@ -426,6 +434,11 @@ class Limiter:
             x += h2
         if words[own + cur_id] != index:
             self._rotate(own, cur_id, index)
+        # (as for concurrency: count first, then look, and take it back if over)
+        b = own + cur_at
+        if commit:
+            for c in cells:
+                words[b + c] += 1
         previous = 0
         current = 0
         for o in offsets:
@@ -433,17 +446,18 @@ class Limiter:
                 current += _least(words, o + cur_at, cells)
             if words[o + prev_id] == index - 1:
                 previous += _least(words, o + prev_at, cells)
+        if commit:
+            current -= 1  # (this request's own count: the estimate is of those before)
         estimate = previous * (1.0 - fraction) + current
         if estimate >= quota:
+            if commit:
+                for c in cells:
+                    words[b + c] -= 1
             if guard is not None:
                 guard.release()
             # (at least a moment: at exactly the quota the estimate must still fall)
             wait = max(self._wait(previous, current, fraction), window * 1e-3)
             return Verdict(False, "rate", quota, 0, wait, wait, window)
-        if commit:
-            b = own + cur_at
-            for c in cells:
-                words[b + c] += 1
         estimate += 1
         remaining = max(0, math.floor(quota - estimate))
         reset = (1.0 - fraction) * window if remaining else self._wait(
