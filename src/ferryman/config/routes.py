@@ -674,15 +674,7 @@ def _cache(route: Section, reader: Reader) -> CacheConfig | None:
     redis_url = None
     redis_node = sec.get("redis")
     if storage == "redis":
-        if redis_node is None:
-            reader.problem(
-                sec.node, sec.path_of("redis"), "a redis cache needs a redis URL",
-                CACHE_REDIS_EXPECTED,
-            )
-        else:
-            redis_url = reader.string(
-                redis_node, sec.path_of("redis"), CACHE_REDIS_EXPECTED, _is_redis_url,
-            )
+        redis_url = _required_redis_url(sec, reader, "a redis cache needs a redis URL")
     elif redis_node is not None:
         reader.problem(
             sec.key_node("redis"), sec.path_of("redis"),
@@ -846,17 +838,8 @@ def _limit(node: Node, path: str, reader: Reader) -> LimitConfig | None:
         str(d.backend),
     )
     redis_url = None
-    redis_node = sec.get("redis")
     if backend == "redis":
-        if redis_node is None:
-            reader.problem(
-                sec.node, sec.path_of("redis"), "backend: redis needs a redis URL",
-                CACHE_REDIS_EXPECTED,
-            )
-        else:
-            redis_url = reader.string(
-                redis_node, sec.path_of("redis"), CACHE_REDIS_EXPECTED, _is_redis_url
-            )
+        redis_url = _required_redis_url(sec, reader, "backend: redis needs a redis URL")
         if rate_node is None and "concurrency" in sec:
             reader.problem(
                 sec.key_node("backend"), sec.path_of("backend"),
@@ -884,6 +867,15 @@ def _limit(node: Node, path: str, reader: Reader) -> LimitConfig | None:
         sync=sec.duration("sync", d.sync, positive=True),
         fail_open=sec.boolean("fail_open", d.fail_open),
     )
+
+
+def _required_redis_url(sec: Section, reader: Reader, missing: str) -> str | None:
+    """The section's ``redis`` URL, which it must have (``missing`` says why if not)."""
+    node = sec.get("redis")
+    if node is None:
+        reader.problem(sec.node, sec.path_of("redis"), missing, CACHE_REDIS_EXPECTED)
+        return None
+    return reader.string(node, sec.path_of("redis"), CACHE_REDIS_EXPECTED, _is_redis_url)
 
 
 def _is_redis_url(text: str) -> bool:
